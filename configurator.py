@@ -1,0 +1,120 @@
+"""Command-line configuration shared by every script in this repository.
+
+Each script assigns its defaults as plain top-level variables, then calls `configure(globals())`:
+
+    python train.py config/tinystories_15m.py --batch_size=16 --device=cpu
+
+- A positional argument is a Python config file. It is executed, and its top-level names override the
+  script's defaults. Config files are ordinary Python and run with your permissions: only use ones you trust.
+- `--key=value` overrides one value; a bare `--key` turns an on/off (bool) setting on. The value is parsed as a Python literal (`3`, `1e-3`, `True`, `'x'`),
+  and if that fails it is taken as a plain string (`--device=cpu`).
+- Every value must have the type of its default; an int is accepted where a float is expected.
+- `--help` lists every key with its default.
+
+Mistakes (unknown key, wrong type, missing or broken config file) raise `UserError`. Scripts run their
+`main()` through `run()`, which turns a `UserError` into one line on stderr and exit code 2.
+"""
+
+import ast
+import difflib
+import os
+import sys
+import traceback
+
+
+class UserError(Exception):
+    """A mistake in the user's input (flag, file, data). `run()` prints it as one line and exits with 2."""
+
+
+def run(main):
+    """Call `main()`; a `UserError` becomes `error: <message>` on stderr and exit code 2, with no traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _configurable(defaults):
+    """The names in a script's globals that are settings: public ints, floats, bools and strings."""
+    return {k: v for k, v in defaults.items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+
+def _check_type(key, value, default, where):
+    """Raise UserError unless `value` may replace `default` (same type; int is accepted for float)."""
+    if type(value) is type(default):
+        return value
+    if isinstance(default, float) and type(value) is int:
+        return float(value)
+    raise UserError(f"{where}: {key} must be {type(default).__name__} like its default {default!r}, "
+                    f"got {type(value).__name__} {value!r}")
+
+
+def _unknown(key, known, where):
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else "; run with --help to list the keys"
+    return UserError(f"{where}: unknown key {key!r}{hint}")
+
+
+def configure(defaults, argv=None, doc=None):
+    """Override a script's default settings from config files and `--key=value` flags.
+
+    Args:
+        defaults: the script's `globals()`; the settings in it are updated in place.
+        argv: the arguments, `sys.argv[1:]` when None.
+        doc: text printed above the key list for `--help` (the script's docstring).
+    Returns:
+        dict of every setting after overrides, in definition order (print it, store it in checkpoints).
+    Raises:
+        UserError: unknown key (with the closest known key), wrong type, missing or failing config file,
+            or an argument that is neither a file nor `--key=value`.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    known = _configurable(defaults)
+    if "--help" in argv or "-h" in argv:
+        if doc:
+            print(doc.strip() + "\n")
+        print("settings (override with a config file or --key=value):")
+        for k, v in known.items():
+            print(f"  --{k}={v!r}")
+        sys.exit(0)
+
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise UserError(f"config file {arg!r} not found (arguments are config files or --key=value)")
+            scope = {}
+            try:
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, "exec"), scope)
+            except Exception as e:  # a broken config file is the user's mistake, not a bug here
+                frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == arg]
+                line = frames[-1].lineno if frames else getattr(e, "lineno", None)
+                raise UserError(f"config file {arg} failed{f' at line {line}' if line else ''}: "
+                                f"{type(e).__name__}: {e}") from None
+            for k, v in scope.items():
+                if k.startswith("_") or type(v).__name__ in ("module", "function", "type"):
+                    continue
+                if k not in known:
+                    raise _unknown(k, known, arg)
+                known[k] = _check_type(k, v, known[k], arg)
+        else:
+            key, sep, text = arg[2:].partition("=")
+            if key not in known:
+                raise _unknown(key, known, arg)
+            if not sep:
+                if type(known[key]) is not bool:
+                    raise UserError(f"{arg}: flags take the form --key=value (a bare --{key} is only for on/off "
+                                    f"settings)")
+                text = "True"  # --force means --force=True
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+            if isinstance(known[key], str) and not isinstance(value, str):
+                value = text  # --start=123 means the text "123" for a string setting
+            known[key] = _check_type(key, value, known[key], arg)
+
+    defaults.update(known)
+    return dict(known)

@@ -1,0 +1,506 @@
+"""A GPT-2-style decoder-only transformer, written on PyTorch primitives, and everything around it that the
+scripts share: the tokenizer, device and precision choice, and checkpoint files.
+
+Architecture (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"; the transformer of
+Vaswani et al. 2017 with LayerNorm moved before each sub-block):
+
+    tokens (B, T) -> token embedding + learned position embedding -> dropout
+                  -> n_layer x [x + Attention(LayerNorm(x)); x + MLP(LayerNorm(x))]
+                  -> LayerNorm -> linear head tied to the token embedding -> logits (B, T, vocab_size)
+"""
+
+import base64
+import hashlib
+import inspect
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from configurator import UserError
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model
+
+@dataclass
+class GPTConfig:
+    """Shape of a GPT. `vocab_size` is the embedding rows (may be padded past the tokenizer's vocabulary),
+    `block_size` the longest context in tokens, `n_embd` the residual width, split into `n_head` heads."""
+    vocab_size: int = 50304
+    block_size: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                            f"each head gets n_embd/n_head channels, so choose n_head among the divisors of n_embd")
+        for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, k) < 1:
+                raise UserError(f"{k} must be a positive integer, got {getattr(self, k)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class KVCache:
+    """Keys and values of every layer for positions already seen, so generation feeds one new token per step.
+
+    Preallocated on first use in the dtype and device of the keys (bf16 under autocast): k and v are
+    (n_layer, B, n_head, block_size, head_dim); `pos` counts the filled positions.
+    """
+
+    def __init__(self, config):
+        self.n_layer, self.block_size = config.n_layer, config.block_size
+        self.k = self.v = None
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        """Store k, v of shape (B, n_head, T, head_dim) at the next T positions of `layer`; return the keys
+        and values of all positions so far, (B, n_head, pos + T, head_dim). GPT.forward advances `pos`."""
+        if self.k is None:
+            B, H, _, D = k.shape
+            self.k = k.new_zeros(self.n_layer, B, H, self.block_size, D)
+            self.v = v.new_zeros(self.n_layer, B, H, self.block_size, D)
+        t = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + t] = k
+        self.v[layer, :, :, self.pos:self.pos + t] = v
+        return self.k[layer, :, :, :self.pos + t], self.v[layer, :, :, :self.pos + t]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which position t attends to positions <= t only.
+
+    Input and output (B, T, n_embd). Uses `F.scaled_dot_product_attention`, which picks a fused kernel
+    (FlashAttention on recent GPUs, Dao et al. 2022) when it can.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        # With a cache, one query row looks at every cached key: no mask is needed. A first pass over a
+        # prompt (cache empty) is the ordinary causal case.
+        causal = cache is None or cache.pos == 0
+        if cache is not None and T > 1 and cache.pos > 0:
+            raise ValueError("a cache holding positions can only be extended one token at a time")
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Linear(n_embd -> 4 n_embd), exact GELU (Hendrycks & Gimpel 2016), Linear back.
+    (B, T, n_embd) -> (B, T, n_embd)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). (B, T, n_embd) in and out."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """The language model. `forward(idx)` maps token ids (B, T) to next-token logits."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017): the output layer reuses the input embedding matrix.
+        self.lm_head.weight = self.transformer.wte.weight
+
+        # GPT-2 initialisation: N(0, 0.02) everywhere, zero biases, and the projections that write into the
+        # residual stream scaled by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth.
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=False):
+        """Number of parameters (the tied head counted once). With non_embedding, without both embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, cache=None):
+        """Next-token logits and, given targets, the mean cross-entropy.
+
+        Args:
+            idx: token ids, (B, T) int64, T <= block_size (or T + cache.pos <= block_size).
+            targets: the ids that should follow each position, (B, T) int64; -1 marks positions to ignore.
+            cache: a KVCache; positions continue from cache.pos, and cache.pos advances by T.
+        Returns:
+            (logits, loss): with targets, logits (B, T, vocab_size) and loss a scalar in nats per token;
+            without, logits (B, 1, vocab_size) for the last position only and loss None.
+        Raises:
+            ValueError: the sequence is longer than block_size.
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.pos += T
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW (Loshchilov & Hutter 2019) with decoupled weight decay on the matmul and embedding weights
+        (every parameter with 2 or more dimensions) and none on biases and LayerNorm gains.
+        Uses the fused kernel where this PyTorch has one for the device, else the multi-tensor (foreach) one."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu", "mps")
+        kw = {"fused": True} if fused else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **kw)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_token=None,
+                 vocab_limit=None, use_cache=True, generator=None):
+        """Continue each row of `idx` by sampling one token at a time.
+
+        Args:
+            idx: prompt token ids, (B, T) int64, T >= 1.
+            max_new_tokens: tokens to add per row.
+            temperature: divides the logits; 0 means greedy (always the most likely token).
+            top_k: sample among the k most likely tokens only (0: no limit) (Fan et al. 2018).
+            top_p: sample from the smallest set of tokens whose probabilities sum to >= top_p (nucleus
+                sampling, Holtzman et al. 2020); 1.0 turns it off.
+            eos_token: once a row produces it, that row only repeats it; stops early when every row has.
+            vocab_limit: ids >= vocab_limit (embedding padding) are never produced.
+            use_cache: keep keys and values of past positions (KVCache) so each step runs one position.
+                Without it, each step re-runs the whole context; the result is the same.
+            generator: torch.Generator for reproducible sampling.
+        Returns:
+            (B, T + n) int64 with n <= max_new_tokens (fewer when every row ended with eos_token).
+
+        Contexts longer than block_size: when the window is full, generation continues from its last
+        block_size // 2 tokens (the cache is rebuilt from them with one forward pass), so a cached step
+        stays cheap. Both modes use the same windows, so greedy output is identical with and without cache.
+        """
+        block = self.config.block_size
+        start = max(0, idx.size(1) - block)  # first token of the current window
+        cache = None
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if idx.size(1) - start > block:
+                start, cache = idx.size(1) - block // 2, None
+            if not use_cache:
+                logits, _ = self(idx[:, start:])
+            elif cache is None:
+                cache = KVCache(self.config)
+                logits, _ = self(idx[:, start:], cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, vocab_limit, generator)
+            if eos_token is not None:
+                next_id = next_id.masked_fill(done, eos_token)
+                done |= next_id == eos_token
+            idx = torch.cat([idx, next_id[:, None]], dim=1)
+            if eos_token is not None and bool(done.all()):
+                break
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, vocab_limit=None, generator=None):
+    """Draw one token id per row from logits (B, V) -> (B,) int64. See GPT.generate for the arguments."""
+    logits = logits.float()
+    if vocab_limit is not None and vocab_limit < logits.size(-1):
+        logits = logits.clone()
+        logits[:, vocab_limit:] = -float("inf")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already reach top_p; the most likely token always stays
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, -float("inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenizer: text <-> token ids, described by a plain dict so that it travels inside meta.json and checkpoints
+
+EOT = "<|endoftext|>"
+
+
+class Tokenizer:
+    """Byte-level BPE (Sennrich et al. 2016; GPT-2's byte-level variant) through tiktoken.
+
+    Built from a `spec` dict that holds everything needed to rebuild it, so a checkpoint that stores the spec
+    decodes without the data directory:
+        {"kind": "tiktoken", "name": str, "source": "gpt2" or the ranks file, "pat_str": str,
+         "ranks": the mergeable ranks in .tiktoken format (one "base64(token bytes) rank" per line),
+         "sha256": sha256 of "ranks" (the tokenizer's fingerprint)}
+    Ids 0 .. vocab_size - 2 are the mergeable tokens; `eot_token` = vocab_size - 1 is <|endoftext|>, which
+    marks the end of every document. Text is encoded without special tokens: a story containing the string
+    "<|endoftext|>" gets ordinary tokens for it.
+    """
+
+    def __init__(self, spec):
+        import tiktoken
+        self.spec = spec
+        ranks = {}
+        for line in spec["ranks"].splitlines():
+            if line:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+        self.eot_token = len(ranks)
+        self.vocab_size = len(ranks) + 1
+        self._enc = tiktoken.Encoding(spec["name"], pat_str=spec["pat_str"], mergeable_ranks=ranks,
+                                      special_tokens={EOT: self.eot_token})
+
+    def __getstate__(self):  # pickled as its spec (datasets.map sends it to worker processes)
+        return self.spec
+
+    def __setstate__(self, spec):
+        self.__init__(spec)
+
+    def encode(self, text):
+        """str -> list of token ids (int), without end-of-text."""
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts):
+        """list of str -> list of lists of token ids, encoded in parallel by tiktoken's threads."""
+        return self._enc.encode_ordinary_batch(texts)
+
+    def decode(self, ids):
+        """Token ids -> str. Ids that end inside a multi-byte character decode to U+FFFD."""
+        return self._enc.decode(list(ids))
+
+    def describe(self):
+        """The spec without its bulky content, for meta.json and logs."""
+        return {k: v for k, v in self.spec.items() if k != "ranks"}
+
+
+def _tiktoken_spec(name, source, ranks):
+    from tiktoken_ext.openai_public import r50k_pat_str
+    text = "".join(f"{base64.b64encode(token).decode()} {rank}\n"
+                   for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise UserError(f"{source}: token ranks are not 0..{len(ranks) - 1}; is this a .tiktoken ranks file?")
+    return {"kind": "tiktoken", "name": name, "source": source, "pat_str": r50k_pat_str, "ranks": text,
+            "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def load_tokenizer(name):
+    """The tokenizer named on the command line.
+
+    Args:
+        name: "gpt2" for tiktoken's GPT-2 encoding (downloaded on first use, then cached), or the path of a
+            .tiktoken ranks file, loaded with GPT-2's split pattern and <|endoftext|> after the last rank.
+    Returns:
+        Tokenizer.
+    Raises:
+        UserError: the file is missing or not a ranks file, or the gpt2 download fails (e.g. offline).
+    """
+    if name == "gpt2":
+        import tiktoken
+        try:
+            enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise UserError(f"could not load tiktoken's gpt2 encoding, which is downloaded on first use "
+                            f"({type(e).__name__}); offline, pass --tokenizer=path/to/gpt2.tiktoken") from None
+        ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.eot_token)}
+        return Tokenizer(_tiktoken_spec("gpt2", "gpt2", ranks))
+    if not os.path.isfile(name):
+        raise UserError(f"tokenizer {name!r} not found: use gpt2 or the path of a .tiktoken ranks file")
+    from tiktoken.load import load_tiktoken_bpe
+    try:
+        ranks = load_tiktoken_bpe(name)
+    except Exception as e:
+        raise UserError(f"{name} is not a .tiktoken ranks file ({type(e).__name__}: {e})") from None
+    stem = os.path.splitext(os.path.basename(name))[0]
+    return Tokenizer(_tiktoken_spec(stem, os.path.abspath(name), ranks))
+
+
+def tokenizer_from_meta(meta, data_dir):
+    """Rebuild the tokenizer that prepare.py recorded in `meta` (a loaded meta.json) and check it is the same.
+    Returns Tokenizer. Raises UserError if its file is gone or has changed since the data was prepared."""
+    desc = meta["tokenizer"]
+    source = desc["source"]
+    if source != "gpt2" and not os.path.isabs(source):
+        source = os.path.join(data_dir, source)  # a file prepare.py wrote into the data directory
+    tok = load_tokenizer(source)
+    if tok.spec["sha256"] != desc["sha256"]:
+        raise UserError(f"tokenizer {source} has changed since {data_dir} was prepared: "
+                        f"re-run prepare.py with --force")
+    return tok
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Device and precision
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device="auto", dtype="auto", cuda=None, mps=None, cuda_bf16=None):
+    """Choose the device and the autocast precision.
+
+    Args:
+        device: "auto" (cuda, then mps, then cpu), "cpu", "mps", "cuda" or "cuda:N".
+        dtype: "auto", "float32", "bfloat16" or "float16". "auto" is bfloat16 on CUDA GPUs that support it
+            and on CPU, float16 on other CUDA GPUs and on MPS.
+        cuda, mps, cuda_bf16: what this machine has; detected when None (tests pass them in).
+    Returns:
+        (device, device_type, dtype): e.g. ("cuda:0", "cuda", "bfloat16").
+    Raises:
+        UserError: the device or dtype is unknown or not available here; the message lists what is.
+    """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    mps = (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()) if mps is None else mps
+    available = [d for d, ok in (("cuda", cuda), ("mps", mps), ("cpu", True)) if ok]
+    if device == "auto":
+        device = available[0]
+    device_type = device.split(":")[0]
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise UserError(f"unknown device {device!r}: use auto, cpu, mps, cuda or cuda:N")
+    if device_type not in available:
+        why = " (MPS needs a Mac with Apple silicon)" if device_type == "mps" else ""
+        raise UserError(f"device {device!r} is not available on this machine{why}; "
+                        f"available: {', '.join(available)}")
+    if device_type == "cuda":
+        cuda_bf16 = torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cpu" or (device_type == "cuda" and cuda_bf16) else "float16"
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    if dtype == "bfloat16" and device_type == "cuda" and not cuda_bf16:
+        raise UserError("this GPU does not support bfloat16: use --dtype=float16 (with loss scaling) or float32")
+    return device, device_type, dtype
+
+
+def autocast(device_type, dtype):
+    """Context manager running matmuls in `dtype` (mixed precision, Micikevicius et al. 2018); float32: no-op."""
+    return torch.autocast(device_type=device_type, dtype=DTYPES[dtype], enabled=dtype != "float32")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+def save_checkpoint(obj, path):
+    """Write `obj` with torch.save so that `path` is always either the old file or the complete new one:
+    write a temporary file in the same directory, flush and fsync it, rename it over `path`, fsync the directory.
+    A failed write (e.g. disk full) removes the temporary file and re-raises."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Read a checkpoint written by train.py, with `weights_only=True` so that a file from elsewhere can hold
+    tensors and plain data but cannot run code.
+
+    Returns:
+        dict with "model" (state dict), "model_args" (GPTConfig fields), "tokenizer" (Tokenizer spec),
+        "config" (the training settings) and, in ckpt.pt, the optimizer and training state.
+    Raises:
+        UserError: missing, truncated or corrupt file, or not a checkpoint of this project.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one with `python train.py config/tinystories_cpu.py` "
+                        f"or point --out_dir at the directory that holds it")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_args", "tokenizer"} <= ckpt.keys():
+        raise UserError(f"{path} is not a checkpoint written by this project's train.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    """Build a GPT from a loaded checkpoint's "model_args" and load its weights. Returns GPT (on the weights'
+    device, in train mode). Raises UserError if the weights do not fit the shape."""
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not match its model shape: {str(e).splitlines()[0]}") from None
+    return model.to(next(iter(ckpt["model"].values())).device)

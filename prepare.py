@@ -1,0 +1,224 @@
+"""Download TinyStories (or read local text), tokenize it, and write one flat token stream per split.
+
+    python prepare.py                                  # roneneldan/TinyStories from the Hugging Face hub
+    python prepare.py --dataset=../shared/data/tinystories-sample --tokenizer=../shared/tokenizers/gpt2.tiktoken \\
+                      --data_dir=data/sample           # offline, from local files
+
+Writes into data_dir:
+    train.bin, validation.bin   every document's tokens followed by <|endoftext|>, back to back, as one flat
+                                array of uint16 (uint32 for vocabularies over 65,536 ids), read with np.memmap
+    meta.json                   tokenizer, vocab_size, eot_token, dtype, and per split the number of documents,
+                                tokens and UTF-8 bytes of text
+
+A local --dataset is a file or a directory of .txt, .json, .jsonl or .parquet files; the split comes from each
+file's name (train..., validation... / val... / dev...). In .txt files, blocks separated by a blank line are
+documents. When there is no validation split, a fixed val_fraction of train (chosen with `seed`) becomes one.
+Re-running with the same inputs does nothing; --force rebuilds.
+"""
+
+import json
+import os
+import sys
+import time
+
+from configurator import UserError, configure, run
+
+# -----------------------------------------------------------------------------
+dataset = "roneneldan/TinyStories"  # hub id, or a local file or directory
+data_dir = "data/tinystories"       # where train.bin, validation.bin and meta.json go
+tokenizer = "gpt2"                  # gpt2 (tiktoken), or the path of a .tiktoken ranks file
+text_column = "text"                # the column that holds each document's text
+val_fraction = 0.005                # share of train held out when the source has no validation split
+seed = 1337                         # chooses that held-out share
+num_proc = max(1, (os.cpu_count() or 1) // 2)  # tokenizer processes
+shards = 1024                       # write each split in this many pieces, so memory stays bounded
+force = False                       # rebuild even if meta.json says the data is up to date
+# -----------------------------------------------------------------------------
+
+EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SPLITS = ("train", "validation")
+
+
+def local_files(path):
+    """Map split name -> list of files for a local file or directory, and the `datasets` builder to read them.
+    Raises UserError for an unknown file type, mixed types, or files whose split cannot be told."""
+    if os.path.isfile(path):
+        paths = [path]
+    else:
+        paths = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if os.path.splitext(f)[1].lower() in EXTENSIONS)
+        if not paths:
+            raise UserError(f"{path} holds no {', '.join(EXTENSIONS)} files")
+    builders = {EXTENSIONS.get(os.path.splitext(p)[1].lower()) for p in paths}
+    if None in builders:
+        raise UserError(f"{path}: unsupported file type; use {', '.join(EXTENSIONS)}")
+    if len(builders) > 1:
+        raise UserError(f"{path} mixes file types ({', '.join(sorted(builders))}); keep one type per dataset")
+    files = {}
+    for p in paths:
+        stem = os.path.basename(p).split(".")[0].lower()
+        if stem.startswith(("val", "dev")):
+            split = "validation"
+        elif stem.startswith("train") or len(paths) == 1:
+            split = "train"
+        elif stem.startswith("test"):
+            continue
+        else:
+            raise UserError(f"cannot tell the split of {p}: name files train.* and validation.*")
+        files.setdefault(split, []).append(p)
+    if "train" not in files:
+        raise UserError(f"{path} has no train file: name one train.*")
+    return files, builders.pop()
+
+
+def is_local(source):
+    """True for an existing local path, False for a hub id. Raises UserError for a path that does not exist."""
+    if os.path.exists(source):
+        return True
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise UserError(f"dataset {source!r} not found: give a local file or directory, or a hub id like "
+                        f"roneneldan/TinyStories")
+    return False
+
+
+def load_splits(source):
+    """Load the train and validation splits as `datasets.Dataset`s (a validation split is carved from train
+    when the source has none). Raises UserError when the source cannot be found or read."""
+    import datasets
+    local = is_local(source)
+    try:
+        if local:
+            files, builder = local_files(source)
+            kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+            ds = datasets.load_dataset(builder, data_files=files, **kwargs)
+        else:
+            ds = datasets.load_dataset(source)
+    except UserError:
+        raise
+    except Exception as e:
+        where = "the file" if local else "the Hugging Face hub (offline? give a local path instead)"
+        raise UserError(f"could not load {source!r} from {where}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if "validation" not in ds:
+        n = len(ds["train"])
+        n_val = max(1, round(n * val_fraction))
+        if n < 2:
+            raise UserError(f"{source}: train has {n} document(s), too few to hold out a validation split")
+        parts = ds["train"].train_test_split(test_size=n_val, seed=seed, shuffle=True)
+        ds = {"train": parts["train"], "validation": parts["test"]}
+        print(f"no validation split in {source}: holding out {n_val} of {n} training documents (seed {seed})")
+    return {split: ds[split] for split in SPLITS}
+
+
+def fingerprint(source):
+    """What identifies the input: the hub id, or each local file's path, size and modification time."""
+    if not os.path.exists(source):
+        return source
+    paths = [source] if os.path.isfile(source) else sorted(
+        os.path.join(source, f) for f in os.listdir(source) if os.path.splitext(f)[1].lower() in EXTENSIONS)
+    return [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths]
+
+
+def write_atomic_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_split(ds, path, dtype, n_shards):
+    """Write the "ids" column of a tokenized split back to back into `path` through np.memmap, one contiguous
+    slice of rows at a time. Writes `path`.tmp and renames it when complete. Returns the number of tokens.
+    Raises UserError if an id does not fit `dtype`."""
+    import numpy as np
+    import pyarrow.compute as pc
+    from tqdm import tqdm
+    table = ds.with_format("arrow")
+    n_tokens = int(pc.sum(table[:]["len"]).as_py())
+    tmp = path + ".tmp"
+    out = np.memmap(tmp, dtype=dtype, mode="w+", shape=(n_tokens,))
+    limit = np.iinfo(dtype).max
+    try:
+        pos = 0
+        bounds = np.linspace(0, len(ds), min(n_shards, len(ds)) + 1).astype(int)
+        for lo, hi in tqdm(list(zip(bounds[:-1], bounds[1:])), desc=f"writing {os.path.basename(path)}"):
+            ids = pc.list_flatten(table[lo:hi]["ids"]).to_numpy()
+            if ids.size and ids.max() > limit:
+                raise UserError(f"token id {ids.max()} does not fit {np.dtype(dtype).name} (max {limit}): "
+                                f"the tokenizer's ids exceed what this data type can hold")
+            out[pos:pos + ids.size] = ids
+            pos += ids.size
+        out.flush()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        del out
+        os.remove(tmp)
+        raise
+    return n_tokens
+
+
+def main():
+    configure(globals(), doc=__doc__)
+    import numpy as np
+    import pyarrow.compute as pc
+    from model import load_tokenizer
+
+    is_local(dataset)
+    tok = load_tokenizer(tokenizer)
+    dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32
+    inputs = {"dataset": fingerprint(dataset), "tokenizer_sha256": tok.spec["sha256"], "text_column": text_column,
+              "val_fraction": val_fraction, "seed": seed}
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not force and os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        complete = all(os.path.isfile(p := os.path.join(data_dir, f"{s}.bin"))
+                       and os.path.getsize(p) == meta["splits"][s]["tokens"] * np.dtype(meta["dtype"]).itemsize
+                       for s in SPLITS)
+        if meta.get("inputs") == inputs and complete:
+            print(f"{data_dir} is up to date with these inputs (use --force to rebuild)")
+            return
+
+    t0 = time.time()
+    splits = load_splits(dataset)
+    for name, ds in splits.items():
+        if text_column not in ds.column_names:
+            raise UserError(f"{dataset} has no column {text_column!r} in its {name} split (columns: "
+                            f"{', '.join(ds.column_names)}); choose one with --text_column=NAME")
+        if len(ds) == 0:
+            raise UserError(f"the {name} split of {dataset} is empty")
+
+    def tokenize(batch):
+        texts = [t for t in batch[text_column] if t and not t.isspace()]
+        ids = [doc + [tok.eot_token] for doc in tok.encode_batch(texts)]
+        return {"ids": ids, "len": [len(d) for d in ids], "n_bytes": [len(t.encode("utf-8")) for t in texts]}
+
+    meta = {"dataset": dataset, "tokenizer": tok.describe(), "vocab_size": tok.vocab_size,
+            "eot_token": tok.eot_token, "dtype": np.dtype(dtype).name, "splits": {}, "inputs": inputs}
+    tokenized = {}
+    for name, ds in splits.items():
+        tokenized[name] = ds.map(tokenize, batched=True, remove_columns=ds.column_names,
+                                 num_proc=min(num_proc, len(ds)) if num_proc > 1 else None,
+                                 desc=f"tokenizing {name}")
+        if len(tokenized[name]) == 0:
+            raise UserError(f"the {name} split of {dataset} is empty: it holds only blank documents")
+    os.makedirs(data_dir, exist_ok=True)
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # until the new meta.json is written, the directory does not look complete
+    for name, ds in tokenized.items():
+        n_tokens = write_split(ds, os.path.join(data_dir, f"{name}.bin"), dtype, shards)
+        n_bytes = int(pc.sum(ds.with_format("arrow")[:]["n_bytes"]).as_py())
+        meta["splits"][name] = {"documents": len(ds), "tokens": n_tokens, "bytes": n_bytes}
+        print(f"{name}: {len(ds):,} documents, {n_tokens:,} tokens, {n_bytes:,} bytes "
+              f"({n_bytes / n_tokens:.2f} bytes/token)")
+    write_atomic_json(meta, meta_path)
+    print(f"wrote {data_dir} in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,63 @@
+"""Write stories with a trained model.
+
+    python sample.py --start="Once upon a time" --num_samples=3
+    python sample.py --start=FILE:prompt.txt --temperature=0.7 --top_k=50
+
+Loads out_dir/checkpoint (train.py's best_model_params.pt by default) and decodes with the tokenizer stored in
+it, so the data directory is not needed. Each sample stops at <|endoftext|> or after max_new_tokens tokens.
+"""
+
+import torch
+
+from configurator import UserError, configure, run
+from model import Tokenizer, autocast, load_checkpoint, model_from_checkpoint, resolve_device
+
+# -----------------------------------------------------------------------------
+out_dir = "out"                         # directory that holds the checkpoint
+checkpoint = "best_model_params.pt"     # file name inside out_dir
+start = "Once upon a time"              # the prompt, or FILE:path to read it from a file
+num_samples = 3                         # stories to write
+max_new_tokens = 256                    # tokens per story at most
+temperature = 0.8                       # < 1 sharper, > 1 more random, 0 greedy
+top_k = 0                               # sample among the k most likely tokens (0: all)
+top_p = 0.95                            # nucleus sampling: smallest set with this much probability (1.0: all)
+seed = 1337
+device = "auto"                         # auto, cpu, mps, cuda, cuda:N
+dtype = "auto"                          # auto, float32, bfloat16, float16
+# -----------------------------------------------------------------------------
+
+
+def main():
+    configure(globals(), doc=__doc__)
+    if num_samples < 1 or max_new_tokens < 1:
+        raise UserError("num_samples and max_new_tokens must be at least 1")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise UserError("temperature and top_k must be >= 0 and top_p in (0, 1]")
+    dev, device_type, precision = resolve_device(device, dtype)
+    prompt = start
+    if start.startswith("FILE:"):
+        try:
+            with open(start[5:], encoding="utf-8") as f:
+                prompt = f.read()
+        except OSError as e:
+            raise UserError(f"cannot read the prompt file {start[5:]}: {e.strerror}") from None
+
+    ckpt = load_checkpoint(f"{out_dir}/{checkpoint}", device=dev)
+    tok = Tokenizer(ckpt["tokenizer"])
+    model = model_from_checkpoint(ckpt).eval()
+    ids = tok.encode(prompt) or [tok.eot_token]  # an empty prompt starts a new document
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    with autocast(device_type, precision):
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             eos_token=tok.eot_token, vocab_limit=tok.vocab_size, generator=generator)
+    for row in out.tolist():
+        new = row[len(ids):]
+        if tok.eot_token in new:
+            new = new[:new.index(tok.eot_token)]
+        print(prompt + tok.decode(new))
+        print("-" * 80)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,72 @@
+import pytest
+
+from configurator import UserError, configure
+from conftest import assert_user_error, run_script
+
+
+def defaults():
+    return {"batch_size": 32, "learning_rate": 6e-4, "compile": False, "device": "auto", "_private": 1,
+            "np": __import__("math")}
+
+
+def test_flags_parse_as_python_literals_else_strings():
+    d = defaults()
+    config = configure(d, ["--batch_size=8", "--learning_rate=1e-3", "--compile=True", "--device=cpu"])
+    assert config == {"batch_size": 8, "learning_rate": 1e-3, "compile": True, "device": "cpu"}
+    assert d["batch_size"] == 8 and d["device"] == "cpu"  # the script's globals are updated in place
+
+
+def test_int_is_accepted_for_float_and_string_settings_keep_text():
+    d = {"learning_rate": 6e-4, "start": "Once"}
+    config = configure(d, ["--learning_rate=1", "--start=123"])
+    assert config["learning_rate"] == 1.0 and isinstance(config["learning_rate"], float)
+    assert config["start"] == "123"
+
+
+def test_config_file_then_flags_in_order(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("import math\nbatch_size = 4\nlearning_rate = 1e-2 * math.sqrt(1)\n")
+    config = configure(defaults(), [str(cfg), "--batch_size=16"])
+    assert config["batch_size"] == 16 and config["learning_rate"] == pytest.approx(1e-2)
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(UserError, match="batch_size must be int"):
+        configure(defaults(), ["--batch_size=0.5"])
+    with pytest.raises(UserError, match="compile must be bool"):
+        configure(defaults(), ["--compile=yes"])
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(UserError, match="unknown key 'batch_sise'; did you mean batch_size"):
+        configure(defaults(), ["--batch_sise=3"])
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("learnig_rate = 1e-3\n")
+    with pytest.raises(UserError, match="did you mean learning_rate"):
+        configure(defaults(), [str(cfg)])
+
+
+def test_missing_and_failing_config_files(tmp_path):
+    with pytest.raises(UserError, match="config file 'nope.py' not found"):
+        configure(defaults(), ["nope.py"])
+    bad = tmp_path / "bad.py"
+    bad.write_text("batch_size = 4\nlearning_rate = 1 / 0\n")
+    with pytest.raises(UserError, match="failed at line 2: ZeroDivisionError"):
+        configure(defaults(), [str(bad)])
+    with pytest.raises(UserError, match="form --key=value"):
+        configure(defaults(), ["--batch_size"])
+    assert configure(defaults(), ["--compile"])["compile"] is True  # a bare flag turns a bool on
+
+
+def test_help_lists_keys_with_defaults():
+    proc = run_script("train.py", "--help")
+    assert "--batch_size=32" in proc.stdout and "--learning_rate=0.0006" in proc.stdout
+
+
+def test_command_line_errors_are_one_line_with_exit_code_2(tmp_path):
+    assert_user_error(run_script("train.py", "--batch_sise=3", check=False), "did you mean batch_size")
+    assert_user_error(run_script("sample.py", "--top_k=0.5", check=False), "top_k must be int")
+    assert_user_error(run_script("prepare.py", "missing_config.py", check=False), "not found")

@@ -1,0 +1,137 @@
+import math
+
+import pytest
+import torch
+
+from configurator import UserError
+from model import GPT, GPTConfig, load_tokenizer, resolve_device, sample_next
+from conftest import GPT2_RANKS
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=96, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
+    return GPT(GPTConfig(**{**cfg, **kw}))
+
+
+def test_forward_shapes_and_loss_of_an_untrained_model():
+    model = tiny()
+    idx, targets = torch.randint(0, 96, (2, 3, 10))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 10, 96)
+    assert abs(loss.item() - math.log(96)) < 0.2  # near-uniform predictions at initialisation
+    logits, loss = model(idx)
+    assert logits.shape == (3, 1, 96) and loss is None
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_changing_token_t_never_changes_logits_before_t():
+    model = tiny().eval()
+    idx = torch.randint(0, 96, (2, 12))
+    changed = idx.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % 96
+    a, _ = model(idx, idx)
+    b, _ = model(changed, changed)
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6)
+    assert not torch.allclose(a[:, 7:], b[:, 7:], atol=1e-4)
+
+
+def test_head_is_tied_to_token_embedding():
+    model = tiny()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.num_params() == sum(p.numel() for p in model.parameters())  # counted once
+    assert model.num_params(non_embedding=True) == model.num_params() - 96 * 32 - 16 * 32
+
+
+def test_gpt2_initialisation():
+    model = tiny(n_layer=8, n_embd=64, n_head=4, vocab_size=512)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    proj = model.transformer.h[0].mlp.c_proj.weight
+    assert proj.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.1)
+    assert model.transformer.h[0].attn.c_attn.bias.abs().max().item() == 0.0
+
+
+def test_shape_errors_are_user_errors():
+    with pytest.raises(UserError, match="n_embd=30 is not divisible by n_head=4"):
+        GPTConfig(n_embd=30, n_head=4)
+
+
+@pytest.mark.parametrize("prompt_len,new", [(3, 10), (5, 40)])  # 40 new tokens run past block_size=16
+def test_greedy_generation_with_and_without_cache_is_identical(prompt_len, new):
+    model = tiny().double().eval()  # float64: no near-tie can flip an argmax between the two paths
+    idx = torch.randint(0, 96, (2, prompt_len))
+    cached = model.generate(idx, new, temperature=0, use_cache=True)
+    uncached = model.generate(idx, new, temperature=0, use_cache=False)
+    assert cached.shape == (2, prompt_len + new)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[:, :prompt_len], idx)
+
+
+def test_generation_stops_at_eos_and_pads_finished_rows():
+    model = tiny().eval()
+    idx = torch.randint(0, 96, (4, 3))
+    greedy_first = model.generate(idx, 1, temperature=0)[:, -1]
+    eos = int(greedy_first[0])
+    out = model.generate(idx, 30, temperature=0, eos_token=eos)
+    first_row = out[0, 3:]
+    assert first_row[0] == eos and (first_row == eos).all()  # finished rows repeat eos
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, top_k=2, generator=g).tolist()) == {0, 1}
+    # probabilities are ~[.64, .24, .09, .03, .01]: top_p=0.8 keeps the first two (0.64 < 0.8 <= 0.88)
+    assert set(sample_next(logits, top_p=0.8, generator=g).tolist()) == {0, 1}
+    assert set(sample_next(logits, top_p=0.5, generator=g).tolist()) == {0}
+    assert set(sample_next(logits, vocab_limit=3, generator=g).tolist()) <= {0, 1, 2}
+    assert (sample_next(logits, temperature=0) == 0).all()
+    assert len(set(sample_next(logits, generator=g).tolist())) == 5
+
+
+def test_optimizer_decays_matrices_and_embeddings_only():
+    model = tiny()
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert any(p is model.transformer.wte.weight for p in decayed["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+
+
+@pytest.mark.parametrize("device,dtype,have,expected", [
+    ("auto", "auto", dict(cuda=True, mps=False, cuda_bf16=True), ("cuda", "bfloat16")),
+    ("auto", "auto", dict(cuda=True, mps=False, cuda_bf16=False), ("cuda", "float16")),
+    ("auto", "auto", dict(cuda=False, mps=True), ("mps", "float16")),
+    ("auto", "auto", dict(cuda=False, mps=False), ("cpu", "bfloat16")),
+    ("cuda:1", "float32", dict(cuda=True, mps=False, cuda_bf16=True), ("cuda:1", "float32")),
+    ("cpu", "float16", dict(cuda=True, mps=True, cuda_bf16=True), ("cpu", "float16")),
+    ("mps", "bfloat16", dict(cuda=False, mps=True), ("mps", "bfloat16")),
+])
+def test_device_and_dtype_resolution(device, dtype, have, expected):
+    dev, device_type, precision = resolve_device(device, dtype, **have)
+    assert (dev, precision) == expected and device_type == dev.split(":")[0]
+
+
+@pytest.mark.parametrize("device,dtype,have,message", [
+    ("cuda", "auto", dict(cuda=False, mps=False), "device 'cuda' is not available on this machine; available: cpu"),
+    ("mps", "auto", dict(cuda=True, mps=False, cuda_bf16=True), "MPS needs a Mac"),
+    ("tpu", "auto", dict(cuda=False, mps=False), "unknown device 'tpu'"),
+    ("cpu", "fp8", dict(cuda=False, mps=False), "unknown dtype 'fp8'"),
+    ("cuda", "bfloat16", dict(cuda=True, mps=False, cuda_bf16=False), "does not support bfloat16"),
+])
+def test_device_and_dtype_errors(device, dtype, have, message):
+    with pytest.raises(UserError, match=message):
+        resolve_device(device, dtype, **have)
+
+
+def test_local_gpt2_ranks_round_trip():
+    tok = load_tokenizer(str(GPT2_RANKS))
+    assert tok.vocab_size == 50257 and tok.eot_token == 50256
+    text = "Once upon a time, Lily saw a café 🙂.\n\n\tThe end. <|endoftext|>"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and tok.eot_token not in ids
+    assert tok.encode("Once upon a time") == [7454, 2402, 257, 640]  # GPT-2's ids
+    with pytest.raises(UserError, match="not found"):
+        load_tokenizer("no/such/file.tiktoken")

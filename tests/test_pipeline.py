@@ -1,0 +1,124 @@
+"""prepare.py -> train.py -> sample.py as a user runs them, offline on the shared TinyStories sample."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from model import load_tokenizer
+from conftest import GPT2_RANKS, SAMPLE, TINY, assert_user_error, run_script
+
+
+def blocks(path):
+    """The documents of a .txt file: blocks separated by a blank line."""
+    return [b for b in path.read_text(encoding="utf-8").split("\n\n") if b.strip()]
+
+
+def test_meta_json_counts_match_the_bin_files_and_the_text(sample_data):
+    meta = json.loads((sample_data / "meta.json").read_text())
+    tok = load_tokenizer(str(GPT2_RANKS))
+    assert meta["vocab_size"] == 50257 and meta["eot_token"] == 50256 and meta["dtype"] == "uint16"
+    assert meta["tokenizer"]["sha256"] == tok.spec["sha256"]
+    for split in ("train", "validation"):
+        docs = blocks(SAMPLE / f"{split}.txt")
+        counts = meta["splits"][split]
+        tokens = np.fromfile(sample_data / f"{split}.bin", dtype=np.uint16)
+        assert counts["tokens"] == tokens.size
+        assert counts["documents"] == len(docs) == int((tokens == tok.eot_token).sum())
+        assert counts["bytes"] == sum(len(d.encode("utf-8")) for d in docs)
+        assert counts["tokens"] == sum(len(ids) + 1 for ids in tok.encode_batch(docs))
+    first = tok.encode(blocks(SAMPLE / "train.txt")[0]) + [tok.eot_token]
+    assert np.fromfile(sample_data / "train.bin", dtype=np.uint16)[:len(first)].tolist() == first
+
+
+def test_rerun_is_a_no_op_and_force_rebuilds(sample_data, hf_home):
+    args = [f"--dataset={SAMPLE}", f"--tokenizer={GPT2_RANKS}", f"--data_dir={sample_data}"]
+    before = (sample_data / "train.bin").stat().st_mtime_ns
+    proc = run_script("prepare.py", *args, env={"HF_HOME": str(hf_home)})
+    assert "up to date" in proc.stdout and (sample_data / "train.bin").stat().st_mtime_ns == before
+    proc = run_script("prepare.py", *args, "--force", "--num_proc=1", env={"HF_HOME": str(hf_home)})
+    assert "train: 4,662 documents" in proc.stdout and (sample_data / "train.bin").stat().st_mtime_ns != before
+
+
+def test_train_resume_and_sample_end_to_end(sample_data, tmp_path):
+    out = tmp_path / "out"
+    run_script("train.py", *TINY, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=60",
+               "--eval_interval=30", "--lr_decay_iters=60")
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iter"]) for r in rows] == [0, 30, 60]
+    val = [float(r["val_loss"]) for r in rows]
+    assert val[0] > 10.0 and val[2] < val[0] - 2.0  # from ~ln(50257) = 10.8 nats: it learned
+    for name in ("best_model_params.pt", "ckpt.pt", "loss.png"):
+        assert (out / name).stat().st_size > 0
+
+    proc = run_script("train.py", *TINY, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=70",
+                      "--eval_interval=30", "--lr_decay_iters=60", "--init_from=resume")
+    assert "resuming from iteration 60" in proc.stdout and "iter 70:" in proc.stdout
+
+    proc = run_script("sample.py", f"--out_dir={out}", "--start=Once upon a time", "--num_samples=2",
+                      "--max_new_tokens=30", "--device=cpu")
+    samples = [s.strip() for s in proc.stdout.split("-" * 80) if s.strip()]
+    assert len(samples) == 2
+    assert all(s.startswith("Once upon a time") and len(s) > len("Once upon a time") for s in samples)
+    assert "\ufffd" not in proc.stdout  # decodable text
+
+    # the checkpoint carries its tokenizer: sampling needs neither the data directory nor the ranks file
+    proc2 = run_script("sample.py", f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=30",
+                       "--device=cpu", "--start=Once upon a time", cwd=tmp_path)
+    assert proc2.stdout == proc.stdout  # same seed, same stories
+
+
+def test_prepare_errors(tmp_path, hf_home):
+    env = {"HF_HOME": str(hf_home)}
+    proc = run_script("prepare.py", "--dataset=./no/such/dir", f"--data_dir={tmp_path}/d", check=False, env=env)
+    assert_user_error(proc, "not found")
+
+    jsonl = tmp_path / "stories"
+    jsonl.mkdir()
+    (jsonl / "train.jsonl").write_text("".join(json.dumps({"story": f"Story number {i}."}) + "\n"
+                                               for i in range(50)))
+    args = [f"--dataset={jsonl}", f"--tokenizer={GPT2_RANKS}", f"--data_dir={tmp_path}/j"]
+    proc = run_script("prepare.py", *args, check=False, env=env)
+    assert_user_error(proc, "no column 'text'", "--text_column")
+    assert not list((tmp_path / "j").glob("*")) if (tmp_path / "j").exists() else True
+    proc = run_script("prepare.py", *args, "--text_column=story", "--val_fraction=0.1", env=env)
+    meta = json.loads((tmp_path / "j" / "meta.json").read_text())
+    assert meta["splits"]["validation"]["documents"] == 5 and meta["splits"]["train"]["documents"] == 45
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "train.txt").write_text("A story.\n\nAnother story.\n")
+    (empty / "validation.txt").write_text("\n\n\n")
+    proc = run_script("prepare.py", f"--dataset={empty}", f"--tokenizer={GPT2_RANKS}",
+                      f"--data_dir={tmp_path}/e", check=False, env=env)
+    assert_user_error(proc, "validation split", "empty")
+    assert not (tmp_path / "e" / "meta.json").exists() and not (tmp_path / "e" / "train.bin").exists()
+
+
+def test_a_token_id_that_does_not_fit_the_dtype_leaves_no_file(tmp_path):
+    import datasets
+    from configurator import UserError
+    from prepare import write_split
+    ds = datasets.Dataset.from_dict({"ids": [[1, 2], [300, 3]], "len": [2, 2]})
+    with pytest.raises(UserError, match="token id 300 does not fit uint8"):
+        write_split(ds, str(tmp_path / "train.bin"), np.uint8, 2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_errors(sample_data, tmp_path):
+    base = [*TINY, f"--out_dir={tmp_path}/o"]
+    assert_user_error(run_script("train.py", *base, f"--data_dir={tmp_path}/none", check=False),
+                      "run `python prepare.py")
+    assert_user_error(run_script("train.py", *base, f"--data_dir={sample_data}", "--min_lr=1e-2", check=False),
+                      "min_lr=0.01 is larger than learning_rate=0.003")
+    assert_user_error(run_script("train.py", *base, f"--data_dir={sample_data}", "--device=cuda", check=False),
+                      "'cuda' is not available", "available: cpu")
+    assert_user_error(run_script("train.py", *base, f"--data_dir={sample_data}", "--block_size=200000",
+                                 check=False), "not more than block_size=200000")
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.pt"))
+
+
+def test_sample_without_a_checkpoint_says_how_to_train(tmp_path):
+    proc = run_script("sample.py", f"--out_dir={tmp_path}", "--device=cpu", check=False)
+    assert_user_error(proc, "no checkpoint", "python train.py")
