@@ -94,8 +94,8 @@ def configure(defaults, argv=None, doc=None):
                 raise UserError(f"config file {arg} failed{f' at line {line}' if line else ''}: "
                                 f"{type(e).__name__}: {e}") from None
             for k, v in scope.items():
-                if k.startswith("_") or type(v).__name__ in ("module", "function", "type"):
-                    continue
+                if k.startswith("_") or callable(v) or type(v).__name__ == "module":
+                    continue  # imports and helper functions of the config file
                 if k not in known:
                     raise _unknown(k, known, arg)
                 known[k] = _check_type(k, v, known[k], arg)
@@ -110,7 +110,7 @@ def configure(defaults, argv=None, doc=None):
                 text = "True"  # --force means --force=True
             try:
                 value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
+            except Exception:  # not a Python literal: a plain string
                 value = text
             if isinstance(known[key], str) and not isinstance(value, str):
                 value = text  # --start=123 means the text "123" for a string setting

@@ -40,12 +40,12 @@ class GPTConfig:
     bias: bool = True
 
     def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
-                            f"each head gets n_embd/n_head channels, so choose n_head among the divisors of n_embd")
         for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, k) < 1:
                 raise UserError(f"{k} must be a positive integer, got {getattr(self, k)}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                            f"each head gets n_embd/n_head channels, so choose n_head among the divisors of n_embd")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -237,6 +237,9 @@ class GPT(nn.Module):
             generator: torch.Generator for reproducible sampling.
         Returns:
             (B, T + n) int64 with n <= max_new_tokens (fewer when every row ended with eos_token).
+        Raises:
+            ValueError: temperature < 0, top_k < 0 or top_p outside (0, 1].
+        Call model.eval() first: in training mode dropout stays on.
 
         Contexts longer than block_size: when the window is full, generation continues from its last
         block_size // 2 tokens (the cache is rebuilt from them with one forward pass), so a cached step
@@ -267,7 +270,10 @@ class GPT(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, vocab_limit=None, generator=None):
-    """Draw one token id per row from logits (B, V) -> (B,) int64. See GPT.generate for the arguments."""
+    """Draw one token id per row from logits (B, V) -> (B,) int64. See GPT.generate for the arguments.
+    Raises ValueError for temperature < 0, top_k < 0 or top_p outside (0, 1]."""
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
     logits = logits.float()
     if vocab_limit is not None and vocab_limit < logits.size(-1):
         logits = logits.clone()
@@ -276,8 +282,8 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, vocab_limit=None, g
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
+        values, indices = torch.topk(logits, top_k, dim=-1)
+        logits = torch.full_like(logits, -float("inf")).scatter(1, indices, values)
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
@@ -296,30 +302,47 @@ EOT = "<|endoftext|>"
 
 
 class Tokenizer:
-    """Byte-level BPE (Sennrich et al. 2016; GPT-2's byte-level variant) through tiktoken.
+    """Byte-level BPE (Sennrich et al. 2016, on bytes as in GPT-2): text <-> token ids.
 
     Built from a `spec` dict that holds everything needed to rebuild it, so a checkpoint that stores the spec
-    decodes without the data directory:
-        {"kind": "tiktoken", "name": str, "source": "gpt2" or the ranks file, "pat_str": str,
-         "ranks": the mergeable ranks in .tiktoken format (one "base64(token bytes) rank" per line),
-         "sha256": sha256 of "ranks" (the tokenizer's fingerprint)}
-    Ids 0 .. vocab_size - 2 are the mergeable tokens; `eot_token` = vocab_size - 1 is <|endoftext|>, which
-    marks the end of every document. Text is encoded without special tokens: a story containing the string
-    "<|endoftext|>" gets ordinary tokens for it.
+    decodes without the data directory. Two kinds:
+        {"kind": "tiktoken", "name", "source": "gpt2" or the ranks file, "pat_str",
+         "ranks": the mergeable ranks in .tiktoken format ("base64(token bytes) rank" per line), "sha256"}
+            GPT-2's vocabulary through tiktoken; <|endoftext|> is the id after the last rank.
+        {"kind": "bpe", "name", "source": "tokenizer.json" (in the data directory), "json": that file's text,
+         "sha256"}
+            a vocabulary trained on the corpus by prepare.py with Hugging Face `tokenizers`.
+    "sha256" is the fingerprint of the vocabulary (of "ranks" or "json"). `eot_token` (<|endoftext|>) ends
+    every document. Text is encoded without special tokens: a story containing the string "<|endoftext|>"
+    gets ordinary tokens for it, and decode(encode(s)) == s for any str s.
+    Raises UserError for a spec of unknown kind.
     """
 
     def __init__(self, spec):
-        import tiktoken
         self.spec = spec
-        ranks = {}
-        for line in spec["ranks"].splitlines():
-            if line:
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-        self.eot_token = len(ranks)
-        self.vocab_size = len(ranks) + 1
-        self._enc = tiktoken.Encoding(spec["name"], pat_str=spec["pat_str"], mergeable_ranks=ranks,
-                                      special_tokens={EOT: self.eot_token})
+        if spec["kind"] == "tiktoken":
+            import tiktoken
+            ranks = {}
+            for line in spec["ranks"].splitlines():
+                if line:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token)] = int(rank)
+            self.eot_token = len(ranks)
+            enc = tiktoken.Encoding(spec["name"], pat_str=spec["pat_str"], mergeable_ranks=ranks,
+                                    special_tokens={EOT: self.eot_token})
+            self.vocab_size = enc.n_vocab
+            self._encode_batch = enc.encode_ordinary_batch
+            self._decode = enc.decode
+        elif spec["kind"] == "bpe":
+            from tokenizers import Tokenizer as HFTokenizer
+            hf = HFTokenizer.from_str(spec["json"])
+            hf.encode_special_tokens = True  # "<|endoftext|>" typed in a story is text, not the separator
+            self.eot_token = hf.token_to_id(EOT)
+            self.vocab_size = hf.get_vocab_size()
+            self._encode_batch = lambda texts: [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+            self._decode = lambda ids: hf.decode(ids, skip_special_tokens=False)
+        else:
+            raise UserError(f"unknown tokenizer kind {spec['kind']!r} (expected tiktoken or bpe)")
 
     def __getstate__(self):  # pickled as its spec (datasets.map sends it to worker processes)
         return self.spec
@@ -329,19 +352,32 @@ class Tokenizer:
 
     def encode(self, text):
         """str -> list of token ids (int), without end-of-text."""
-        return self._enc.encode_ordinary(text)
+        return self._encode_batch([text])[0]
 
     def encode_batch(self, texts):
-        """list of str -> list of lists of token ids, encoded in parallel by tiktoken's threads."""
-        return self._enc.encode_ordinary_batch(texts)
+        """list of str -> list of lists of token ids, encoded in parallel by the library's threads."""
+        return self._encode_batch(list(texts))
 
     def decode(self, ids):
         """Token ids -> str. Ids that end inside a multi-byte character decode to U+FFFD."""
-        return self._enc.decode(list(ids))
+        return self._decode(list(ids))
 
     def describe(self):
         """The spec without its bulky content, for meta.json and logs."""
-        return {k: v for k, v in self.spec.items() if k != "ranks"}
+        return {k: v for k, v in self.spec.items() if k not in ("ranks", "json")}
+
+
+def bpe_spec(json_text, source):
+    """Spec of a Hugging Face tokenizer.json (see Tokenizer). Raises UserError if it has no <|endoftext|>."""
+    from tokenizers import Tokenizer as HFTokenizer
+    try:
+        hf = HFTokenizer.from_str(json_text)
+    except Exception as e:
+        raise UserError(f"{source} is not a tokenizer.json file ({type(e).__name__}: {e})") from None
+    if hf.token_to_id(EOT) is None:
+        raise UserError(f"{source} has no {EOT} token; prepare.py needs it to separate documents")
+    return {"kind": "bpe", "name": f"bpe-{hf.get_vocab_size()}", "source": source, "json": json_text,
+            "sha256": hashlib.sha256(json_text.encode()).hexdigest()}
 
 
 def _tiktoken_spec(name, source, ranks):
@@ -358,8 +394,9 @@ def load_tokenizer(name):
     """The tokenizer named on the command line.
 
     Args:
-        name: "gpt2" for tiktoken's GPT-2 encoding (downloaded on first use, then cached), or the path of a
-            .tiktoken ranks file, loaded with GPT-2's split pattern and <|endoftext|> after the last rank.
+        name: "gpt2" for tiktoken's GPT-2 encoding (downloaded on first use, then cached), the path of a
+            .tiktoken ranks file (loaded with GPT-2's split pattern and <|endoftext|> after the last rank), or
+            the path of a Hugging Face tokenizer.json such as prepare.py --tokenizer=bpe writes.
     Returns:
         Tokenizer.
     Raises:
@@ -375,7 +412,11 @@ def load_tokenizer(name):
         ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.eot_token)}
         return Tokenizer(_tiktoken_spec("gpt2", "gpt2", ranks))
     if not os.path.isfile(name):
-        raise UserError(f"tokenizer {name!r} not found: use gpt2 or the path of a .tiktoken ranks file")
+        raise UserError(f"tokenizer {name!r} not found: use gpt2, bpe (prepare.py trains one), or the path "
+                        f"of a .tiktoken ranks file or a tokenizer.json")
+    if name.endswith(".json"):
+        with open(name, encoding="utf-8") as f:
+            return Tokenizer(bpe_spec(f.read(), name))
     from tiktoken.load import load_tiktoken_bpe
     try:
         ranks = load_tiktoken_bpe(name)
@@ -386,17 +427,27 @@ def load_tokenizer(name):
 
 
 def tokenizer_from_meta(meta, data_dir):
-    """Rebuild the tokenizer that prepare.py recorded in `meta` (a loaded meta.json) and check it is the same.
-    Returns Tokenizer. Raises UserError if its file is gone or has changed since the data was prepared."""
+    """The tokenizer that prepare.py wrote into `data_dir` (meta["tokenizer"]["file"]), checked against the
+    fingerprint in `meta` (a loaded meta.json). Returns Tokenizer.
+    Raises UserError if the file is missing or has changed since the data was prepared."""
     desc = meta["tokenizer"]
-    source = desc["source"]
-    if source != "gpt2" and not os.path.isabs(source):
-        source = os.path.join(data_dir, source)  # a file prepare.py wrote into the data directory
-    tok = load_tokenizer(source)
-    if tok.spec["sha256"] != desc["sha256"]:
-        raise UserError(f"tokenizer {source} has changed since {data_dir} was prepared: "
-                        f"re-run prepare.py with --force")
-    return tok
+    path = os.path.join(data_dir, desc["file"])
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        raise UserError(f"{path} is missing: re-run prepare.py with --force") from None
+    if hashlib.sha256(text.encode()).hexdigest() != desc["sha256"]:
+        raise UserError(f"{path} has changed since {data_dir} was prepared: re-run prepare.py with --force")
+    return Tokenizer({**desc, "ranks" if desc["kind"] == "tiktoken" else "json": text})
+
+
+def bits_per_byte(loss, tokens, n_bytes):
+    """Convert a mean cross-entropy in nats per token into bits per UTF-8 byte of text:
+    loss / ln 2 * tokens / bytes, with the token and byte counts of the same text (meta.json has them per split).
+    Unlike loss per token it does not depend on how the tokenizer cuts the text, so runs with different
+    vocabularies compare (the measure used for the Pile, Gao et al. 2020)."""
+    return loss / math.log(2) * tokens / n_bytes
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -418,12 +469,16 @@ def resolve_device(device="auto", dtype="auto", cuda=None, mps=None, cuda_bf16=N
     Raises:
         UserError: the device or dtype is unknown or not available here; the message lists what is.
     """
+    cuda_probe = cuda is None
     cuda = torch.cuda.is_available() if cuda is None else cuda
     mps = (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()) if mps is None else mps
     available = [d for d, ok in (("cuda", cuda), ("mps", mps), ("cpu", True)) if ok]
     if device == "auto":
         device = available[0]
-    device_type = device.split(":")[0]
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError:
+        device_type = None
     if device_type not in ("cuda", "mps", "cpu"):
         raise UserError(f"unknown device {device!r}: use auto, cpu, mps, cuda or cuda:N")
     if device_type not in available:
@@ -431,6 +486,10 @@ def resolve_device(device="auto", dtype="auto", cuda=None, mps=None, cuda_bf16=N
         raise UserError(f"device {device!r} is not available on this machine{why}; "
                         f"available: {', '.join(available)}")
     if device_type == "cuda":
+        index, count = torch.device(device).index, torch.cuda.device_count() if cuda_probe else None
+        if count is not None and index is not None and index >= count:
+            raise UserError(f"device {device!r} does not exist: this machine has {count} GPU(s), cuda:0 to "
+                            f"cuda:{count - 1}")
         cuda_bf16 = torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cpu" or (device_type == "cuda" and cuda_bf16) else "float16"

@@ -7,11 +7,13 @@
 Writes into data_dir:
     train.bin, validation.bin   every document's tokens followed by <|endoftext|>, back to back, as one flat
                                 array of uint16 (uint32 for vocabularies over 65,536 ids), read with np.memmap
+    tokenizer.json              with --tokenizer=bpe: a byte-level BPE vocabulary of vocab_size ids trained on
+                                the train split with Hugging Face `tokenizers`
     meta.json                   tokenizer, vocab_size, eot_token, dtype, and per split the number of documents,
                                 tokens and UTF-8 bytes of text
 
-A local --dataset is a file or a directory of .txt, .json, .jsonl or .parquet files; the split comes from each
-file's name (train..., validation... / val... / dev...). In .txt files, blocks separated by a blank line are
+A local --dataset is a file or a directory of .txt, .json, .jsonl or .parquet files; in a directory the split
+comes from each file's name (train..., validation... / val... / dev...), and a single file is the train split. In .txt files, blocks separated by a blank line are
 documents. When there is no validation split, a fixed val_fraction of train (chosen with `seed`) becomes one.
 Re-running with the same inputs does nothing; --force rebuilds.
 """
@@ -26,7 +28,8 @@ from configurator import UserError, configure, run
 # -----------------------------------------------------------------------------
 dataset = "roneneldan/TinyStories"  # hub id, or a local file or directory
 data_dir = "data/tinystories"       # where train.bin, validation.bin and meta.json go
-tokenizer = "gpt2"                  # gpt2 (tiktoken), or the path of a .tiktoken ranks file
+tokenizer = "gpt2"                  # gpt2 (tiktoken), bpe (train one on the train split), or a tokenizer file
+vocab_size = 4096                   # --tokenizer=bpe only: ids including <|endoftext|> (256 gives the 256 bytes + <|endoftext|>)
 text_column = "text"                # the column that holds each document's text
 val_fraction = 0.005                # share of train held out when the source has no validation split
 seed = 1337                         # chooses that held-out share
@@ -57,10 +60,10 @@ def local_files(path):
     files = {}
     for p in paths:
         stem = os.path.basename(p).split(".")[0].lower()
-        if stem.startswith(("val", "dev")):
+        if len(paths) == 1 or stem.startswith("train"):
+            split = "train"  # a single file is the training text; validation is carved from it
+        elif stem.startswith(("val", "dev")):
             split = "validation"
-        elif stem.startswith("train") or len(paths) == 1:
-            split = "train"
         elif stem.startswith("test"):
             continue
         else:
@@ -110,6 +113,26 @@ def load_splits(source):
     return {split: ds[split] for split in SPLITS}
 
 
+def train_bpe(texts, vocab_size, length=None):
+    """Train a byte-level BPE vocabulary of `vocab_size` ids (the 256 bytes, <|endoftext|>, then merges; fewer
+    when the text runs out of pairs to merge) with Hugging Face `tokenizers` (Rust, parallel).
+
+    Args:
+        texts: iterable of str or of lists of str (batches of documents); length: their number, for progress.
+    Returns:
+        Tokenizer of kind "bpe". No normalisation and no prefix space, so decoding is exact."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from model import EOT, Tokenizer, bpe_spec
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split rules, on bytes
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=True,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+
+    hf.train_from_iterator(texts, trainer, length=length)
+    return Tokenizer(bpe_spec(hf.to_str(pretty=False), "bpe"))
+
+
 def fingerprint(source):
     """What identifies the input: the hub id, or each local file's path, size and modification time."""
     if not os.path.exists(source):
@@ -119,10 +142,11 @@ def fingerprint(source):
     return [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths]
 
 
-def write_atomic_json(obj, path):
+def write_atomic(text, path):
+    """Write `text` to `path` through a temporary file that is fsync'ed and renamed: never half a file."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -140,6 +164,7 @@ def write_split(ds, path, dtype, n_shards):
     tmp = path + ".tmp"
     out = np.memmap(tmp, dtype=dtype, mode="w+", shape=(n_tokens,))
     limit = np.iinfo(dtype).max
+    written = False
     try:
         pos = 0
         bounds = np.linspace(0, len(ds), min(n_shards, len(ds)) + 1).astype(int)
@@ -150,28 +175,41 @@ def write_split(ds, path, dtype, n_shards):
                                 f"the tokenizer's ids exceed what this data type can hold")
             out[pos:pos + ids.size] = ids
             pos += ids.size
+        assert pos == n_tokens, f"wrote {pos} of {n_tokens} tokens"
         out.flush()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        del out
-        os.replace(tmp, path)
-    except BaseException:
-        del out
-        os.remove(tmp)
-        raise
+        written = True
+    finally:
+        del out  # unmap before renaming or removing
+        if written:
+            os.replace(tmp, path)
+        else:
+            os.remove(tmp)
     return n_tokens
 
 
 def main():
-    configure(globals(), doc=__doc__)
+    config = configure(globals(), doc=__doc__)
+    print(json.dumps(config, indent=1))
     import numpy as np
     import pyarrow.compute as pc
     from model import load_tokenizer
 
+    if shards < 1 or num_proc < 1:
+        raise UserError(f"shards and num_proc must be at least 1, got {shards} and {num_proc}")
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction must be between 0 and 1 (a share of train), got {val_fraction}")
     is_local(dataset)
-    tok = load_tokenizer(tokenizer)
-    dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32
-    inputs = {"dataset": fingerprint(dataset), "tokenizer_sha256": tok.spec["sha256"], "text_column": text_column,
+    if tokenizer == "bpe":
+        if not 256 <= vocab_size <= 1_000_000:
+            raise UserError(f"vocab_size={vocab_size}: a byte-level BPE vocabulary holds the 256 bytes and "
+                            f"<|endoftext|>, so use 256 to 1,000,000 (up to 65,536 keeps the data in uint16)")
+        tok, tok_id = None, {"bpe_vocab_size": vocab_size}  # the vocabulary is trained below
+    else:
+        tok = load_tokenizer(tokenizer)
+        tok_id = {"tokenizer_sha256": tok.spec["sha256"]}
+    inputs = {"dataset": fingerprint(dataset), **tok_id, "text_column": text_column,
               "val_fraction": val_fraction, "seed": seed}
     meta_path = os.path.join(data_dir, "meta.json")
     if not force and os.path.isfile(meta_path):
@@ -179,7 +217,7 @@ def main():
             meta = json.load(f)
         complete = all(os.path.isfile(p := os.path.join(data_dir, f"{s}.bin"))
                        and os.path.getsize(p) == meta["splits"][s]["tokens"] * np.dtype(meta["dtype"]).itemsize
-                       for s in SPLITS)
+                       for s in SPLITS) and os.path.isfile(os.path.join(data_dir, meta["tokenizer"]["file"]))
         if meta.get("inputs") == inputs and complete:
             print(f"{data_dir} is up to date with these inputs (use --force to rebuild)")
             return
@@ -192,14 +230,30 @@ def main():
                             f"{', '.join(ds.column_names)}); choose one with --text_column=NAME")
         if len(ds) == 0:
             raise UserError(f"the {name} split of {dataset} is empty")
+    os.makedirs(data_dir, exist_ok=True)
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # until the new meta.json is written, the directory does not look complete
+    if tok is None:
+        train = splits["train"]
+        batches = (train[i:i + 1000][text_column] for i in range(0, len(train), 1000))
+        tok = train_bpe(batches, vocab_size, length=len(train))
+        print(f"trained a {tok.vocab_size:,}-id BPE vocabulary on {len(train):,} training documents")
+    # the data directory carries its tokenizer, so training and sampling need nothing else
+    tok_file = "tokenizer.json" if tok.spec["kind"] == "bpe" else "tokenizer.tiktoken"
+    write_atomic(tok.spec["json" if tok.spec["kind"] == "bpe" else "ranks"], os.path.join(data_dir, tok_file))
+    dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32
 
     def tokenize(batch):
         texts = [t for t in batch[text_column] if t and not t.isspace()]
+        if not all(isinstance(t, str) for t in texts):
+            raise UserError(f"column {text_column!r} does not hold text; choose another with --text_column=NAME")
         ids = [doc + [tok.eot_token] for doc in tok.encode_batch(texts)]
         return {"ids": ids, "len": [len(d) for d in ids], "n_bytes": [len(t.encode("utf-8")) for t in texts]}
 
-    meta = {"dataset": dataset, "tokenizer": tok.describe(), "vocab_size": tok.vocab_size,
+    meta = {"dataset": dataset, "tokenizer": {**tok.describe(), "file": tok_file}, "vocab_size": tok.vocab_size,
             "eot_token": tok.eot_token, "dtype": np.dtype(dtype).name, "splits": {}, "inputs": inputs}
+    if dtype == np.uint32:
+        meta["dtype_note"] = "over 65,536 ids: tokens are stored as uint32, twice the size of uint16"
     tokenized = {}
     for name, ds in splits.items():
         tokenized[name] = ds.map(tokenize, batched=True, remove_columns=ds.column_names,
@@ -207,16 +261,13 @@ def main():
                                  desc=f"tokenizing {name}")
         if len(tokenized[name]) == 0:
             raise UserError(f"the {name} split of {dataset} is empty: it holds only blank documents")
-    os.makedirs(data_dir, exist_ok=True)
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # until the new meta.json is written, the directory does not look complete
     for name, ds in tokenized.items():
         n_tokens = write_split(ds, os.path.join(data_dir, f"{name}.bin"), dtype, shards)
         n_bytes = int(pc.sum(ds.with_format("arrow")[:]["n_bytes"]).as_py())
         meta["splits"][name] = {"documents": len(ds), "tokens": n_tokens, "bytes": n_bytes}
         print(f"{name}: {len(ds):,} documents, {n_tokens:,} tokens, {n_bytes:,} bytes "
               f"({n_bytes / n_tokens:.2f} bytes/token)")
-    write_atomic_json(meta, meta_path)
+    write_atomic(json.dumps(meta, indent=2), meta_path)
     print(f"wrote {data_dir} in {time.time() - t0:.1f}s")
 
 

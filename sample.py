@@ -7,6 +7,9 @@ Loads out_dir/checkpoint (train.py's best_model_params.pt by default) and decode
 it, so the data directory is not needed. Each sample stops at <|endoftext|> or after max_new_tokens tokens.
 """
 
+import json
+import sys
+
 import torch
 
 from configurator import UserError, configure, run
@@ -28,7 +31,8 @@ dtype = "auto"                          # auto, float32, bfloat16, float16
 
 
 def main():
-    configure(globals(), doc=__doc__)
+    config = configure(globals(), doc=__doc__)
+    print(json.dumps(config), file=sys.stderr)  # stdout holds only the stories
     if num_samples < 1 or max_new_tokens < 1:
         raise UserError("num_samples and max_new_tokens must be at least 1")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:

@@ -6,7 +6,7 @@
 Every eval_interval iterations it measures the mean loss over eval_iters batches of each split and writes
 out_dir/ckpt.pt (everything needed to resume: --init_from=resume) and, when the validation loss improved,
 out_dir/best_model_params.pt (what sample.py loads). It logs to out_dir/log.csv and plots out_dir/loss.png.
-Losses are cross-entropy in nats per token.
+Losses are cross-entropy in nats per token; bpb is bits per byte of text, which compares across tokenizers.
 """
 
 import csv
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from configurator import UserError, configure, run
-from model import (GPT, GPTConfig, autocast, load_checkpoint, resolve_device, save_checkpoint,
+from model import (GPT, GPTConfig, autocast, bits_per_byte, load_checkpoint, resolve_device, save_checkpoint,
                    tokenizer_from_meta)
 
 # -----------------------------------------------------------------------------
@@ -128,13 +128,20 @@ def main():
     dev, device_type, precision = resolve_device(device, dtype)
     meta = read_meta(data_dir)
     if vocab_size and vocab_size != meta["vocab_size"]:
-        raise UserError(f"this config is for a vocabulary of {vocab_size} tokens but {data_dir} has "
-                        f"{meta['vocab_size']}: prepare matching data into another data_dir")
+        command = ("python prepare.py --tokenizer=gpt2" if vocab_size == 50257 else
+                   f"python prepare.py --tokenizer=bpe --vocab_size={vocab_size}")
+        raise UserError(f"this config is for a vocabulary of {vocab_size} ids but {data_dir} has "
+                        f"{meta['vocab_size']}: prepare its data with `{command} --data_dir=DIR` and pass "
+                        f"--data_dir=DIR")
     for split in ("train", "validation"):
         if meta["splits"][split]["tokens"] <= block_size:
             raise UserError(f"the {split} split has {meta['splits'][split]['tokens']} tokens, not more than "
                             f"block_size={block_size}: use a smaller block_size or more data")
     tok = tokenizer_from_meta(meta, data_dir)
+    existing = [f for f in ("ckpt.pt", "best_model_params.pt") if os.path.exists(os.path.join(out_dir, f))]
+    if init_from == "scratch" and existing:
+        raise UserError(f"{out_dir} already holds a run ({', '.join(existing)}): continue it with "
+                        f"--init_from=resume, or start a new one with another --out_dir (or delete {out_dir})")
     os.makedirs(out_dir, exist_ok=True)
     print(json.dumps(config, indent=1))
 
@@ -164,7 +171,8 @@ def main():
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "float16" and device_type == "cuda")
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if scaler.is_enabled() and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
         batch_rng.set_state(ckpt["batch_rng"])
         print(f"resuming from iteration {iter_num} (best validation loss {best_val_loss:.4f})")
         ckpt = None  # free the memory
@@ -200,30 +208,37 @@ def main():
     log_path = os.path.join(out_dir, "log.csv")
     if init_from == "scratch" or not os.path.exists(log_path):
         with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerow(["iter", "tokens", "train_loss", "val_loss", "lr", "elapsed_s"])
+            csv.writer(f).writerow(["iter", "tokens", "train_loss", "val_loss", "train_bpb", "val_bpb", "lr",
+                                    "elapsed_s"])
     tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
     print(f"{tokens_per_iter:,} tokens per iteration")
 
     t_start = t_last = time.time()
+    steps_since_log = 0
+    resumed_at = iter_num if init_from == "resume" else None  # that iteration was evaluated before the stop
     x, y = batch("train")
     while True:
         lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        if iter_num % eval_interval == 0 or iter_num == max_iters:
+        if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at:
             losses = estimate_loss()
-            print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}")
+            bpb = {s: bits_per_byte(losses[s], meta["splits"][s]["tokens"], meta["splits"][s]["bytes"])
+                   for s in losses}
+            print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}, "
+                  f"val bpb {bpb['validation']:.4f}")
             with open(log_path, "a", newline="") as f:
                 csv.writer(f).writerow([iter_num, iter_num * tokens_per_iter, f"{losses['train']:.5f}",
-                                        f"{losses['validation']:.5f}", f"{lr:.3e}", f"{time.time() - t_start:.1f}"])
+                                        f"{losses['validation']:.5f}", f"{bpb['train']:.5f}",
+                                        f"{bpb['validation']:.5f}", f"{lr:.3e}", f"{time.time() - t_start:.1f}"])
             if losses["validation"] < best_val_loss:
                 best_val_loss = losses["validation"]
                 checkpoint("best_model_params.pt", val_loss=best_val_loss)
             if iter_num > 0:
                 checkpoint("ckpt.pt", optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                            best_val_loss=best_val_loss, batch_rng=batch_rng.get_state())
-            t_last = time.time()  # evaluation time is not training time
+            t_last, steps_since_log = time.time(), 0  # evaluation time is not training time
         if iter_num >= max_iters:
             break
 
@@ -240,11 +255,12 @@ def main():
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
+        steps_since_log += 1
 
         if iter_num % log_interval == 0:
             lossf = loss.item() * gradient_accumulation_steps  # .item() waits for the device: only when logging
-            dt = (time.time() - t_last) / log_interval
-            t_last = time.time()
+            dt = (time.time() - t_last) / steps_since_log
+            t_last, steps_since_log = time.time(), 0
             print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                   f"{tokens_per_iter / dt:,.0f} tokens/s")
 
@@ -253,20 +269,21 @@ def main():
 
 
 def plot_losses(log_path, png_path):
-    """Plot train and validation loss against iteration from log.csv into a PNG."""
+    """Plot train and validation loss (nats/token) and bits per byte against iteration from log.csv."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     with open(log_path) as f:
         rows = list(csv.DictReader(f))
     its = [int(r["iter"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(its, [float(r["train_loss"]) for r in rows], label="train")
-    ax.plot(its, [float(r["val_loss"]) for r in rows], label="validation")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, unit, label in ((axes[0], "loss", "loss (nats/token)"), (axes[1], "bpb", "bits per byte")):
+        ax.plot(its, [float(r[f"train_{unit}"]) for r in rows], label="train")
+        ax.plot(its, [float(r[f"val_{unit}"]) for r in rows], label="validation")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(label)
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

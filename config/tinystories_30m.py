@@ -2,7 +2,6 @@
 # (19.3M of them in the GPT-2 token embedding). 131,072 tokens per iteration (32 x 128 x 32).
 # The tutorial decayed to min_lr=5e-4 from learning_rate=1e-4, i.e. the rate rose; here it decays 6e-4 -> 6e-5.
 # A GPU run; on a Mac use --device=mps. Data: python prepare.py
-out_dir = "out-30m"
 data_dir = "data/tinystories"
 eval_interval = 500
 eval_iters = 100

@@ -1,7 +1,6 @@
 # A small GPT that trains on a laptop CPU in minutes and already writes recognisable English.
-# About 7.2M parameters, 6.4M of them in the GPT-2 token embedding; 4,096 tokens per iteration.
+# About 7.2M parameters, 6.4M of them in the GPT-2 token embedding; 2,048 tokens per iteration.
 # Data: python prepare.py                 (or, offline, with --dataset and --tokenizer: see README)
-out_dir = "out-cpu"
 eval_interval = 100
 eval_iters = 20
 log_interval = 10

@@ -25,9 +25,15 @@ def test_int_is_accepted_for_float_and_string_settings_keep_text():
 
 def test_config_file_then_flags_in_order(tmp_path):
     cfg = tmp_path / "c.py"
-    cfg.write_text("import math\nbatch_size = 4\nlearning_rate = 1e-2 * math.sqrt(1)\n")
+    cfg.write_text("import math\nfrom math import sqrt\nbatch_size = 4\nlearning_rate = 1e-2 * sqrt(1)\n")
     config = configure(defaults(), [str(cfg), "--batch_size=16"])
     assert config["batch_size"] == 16 and config["learning_rate"] == pytest.approx(1e-2)
+
+
+def test_odd_literals_are_strings_or_type_errors_never_crashes():
+    assert configure({"device": "auto"}, ["--device={[]: 1}"])["device"] == "{[]: 1}"
+    with pytest.raises(UserError, match="batch_size must be int"):
+        configure(defaults(), ["--batch_size={[]: 1}"])
 
 
 def test_wrong_type_is_rejected():

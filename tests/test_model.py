@@ -55,6 +55,8 @@ def test_gpt2_initialisation():
 def test_shape_errors_are_user_errors():
     with pytest.raises(UserError, match="n_embd=30 is not divisible by n_head=4"):
         GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(UserError, match="n_head must be a positive integer"):
+        GPTConfig(n_head=0)
 
 
 @pytest.mark.parametrize("prompt_len,new", [(3, 10), (5, 40)])  # 40 new tokens run past block_size=16
@@ -88,6 +90,10 @@ def test_sampling_filters():
     assert set(sample_next(logits, vocab_limit=3, generator=g).tolist()) <= {0, 1, 2}
     assert (sample_next(logits, temperature=0) == 0).all()
     assert len(set(sample_next(logits, generator=g).tolist())) == 5
+    ties = torch.zeros(500, 6)
+    assert len(set(sample_next(ties, top_k=1, generator=g).tolist())) == 1  # top_k=1 among ties: one token
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next(logits, top_p=0.0)
 
 
 def test_optimizer_decays_matrices_and_embeddings_only():
@@ -118,6 +124,7 @@ def test_device_and_dtype_resolution(device, dtype, have, expected):
     ("cuda", "auto", dict(cuda=False, mps=False), "device 'cuda' is not available on this machine; available: cpu"),
     ("mps", "auto", dict(cuda=True, mps=False, cuda_bf16=True), "MPS needs a Mac"),
     ("tpu", "auto", dict(cuda=False, mps=False), "unknown device 'tpu'"),
+    ("cpu:abc", "auto", dict(cuda=False, mps=False), "unknown device 'cpu:abc'"),
     ("cpu", "fp8", dict(cuda=False, mps=False), "unknown dtype 'fp8'"),
     ("cuda", "bfloat16", dict(cuda=True, mps=False, cuda_bf16=False), "does not support bfloat16"),
 ])

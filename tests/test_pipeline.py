@@ -53,8 +53,13 @@ def test_train_resume_and_sample_end_to_end(sample_data, tmp_path):
         assert (out / name).stat().st_size > 0
 
     proc = run_script("train.py", *TINY, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=70",
+                      "--eval_interval=30", "--lr_decay_iters=60", check=False)
+    assert_user_error(proc, "already holds a run", "--init_from=resume")  # a fresh start never clobbers a run
+    proc = run_script("train.py", *TINY, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=70",
                       "--eval_interval=30", "--lr_decay_iters=60", "--init_from=resume")
     assert "resuming from iteration 60" in proc.stdout and "iter 70:" in proc.stdout
+    with open(out / "log.csv") as f:
+        assert [int(r["iter"]) for r in csv.DictReader(f)] == [0, 30, 60, 70]  # iteration 60 logged once
 
     proc = run_script("sample.py", f"--out_dir={out}", "--start=Once upon a time", "--num_samples=2",
                       "--max_new_tokens=30", "--device=cpu")
@@ -69,8 +74,31 @@ def test_train_resume_and_sample_end_to_end(sample_data, tmp_path):
     assert proc2.stdout == proc.stdout  # same seed, same stories
 
 
+def test_data_directory_carries_its_tokenizer(tmp_path, hf_home):
+    ranks = tmp_path / "gpt2.tiktoken"
+    ranks.write_bytes(GPT2_RANKS.read_bytes())
+    data = tmp_path / "d"
+    run_script("prepare.py", f"--dataset={SAMPLE}/validation.txt", f"--tokenizer={ranks}", f"--data_dir={data}",
+               env={"HF_HOME": str(hf_home)})
+    ranks.unlink()  # the original ranks file is gone (or the data moved to another machine)
+    assert (data / "tokenizer.tiktoken").read_bytes() == GPT2_RANKS.read_bytes()
+    run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}/o", "--max_iters=1",
+               "--eval_iters=1")
+    (data / "tokenizer.tiktoken").write_text("SGVsbG8= 0\n")
+    assert_user_error(run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}/o2",
+                                 check=False), "has changed since", "--force")
+
+
 def test_prepare_errors(tmp_path, hf_home):
     env = {"HF_HOME": str(hf_home)}
+    for flag, message in (("--shards=0", "shards and num_proc must be at least 1"),
+                          ("--val_fraction=1.0", "val_fraction must be between 0 and 1"),
+                          ("--tokenizer=bpe", None), ("--vocab_size=100", "use 256 to 1,000,000")):
+        if message:
+            extra = ["--tokenizer=bpe"] if flag == "--vocab_size=100" else []
+            proc = run_script("prepare.py", f"--dataset={SAMPLE}", flag, *extra, f"--data_dir={tmp_path}/v",
+                              check=False, env=env)
+            assert_user_error(proc, message)
     proc = run_script("prepare.py", "--dataset=./no/such/dir", f"--data_dir={tmp_path}/d", check=False, env=env)
     assert_user_error(proc, "not found")
 

@@ -1,0 +1,26 @@
+# About 1.3M parameters for CPU experiments: the transformer of tinystories_cpu.py (4 layers, 128 wide, 0.8M)
+# with a 4,096-id vocabulary trained on TinyStories (0.5M in the embedding). 2,048 tokens per iteration.
+# Data: python prepare.py --tokenizer=bpe --vocab_size=4096 --data_dir=data/tinystories-bpe4096
+# (offline: add --dataset=../shared/data/tinystories-sample and use --data_dir=data/sample-bpe4096)
+data_dir = "data/tinystories-bpe4096"
+vocab_size = 4096               # refuse data prepared with another vocabulary
+eval_interval = 200
+eval_iters = 20
+log_interval = 50
+
+batch_size = 16
+block_size = 128
+gradient_accumulation_steps = 1
+
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+
+learning_rate = 2e-3
+max_iters = 2000
+warmup_iters = 100
+lr_decay_iters = 2000
+min_lr = 2e-4
+
+device = "cpu"
