@@ -27,12 +27,16 @@ class UserError(Exception):
 
 
 def run(main):
-    """Call `main()`; a `UserError` becomes `error: <message>` on stderr and exit code 2, with no traceback."""
+    """Call `main()`; a `UserError` becomes `error: <message>` on stderr and exit code 2, with no traceback;
+    Ctrl-C becomes `interrupted` and exit code 130."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def _configurable(defaults):

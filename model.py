@@ -431,6 +431,8 @@ def tokenizer_from_meta(meta, data_dir):
     fingerprint in `meta` (a loaded meta.json). Returns Tokenizer.
     Raises UserError if the file is missing or has changed since the data was prepared."""
     desc = meta["tokenizer"]
+    if "file" not in desc:
+        raise UserError(f"{data_dir} was prepared by an older prepare.py: re-run it with --force")
     path = os.path.join(data_dir, desc["file"])
     try:
         with open(path, encoding="utf-8") as f:
@@ -508,15 +510,39 @@ def autocast(device_type, dtype):
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
+class _WriteRecorder:
+    """The file object torch.save writes to: it keeps the OSError of a failed write (disk full, file too
+    large), which torch itself turns into an unhelpful RuntimeError about file positions."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def save_checkpoint(obj, path):
     """Write `obj` with torch.save so that `path` is always either the old file or the complete new one:
-    write a temporary file in the same directory, flush and fsync it, rename it over `path`, fsync the directory.
-    A failed write (e.g. disk full) removes the temporary file and re-raises."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = f"{path}.tmp{os.getpid()}"
+    write `path`.tmp in the same directory, flush and fsync it, rename it over `path`, fsync the directory.
+    Raises OSError when the write fails (e.g. disk full), after removing the temporary file."""
+    path = str(path)
+    tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = _WriteRecorder(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -524,7 +550,7 @@ def save_checkpoint(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    fd = os.open(directory, os.O_RDONLY)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -213,12 +213,16 @@ def main():
               "val_fraction": val_fraction, "seed": seed}
     meta_path = os.path.join(data_dir, "meta.json")
     if not force and os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        complete = all(os.path.isfile(p := os.path.join(data_dir, f"{s}.bin"))
-                       and os.path.getsize(p) == meta["splits"][s]["tokens"] * np.dtype(meta["dtype"]).itemsize
-                       for s in SPLITS) and os.path.isfile(os.path.join(data_dir, meta["tokenizer"]["file"]))
-        if meta.get("inputs") == inputs and complete:
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            complete = meta["inputs"] == inputs and os.path.isfile(os.path.join(data_dir, meta["tokenizer"]["file"]))
+            complete = complete and all(
+                os.path.getsize(os.path.join(data_dir, f"{s}.bin"))
+                == meta["splits"][s]["tokens"] * np.dtype(meta["dtype"]).itemsize for s in SPLITS)
+        except (OSError, ValueError, KeyError, TypeError):  # missing or damaged files: rebuild
+            complete = False
+        if complete:
             print(f"{data_dir} is up to date with these inputs (use --force to rebuild)")
             return
 

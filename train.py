@@ -10,9 +10,14 @@ Losses are cross-entropy in nats per token; bpb is bits per byte of text, which 
 """
 
 import csv
+import hashlib
 import json
 import math
 import os
+import random
+import shlex
+import signal
+import sys
 import time
 
 import numpy as np
@@ -48,6 +53,7 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                 # clip the gradient's global norm to this; 0 turns clipping off
+max_nonfinite_steps = 8         # stop after this many optimizer steps in a row with a non-finite loss/gradient
 # learning-rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
 warmup_iters = 200
 lr_decay_iters = 5000
@@ -76,7 +82,7 @@ def get_batch(path, dtype, batch_size, block_size, device, generator):
 
     Args:
         path: a .bin file from prepare.py; dtype: its numpy dtype (meta.json's "dtype").
-        generator: the torch.Generator that picks the window starts (its state is saved with the run).
+        generator: the torch.Generator that picks the window starts.
     Returns:
         x, y: (batch_size, block_size) int64 on `device`; y is x shifted left by one token, so y[b, t] is the
         token that follows x[b, :t+1].
@@ -97,8 +103,12 @@ def read_meta(data_dir):
     if not os.path.isfile(path):
         raise UserError(f"no prepared data in {data_dir} (meta.json missing): run "
                         f"`python prepare.py --data_dir={data_dir}` first")
-    with open(path) as f:
-        meta = json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        meta["splits"]["train"], meta["splits"]["validation"], meta["tokenizer"], meta["dtype"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}): re-run prepare.py with --force") from None
     for split in ("train", "validation"):
         bin_path = os.path.join(data_dir, f"{split}.bin")
         expected = meta["splits"][split]["tokens"] * np.dtype(meta["dtype"]).itemsize
@@ -115,11 +125,53 @@ def check_settings():
     if lr_decay_iters <= warmup_iters:
         raise UserError(f"lr_decay_iters={lr_decay_iters} must be larger than warmup_iters={warmup_iters}")
     for k in ("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
-              "eval_iters", "log_interval"):
+              "eval_iters", "log_interval", "max_nonfinite_steps"):
         if globals()[k] < 1:
             raise UserError(f"{k} must be at least 1, got {globals()[k]}")
     if init_from not in ("scratch", "resume"):
         raise UserError(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+
+
+def batch_seed(*key):
+    """A 64-bit seed from a key such as (seed, split, iteration, micro_step): batches are a pure function of
+    where the run is, so a resumed run draws exactly the batches the uninterrupted run would have drawn."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def rng_state():
+    """Every random number generator the run touches (dropout uses torch's), as checkpoint-safe values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopRequest:
+    """The first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop after the current optimizer step and save;
+    a second one stops at once (KeyboardInterrupt; files being written are left as they were before)."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+              f"(press Ctrl-C again to stop at once)", flush=True)
 
 
 def main():
@@ -134,32 +186,45 @@ def main():
                         f"{meta['vocab_size']}: prepare its data with `{command} --data_dir=DIR` and pass "
                         f"--data_dir=DIR")
     for split in ("train", "validation"):
-        if meta["splits"][split]["tokens"] <= block_size:
-            raise UserError(f"the {split} split has {meta['splits'][split]['tokens']} tokens, not more than "
-                            f"block_size={block_size}: use a smaller block_size or more data")
+        n = meta["splits"][split]["tokens"]
+        if n <= block_size:
+            raise UserError(f"the {split} split has {n} tokens, not more than block_size={block_size}: "
+                            f"use a smaller block_size or more data")
+        if batch_size * block_size > n:
+            raise UserError(f"a batch of {batch_size} x {block_size} = {batch_size * block_size:,} tokens is "
+                            f"larger than the {split} split ({n:,} tokens): lower batch_size or block_size")
     tok = tokenizer_from_meta(meta, data_dir)
+    model_args = dict(vocab_size=math.ceil(meta["vocab_size"] / 64) * 64,  # padded: faster matmuls; never targets
+                      block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout,
+                      bias=bias)
+    GPTConfig(**model_args)  # shape errors now, before anything is loaded or written
     existing = [f for f in ("ckpt.pt", "best_model_params.pt") if os.path.exists(os.path.join(out_dir, f))]
     if init_from == "scratch" and existing:
         raise UserError(f"{out_dir} already holds a run ({', '.join(existing)}): continue it with "
                         f"--init_from=resume, or start a new one with another --out_dir (or delete {out_dir})")
-    os.makedirs(out_dir, exist_ok=True)
-    print(json.dumps(config, indent=1))
-
-    torch.manual_seed(seed)
-    batch_rng = torch.Generator().manual_seed(seed)
-    model_args = dict(vocab_size=math.ceil(meta["vocab_size"] / 64) * 64,  # padded: faster matmuls; never targets
-                      block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout,
-                      bias=bias)
     iter_num, best_val_loss, ckpt = 0, float("inf"), None
     if init_from == "resume":
-        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        ckpt_path = os.path.join(out_dir, "ckpt.pt")
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["tokenizer"]["sha256"] != tok.spec["sha256"]:
+            raise UserError(f"cannot resume: {ckpt_path} was trained with another tokenizer "
+                            f"({ckpt['tokenizer']['name']}) than the data in {data_dir} "
+                            f"({tok.spec['name']}); resume with the data it was trained on")
         changed = {k: (ckpt["model_args"][k], v) for k, v in model_args.items()
                    if k != "dropout" and ckpt["model_args"][k] != v}
         if changed:
             raise UserError("cannot resume: the model shape differs from the checkpoint's ("
                             + ", ".join(f"{k}: {a} there, {b} here" for k, (a, b) in changed.items())
                             + "); use the same settings or a new out_dir")
+        changed = [f"{k} {ckpt['config'].get(k)!r} -> {v!r}" for k, v in config.items()
+                   if k != "init_from" and ckpt["config"].get(k) != v]
+        if changed:
+            print("settings changed since the checkpoint: " + ", ".join(changed))
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    os.makedirs(out_dir, exist_ok=True)
+    print(json.dumps(config, indent=1))
+
+    torch.manual_seed(seed)
     model = GPT(GPTConfig(**model_args))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -173,7 +238,7 @@ def main():
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler.is_enabled() and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
-        batch_rng.set_state(ckpt["batch_rng"])
+        set_rng_state(ckpt["rng"])
         print(f"resuming from iteration {iter_num} (best validation loss {best_val_loss:.4f})")
         ckpt = None  # free the memory
     raw_model = model
@@ -182,9 +247,11 @@ def main():
     ctx = autocast(device_type, precision)
     bin_dtype = np.dtype(meta["dtype"])
     paths = {s: os.path.join(data_dir, f"{s}.bin") for s in ("train", "validation")}
+    sampler = torch.Generator()
 
-    def batch(split):
-        return get_batch(paths[split], bin_dtype, batch_size, block_size, dev, batch_rng)
+    def batch(split, *where):
+        sampler.manual_seed(batch_seed(seed, split, *where))
+        return get_batch(paths[split], bin_dtype, batch_size, block_size, dev, sampler)
 
     @torch.no_grad()
     def estimate_loss():
@@ -193,17 +260,26 @@ def main():
         for split in paths:
             losses = torch.zeros(eval_iters)
             for k in range(eval_iters):
-                x, y = batch(split)
+                x, y = batch(split, "eval", iter_num, k)
                 with ctx:
                     losses[k] = model(x, y)[1].item()
             out[split] = losses.mean().item()
         model.train()
         return out
 
-    def checkpoint(kind, **extra):
+    def checkpoint(name, **extra):
+        path = os.path.join(out_dir, name)
         state = {"model": raw_model.state_dict(), "model_args": model_args, "tokenizer": tok.spec,
                  "config": config, "iter_num": iter_num, **extra}
-        save_checkpoint(state, os.path.join(out_dir, kind))
+        try:
+            save_checkpoint(state, path)
+        except OSError as e:
+            raise UserError(f"could not write {path}: {e.strerror or e}; the previous {name} is intact: free "
+                            f"some space, then continue with --init_from=resume") from None
+
+    def save_run():
+        checkpoint("ckpt.pt", optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                   best_val_loss=best_val_loss, rng=rng_state())
 
     log_path = os.path.join(out_dir, "log.csv")
     if init_from == "scratch" or not os.path.exists(log_path):
@@ -213,10 +289,11 @@ def main():
     tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
     print(f"{tokens_per_iter:,} tokens per iteration")
 
+    stop = StopRequest()
     t_start = t_last = time.time()
-    steps_since_log = 0
+    steps_since_log = skipped = nonfinite_in_a_row = 0
     resumed_at = iter_num if init_from == "resume" else None  # that iteration was evaluated before the stop
-    x, y = batch("train")
+    x, y = batch("train", iter_num, 0)
     while True:
         lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
         for group in optimizer.param_groups:
@@ -236,36 +313,59 @@ def main():
                 best_val_loss = losses["validation"]
                 checkpoint("best_model_params.pt", val_loss=best_val_loss)
             if iter_num > 0:
-                checkpoint("ckpt.pt", optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                           best_val_loss=best_val_loss, batch_rng=batch_rng.get_state())
+                save_run()
             t_last, steps_since_log = time.time(), 0  # evaluation time is not training time
         if iter_num >= max_iters:
             break
+        if stop.requested:
+            save_run()
+            args = " ".join(shlex.quote(a) for a in sys.argv[1:] if not a.startswith("--init_from="))
+            print(f"stopped at iteration {iter_num}; saved {out_dir}/ckpt.pt. Continue with:\n"
+                  f"  python train.py {args} --init_from=resume")
+            return
 
-        for _ in range(gradient_accumulation_steps):
+        loss_sum = 0.0
+        for micro_step in range(gradient_accumulation_steps):
             with ctx:
                 _, loss = model(x, y)
                 loss = loss / gradient_accumulation_steps
-            x, y = batch("train")  # fetch the next batch while the device works on this one
+            loss_sum = loss_sum + loss.detach()
+            # fetch the next batch while the device works on this one
+            x, y = batch("train", *((iter_num, micro_step + 1) if micro_step + 1 < gradient_accumulation_steps
+                                    else (iter_num + 1, 0)))
             scaler.scale(loss).backward()
-        if grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        # one host sync per optimizer step: skip a step whose loss or gradient is not finite. With float16 loss
+        # scaling, an overflowing gradient is the scaler's business (it lowers the scale and skips the step).
+        finite = torch.isfinite(loss_sum) & (torch.isfinite(norm) | scaler.is_enabled())
+        if bool(finite):
+            scaler.step(optimizer)
+            nonfinite_in_a_row = 0
+        else:
+            skipped += 1
+            nonfinite_in_a_row += 1
+            print(f"iter {iter_num}: loss or gradient is not finite; step skipped ({skipped} so far)")
+            if nonfinite_in_a_row >= max_nonfinite_steps:
+                raise UserError(f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
+                                f"gradient (iteration {iter_num}): lower learning_rate, keep grad_clip on, and "
+                                f"with float16 try --dtype=bfloat16; {out_dir} keeps the last good checkpoint")
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         steps_since_log += 1
 
         if iter_num % log_interval == 0:
-            lossf = loss.item() * gradient_accumulation_steps  # .item() waits for the device: only when logging
+            lossf = loss_sum.item()  # .item() waits for the device: only when logging
             dt = (time.time() - t_last) / steps_since_log
             t_last, steps_since_log = time.time(), 0
             print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                   f"{tokens_per_iter / dt:,.0f} tokens/s")
 
     plot_losses(log_path, os.path.join(out_dir, "loss.png"))
-    print(f"done: best validation loss {best_val_loss:.4f}; samples: python sample.py --out_dir={out_dir}")
+    print(f"done: best validation loss {best_val_loss:.4f}"
+          + (f"; {skipped} non-finite steps skipped" if skipped else "")
+          + f"; samples: python sample.py --out_dir={out_dir}")
 
 
 def plot_losses(log_path, png_path):

@@ -1,0 +1,150 @@
+"""Runs that survive: exact resume, Ctrl-C, SIGKILL during a save, a full disk, non-finite losses."""
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from model import load_checkpoint, save_checkpoint
+from conftest import ROOT, SAMPLE, TINY, assert_user_error, run_script
+
+FAST = [*TINY, "--eval_iters=2", "--log_interval=1"]
+
+
+def train_proc(*args, **popen):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env=env,
+                            text=True, **popen)
+
+
+def test_stopped_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(sample_data, tmp_path):
+    common = [*FAST, f"--data_dir={sample_data}", "--dropout=0.1", "--gradient_accumulation_steps=2",
+              "--eval_interval=4", "--warmup_iters=3", "--lr_decay_iters=12"]
+    run_script("train.py", *common, f"--out_dir={tmp_path}/a", "--max_iters=12")
+    run_script("train.py", *common, f"--out_dir={tmp_path}/b", "--max_iters=7")  # stops between evaluations
+    proc = run_script("train.py", *common, f"--out_dir={tmp_path}/b", "--max_iters=12", "--init_from=resume")
+    assert "settings changed since the checkpoint: max_iters 7 -> 12" in proc.stdout
+    a = load_checkpoint(tmp_path / "a" / "ckpt.pt")
+    b = load_checkpoint(tmp_path / "b" / "ckpt.pt")
+    assert a["iter_num"] == b["iter_num"] == 12
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for name, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][name][k]) for k, v in state.items())
+
+
+def test_resume_refuses_a_changed_model_or_other_data(sample_data, tmp_path, hf_home):
+    out = tmp_path / "o"
+    run_script("train.py", *FAST, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=2",
+               "--eval_interval=2")
+    proc = run_script("train.py", *FAST, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=4",
+                      "--init_from=resume", "--n_layer=3", check=False)
+    assert_user_error(proc, "model shape differs", "n_layer: 2 there, 3 here")
+    bpe = tmp_path / "bpe"
+    run_script("prepare.py", f"--dataset={SAMPLE}", "--tokenizer=bpe", "--vocab_size=300", f"--data_dir={bpe}",
+               env={"HF_HOME": str(hf_home)})
+    proc = run_script("train.py", *FAST, f"--data_dir={bpe}", f"--out_dir={out}", "--max_iters=4",
+                      "--init_from=resume", check=False)
+    assert_user_error(proc, "trained with another tokenizer", "resume with the data it was trained on")
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits_0(sample_data, tmp_path):
+    out = tmp_path / "o"
+    proc = train_proc(*FAST, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=100000",
+                      "--eval_interval=100000")
+    for line in proc.stdout:
+        if line.startswith("iter 3:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "--init_from=resume" in stdout and "Traceback" not in stderr
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["iter_num"] >= 3
+    proc = run_script("train.py", *FAST, f"--data_dir={sample_data}", f"--out_dir={out}",
+                      f"--max_iters={ckpt['iter_num'] + 2}", "--eval_interval=100000", "--init_from=resume")
+    assert f"resuming from iteration {ckpt['iter_num']}" in proc.stdout
+
+
+def test_second_ctrl_c_stops_at_once(sample_data, tmp_path):
+    proc = train_proc(*FAST, f"--data_dir={sample_data}", f"--out_dir={tmp_path}/o", "--max_iters=100000",
+                      "--eval_interval=100000", "--batch_size=64", "--block_size=256")
+    for line in proc.stdout:
+        if line.startswith("iter 1:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 130), stderr  # 0 only if the save had already finished
+    assert "Traceback" not in stderr
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(sample_data, tmp_path):
+    out = tmp_path / "o"
+    args = [*FAST, f"--data_dir={sample_data}", f"--out_dir={out}", "--eval_interval=1", "--eval_iters=1"]
+    run_script("train.py", *args, "--max_iters=1")
+    tmp = out / "ckpt.pt.tmp"
+    for attempt in range(20):  # until a SIGKILL lands while ckpt.pt is being rewritten
+        proc = train_proc(*args, "--max_iters=100000", "--init_from=resume", stdout=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None and not tmp.exists():
+            time.sleep(0.0002)
+        proc.kill()
+        _, stderr = proc.communicate()
+        assert "Traceback" not in stderr, stderr
+        ckpt = load_checkpoint(out / "ckpt.pt")  # whatever the moment, the checkpoint on disk is complete
+        assert ckpt["iter_num"] >= 1
+        if tmp.exists():
+            break
+    assert tmp.exists(), "no kill landed during a save in 20 attempts"
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(sample_data, tmp_path):
+    out = tmp_path / "o"
+    run_script("train.py", *FAST, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=2",
+               "--eval_interval=2")
+    before = (out / "ckpt.pt").read_bytes()
+    limit = os.path.getsize(out / "best_model_params.pt") + 1_000_000  # ckpt.pt (with AdamW state) is larger
+
+    def small_disk():  # files past `limit` bytes cannot be written, like a disk that fills up
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *FAST, f"--data_dir={sample_data}",
+                           f"--out_dir={out}", "--max_iters=4", "--eval_interval=2", "--init_from=resume"],
+                          cwd=ROOT, capture_output=True, text=True, preexec_fn=small_disk)
+    assert_user_error(proc, f"could not write {out}/ckpt.pt", "previous ckpt.pt is intact")
+    assert (out / "ckpt.pt").read_bytes() == before and not (out / "ckpt.pt.tmp").exists()
+
+
+def test_save_checkpoint_failure_removes_the_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"x": 1}, path)
+
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError):
+        save_checkpoint({"x": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"x": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_non_finite_losses_skip_steps_then_stop_keeping_the_last_good_checkpoint(sample_data, tmp_path):
+    out = tmp_path / "o"
+    run_script("train.py", *FAST, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=2",
+               "--eval_interval=2")
+    proc = run_script("train.py", *FAST, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=40",
+                      "--eval_interval=40", "--init_from=resume", "--learning_rate=1e30", "--grad_clip=0",
+                      "--max_nonfinite_steps=3", check=False)
+    assert_user_error(proc, "3 optimizer steps in a row", "lower learning_rate", "bfloat16")
+    assert "step skipped (1 so far)" in proc.stdout
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["iter_num"] == 2 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
