@@ -234,18 +234,13 @@ def main():
                             f"{', '.join(ds.column_names)}); choose one with --text_column=NAME")
         if len(ds) == 0:
             raise UserError(f"the {name} split of {dataset} is empty")
-    os.makedirs(data_dir, exist_ok=True)
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # until the new meta.json is written, the directory does not look complete
     if tok is None:
         train = splits["train"]
         batches = (train[i:i + 1000][text_column] for i in range(0, len(train), 1000))
         tok = train_bpe(batches, vocab_size, length=len(train))
         print(f"trained a {tok.vocab_size:,}-id BPE vocabulary on {len(train):,} training documents")
-    # the data directory carries its tokenizer, so training and sampling need nothing else
-    tok_file = "tokenizer.json" if tok.spec["kind"] == "bpe" else "tokenizer.tiktoken"
-    write_atomic(tok.spec["json" if tok.spec["kind"] == "bpe" else "ranks"], os.path.join(data_dir, tok_file))
     dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32
+    tok_file = "tokenizer.json" if tok.spec["kind"] == "bpe" else "tokenizer.tiktoken"
 
     def tokenize(batch):
         texts = [t for t in batch[text_column] if t and not t.isspace()]
@@ -265,6 +260,12 @@ def main():
                                  desc=f"tokenizing {name}")
         if len(tokenized[name]) == 0:
             raise UserError(f"the {name} split of {dataset} is empty: it holds only blank documents")
+    # nothing is written before every split has been read and tokenized without error
+    os.makedirs(data_dir, exist_ok=True)
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # until the new meta.json is written, the directory does not look complete
+    # the data directory carries its tokenizer, so training and sampling need nothing else
+    write_atomic(tok.spec["json" if tok.spec["kind"] == "bpe" else "ranks"], os.path.join(data_dir, tok_file))
     for name, ds in tokenized.items():
         n_tokens = write_split(ds, os.path.join(data_dir, f"{name}.bin"), dtype, shards)
         n_bytes = int(pc.sum(ds.with_format("arrow")[:]["n_bytes"]).as_py())

@@ -28,6 +28,7 @@ seed = 1337
 device = "auto"                         # auto, cpu, mps, cuda, cuda:N
 dtype = "auto"                          # auto, float32, bfloat16, float16
 # -----------------------------------------------------------------------------
+_MAX_NEW_TOKENS = 100_000
 
 
 def main():
@@ -35,6 +36,9 @@ def main():
     print(json.dumps(config), file=sys.stderr)  # stdout holds only the stories
     if num_samples < 1 or max_new_tokens < 1:
         raise UserError("num_samples and max_new_tokens must be at least 1")
+    if max_new_tokens > _MAX_NEW_TOKENS:
+        raise UserError(f"max_new_tokens={max_new_tokens:,} is beyond reason: a story is a few hundred tokens; "
+                        f"use at most {_MAX_NEW_TOKENS:,}")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise UserError("temperature and top_k must be >= 0 and top_p in (0, 1]")
     dev, device_type, precision = resolve_device(device, dtype)
@@ -45,6 +49,14 @@ def main():
                 prompt = f.read()
         except OSError as e:
             raise UserError(f"cannot read the prompt file {start[5:]}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"the prompt file {start[5:]} is not UTF-8 text (byte {e.object[e.start]:#x} at "
+                            f"{e.start}): save it as UTF-8") from None
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # e.g. bytes that are not UTF-8 on the command line
+        raise UserError(f"the prompt has characters that are not valid Unicode text (at position {e.start}): "
+                        f"pass UTF-8 text") from None
 
     ckpt = load_checkpoint(f"{out_dir}/{checkpoint}", device=dev)
     tok = Tokenizer(ckpt["tokenizer"])

@@ -190,6 +190,8 @@ def main():
         if n <= block_size:
             raise UserError(f"the {split} split has {n} tokens, not more than block_size={block_size}: "
                             f"use a smaller block_size or more data")
+    for split in ("train", "validation"):
+        n = meta["splits"][split]["tokens"]
         if batch_size * block_size > n:
             raise UserError(f"a batch of {batch_size} x {block_size} = {batch_size * block_size:,} tokens is "
                             f"larger than the {split} split ({n:,} tokens): lower batch_size or block_size")

@@ -1,7 +1,7 @@
 import pytest
 
 from configurator import UserError, configure
-from conftest import assert_user_error, run_script
+from conftest import run_script
 
 
 def defaults():
@@ -70,9 +70,3 @@ def test_missing_and_failing_config_files(tmp_path):
 def test_help_lists_keys_with_defaults():
     proc = run_script("train.py", "--help")
     assert "--batch_size=32" in proc.stdout and "--learning_rate=0.0006" in proc.stdout
-
-
-def test_command_line_errors_are_one_line_with_exit_code_2(tmp_path):
-    assert_user_error(run_script("train.py", "--batch_sise=3", check=False), "did you mean batch_size")
-    assert_user_error(run_script("sample.py", "--top_k=0.5", check=False), "top_k must be int")
-    assert_user_error(run_script("prepare.py", "missing_config.py", check=False), "not found")

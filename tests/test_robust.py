@@ -148,3 +148,22 @@ def test_non_finite_losses_skip_steps_then_stop_keeping_the_last_good_checkpoint
     assert "step skipped (1 so far)" in proc.stdout
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] == 2 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+class _Payload:
+    """Pickles as a call to os.system: what a malicious checkpoint from the internet would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path):
+    from configurator import UserError
+    marker = tmp_path / "pwned"
+    torch.save({"model": _Payload(marker), "model_args": {}, "tokenizer": {}}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()

@@ -1,0 +1,297 @@
+"""Measure how fast this machine trains, samples and prepares data, as ratios to ceilings measured in the same run.
+
+    python bench.py                                   # everything, on the default device
+    python bench.py --only=train --model_config=config/tinystories_15m.py --device=cuda --compile
+    python bench.py --json=bench.json                 # also write the results as JSON
+
+1. matmul: FLOP/s of a large square matmul in float32 and in bfloat16: the device's ceilings.
+2. train: tokens/s, achieved FLOP/s and MFU (model FLOPs utilisation: achieved / ceiling of the dtype in use) of
+   the training step of train.py (forward, backward, clipping, AdamW), median of `steps` timed steps after
+   `warmup` steps, in three modes: baseline (float32, eager, plain AdamW), tuned (autocast in `dtype`, fused AdamW)
+   and tuned + torch.compile. FLOPs per token = 6 N + 12 n_layer n_embd block_size, with N the non-embedding
+   parameters plus the LM head (Kaplan et al. 2020, with the attention term of Chowdhery et al. 2022, app. B).
+   Also the peak memory of a tuned step.
+3. sample: new tokens/s for 200 new tokens at batch 1 and batch 8, with the KV cache and with full re-forward.
+4. prepare: MB/s of text and tokens/s of prepare.py on a corpus made by repeating the shared TinyStories sample to
+   `prepare_mb` MB, against tiktoken's own batch encoding of the same documents on the same cores, and the peak
+   resident memory of prepare.py (all its processes) at 1x and 10x that corpus.
+Nothing here is part of the test suite; tests/test_bench.py only checks that it runs at tiny sizes.
+"""
+
+import json
+import os
+import runpy
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+from configurator import UserError, configure, run
+from model import GPT, GPTConfig, autocast, load_tokenizer, resolve_device
+
+# -----------------------------------------------------------------------------
+only = "matmul,train,sample,prepare"    # which parts to run
+model_config = "config/tinystories_30m.py"  # model shape and batch of the train and sample parts
+vocab_size = 50257                      # used when the config does not pin one (GPT-2's)
+batch_size = 0                          # 0: the config's micro-batch
+steps = 10                              # timed training steps (the median is reported)
+warmup = 3                              # untimed steps first (compilation happens here)
+compile_mode = True                     # also time the tuned step under torch.compile
+matmul_size = 0                         # 0: 4096 on GPUs, 2048 on CPUs
+sample_tokens = 200
+prepare_mb = 100.0                      # corpus size for the prepare part (10x is also measured)
+sample_dir = "../shared/data/tinystories-sample"
+ranks = "../shared/tokenizers/gpt2.tiktoken"
+device = "auto"
+dtype = "auto"
+json_path = ""                          # write the results here as JSON
+# -----------------------------------------------------------------------------
+
+
+def sync(dev):
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif dev == "mps":
+        torch.mps.synchronize()
+
+
+def timed(fn, dev, repeat, warm):
+    """Median seconds of `repeat` calls of fn() after `warm` untimed calls."""
+    for _ in range(warm):
+        fn()
+    sync(dev)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_matmul(dev, n):
+    """FLOP/s of an n x n matmul in float32 and bfloat16 (2 n^3 FLOPs each)."""
+    out = {}
+    for name in ("float32", "bfloat16"):
+        a = torch.randn(n, n, device=dev, dtype=getattr(torch, name))
+        b = torch.randn(n, n, device=dev, dtype=getattr(torch, name))
+        out[name] = 2 * n ** 3 / timed(lambda: a @ b, dev, 5, 2)
+    return out
+
+
+def model_shape():
+    """GPTConfig fields and micro-batch from the model config file (only the shape keys are read)."""
+    if not os.path.isfile(model_config):
+        raise UserError(f"model_config {model_config!r} not found")
+    cfg = runpy.run_path(model_config)
+    vocab = cfg.get("vocab_size") or vocab_size
+    args = dict(vocab_size=(vocab + 63) // 64 * 64, block_size=cfg.get("block_size", 256),
+                n_layer=cfg.get("n_layer", 6), n_head=cfg.get("n_head", 6), n_embd=cfg.get("n_embd", 384),
+                dropout=cfg.get("dropout", 0.0), bias=cfg.get("bias", True))
+    return args, batch_size or cfg.get("batch_size", 32)
+
+
+def bench_train(dev, device_type, precision, ceilings):
+    """Tokens/s, FLOP/s and MFU of the training step in the baseline, tuned and compiled modes."""
+    args, batch = model_shape()
+    cfg = GPTConfig(**args)
+    results = {"model": {**args, "batch_size": batch}}
+    for mode in ("baseline", "tuned", "compiled"):
+        if mode == "compiled" and not compile_mode:
+            continue
+        torch.manual_seed(0)
+        model = GPT(cfg).to(dev)
+        n = model.num_params(non_embedding=True) + model.lm_head.weight.numel()
+        flops_per_token = 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        if mode == "baseline":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False, fused=False)
+            ctx, step_dtype = autocast(device_type, "float32"), "float32"
+        else:
+            opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device_type)
+            ctx, step_dtype = autocast(device_type, precision), precision
+        fwd = torch.compile(model) if mode == "compiled" else model
+        x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
+        y = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
+
+        def step():  # the optimizer step of train.py with one micro-step
+            with ctx:
+                _, loss = fwd(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        if dev.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        seconds = timed(step, dev, steps, warmup)
+        tokens = batch * cfg.block_size / seconds
+        ceiling = ceilings.get(step_dtype) if ceilings else None
+        results[mode] = {"dtype": step_dtype, "ms_per_step": seconds * 1e3, "tokens_per_s": tokens,
+                         "tflops": tokens * flops_per_token / 1e12,
+                         "mfu": tokens * flops_per_token / ceiling if ceiling else None}
+        if dev.startswith("cuda"):
+            results[mode]["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        del model, fwd, opt
+    results["speedup_tuned"] = results["tuned"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
+    if "compiled" in results:
+        results["speedup_compiled"] = results["compiled"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
+    return results
+
+
+def bench_sample(dev, device_type, precision):
+    """New tokens/s for `sample_tokens` tokens at batch 1 and 8, with and without the KV cache."""
+    args, _ = model_shape()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**args)).to(dev).eval()
+    out = {}
+    for batch in (1, 8):
+        prompt = torch.randint(0, args["vocab_size"], (batch, 4), device=dev)
+        for cache in (True, False):
+            def gen():
+                with autocast(device_type, precision):
+                    model.generate(prompt, sample_tokens, temperature=1.0, use_cache=cache)
+            seconds = timed(gen, dev, 3, 1)
+            out[f"batch{batch}_{'cache' if cache else 'reforward'}"] = batch * sample_tokens / seconds
+    out["cache_speedup_batch1"] = out["batch1_cache"] / out["batch1_reforward"]
+    out["batch8_over_batch1"] = out["batch8_cache"] / out["batch1_cache"]
+    return out
+
+
+def tree_rss(pid):
+    """Resident memory in bytes of a process and all its descendants (Linux /proc), 0 if unavailable."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    family, total = {pid}, 0
+    for _ in range(5):  # grandchildren too
+        family |= {p for p, parent in parents.items() if parent in family}
+    for p in family:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def run_prepare(corpus_dir, data_dir, hf_home):
+    """Run prepare.py on corpus_dir as a subprocess; return (seconds, peak resident bytes of its process tree)."""
+    env = {**os.environ, "HF_HOME": hf_home, "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare.py"),
+           f"--dataset={corpus_dir}", f"--tokenizer={ranks}", f"--data_dir={data_dir}",
+           f"--num_proc={os.cpu_count()}"]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    stop = threading.Event()
+
+    def watch():
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, tree_rss(proc.pid))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    _, err = proc.communicate()
+    stop.set()
+    watcher.join()
+    if proc.returncode:
+        raise RuntimeError(f"prepare.py failed: {err.strip().splitlines()[-1] if err.strip() else ''}")
+    return time.perf_counter() - t, peak
+
+
+def bench_prepare():
+    """prepare.py throughput and memory against the tokenizer's own batch encoding."""
+    text = open(os.path.join(sample_dir, "train.txt"), encoding="utf-8").read()
+    val = open(os.path.join(sample_dir, "validation.txt"), encoding="utf-8").read()
+    copies = max(1, round(prepare_mb * 1e6 / len(text.encode())))
+    tok = load_tokenizer(ranks)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for scale in (1, 10):
+            corpus = os.path.join(tmp, f"corpus{scale}")
+            os.makedirs(corpus)
+            with open(os.path.join(corpus, "train.txt"), "w", encoding="utf-8") as f:
+                for _ in range(copies * scale):
+                    f.write(text.rstrip("\n") + "\n\n")
+            with open(os.path.join(corpus, "validation.txt"), "w", encoding="utf-8") as f:
+                f.write(val)
+            n_bytes = os.path.getsize(os.path.join(corpus, "train.txt")) + len(val.encode())
+            seconds, peak = run_prepare(corpus, os.path.join(tmp, f"data{scale}"), os.path.join(tmp, f"hf{scale}"))
+            with open(os.path.join(tmp, f"data{scale}", "meta.json")) as f:
+                meta = json.load(f)
+            n_tokens = sum(s["tokens"] for s in meta["splits"].values())
+            out[f"{scale}x"] = {"mb": n_bytes / 1e6, "seconds": seconds, "mb_per_s": n_bytes / 1e6 / seconds,
+                                "tokens_per_s": n_tokens / seconds, "peak_rss_mb": peak / 1e6}
+            if scale == 1:  # the library alone, same documents, same cores
+                docs = [d for d in open(os.path.join(corpus, "train.txt"), encoding="utf-8").read().split("\n\n")
+                        if d.strip()] + [d for d in val.split("\n\n") if d.strip()]
+                t = time.perf_counter()
+                n = sum(len(ids) for ids in tok.encode_batch(docs))
+                lib_seconds = time.perf_counter() - t
+                out["tiktoken_batch"] = {"tokens_per_s": n / lib_seconds, "mb_per_s": n_bytes / 1e6 / lib_seconds}
+                del docs
+    out["prepare_over_tiktoken"] = out["1x"]["tokens_per_s"] / out["tiktoken_batch"]["tokens_per_s"]
+    out["memory_10x_over_1x"] = out["10x"]["peak_rss_mb"] / out["1x"]["peak_rss_mb"]
+    return out
+
+
+def main():
+    config = configure(globals(), doc=__doc__)
+    parts = set(only.split(","))
+    if parts - {"matmul", "train", "sample", "prepare"}:
+        raise UserError(f"only: unknown parts {sorted(parts - {'matmul', 'train', 'sample', 'prepare'})}; "
+                        f"choose from matmul,train,sample,prepare")
+    dev, device_type, precision = resolve_device(device, dtype)
+    cpu = os.popen("lscpu 2>/dev/null | grep 'Model name'").read().split(":")[-1].strip() or "unknown CPU"
+    machine = torch.cuda.get_device_name(dev) if device_type == "cuda" else f"{cpu}, {os.cpu_count()} cores"
+    results = {"device": dev, "machine": machine, "dtype": precision, "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "config": config}
+    print(f"{machine}; device {dev}, dtype {precision}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if {"matmul", "train"} & parts:
+        n = matmul_size or (4096 if device_type == "cuda" else 2048)
+        results["matmul"] = bench_matmul(dev, n)
+        print(f"matmul {n}x{n}: float32 {results['matmul']['float32'] / 1e12:.3f} TFLOP/s, "
+              f"bfloat16 {results['matmul']['bfloat16'] / 1e12:.3f} TFLOP/s")
+    if "train" in parts:
+        r = results["train"] = bench_train(dev, device_type, precision, results["matmul"])
+        print(f"train {model_config} (batch {r['model']['batch_size']} x {r['model']['block_size']}):")
+        for mode in ("baseline", "tuned", "compiled"):
+            if mode in r:
+                m = r[mode]
+                mem = f", peak {m['peak_memory_gb']:.1f} GB" if "peak_memory_gb" in m else ""
+                print(f"  {mode:9s} {m['dtype']:9s} {m['ms_per_step']:9.1f} ms/step {m['tokens_per_s']:11,.0f} "
+                      f"tokens/s {m['tflops']:8.3f} TFLOP/s  MFU {m['mfu'] * 100:5.1f}%{mem}")
+        print(f"  speedup over baseline: tuned {r['speedup_tuned']:.2f}x"
+              + (f", compiled {r['speedup_compiled']:.2f}x" if "speedup_compiled" in r else ""))
+    if "sample" in parts:
+        r = results["sample"] = bench_sample(dev, device_type, precision)
+        print(f"sample {sample_tokens} new tokens (tokens/s): batch 1 cache {r['batch1_cache']:,.0f}, "
+              f"re-forward {r['batch1_reforward']:,.0f} ({r['cache_speedup_batch1']:.1f}x); batch 8 cache "
+              f"{r['batch8_cache']:,.0f}, re-forward {r['batch8_reforward']:,.0f}; "
+              f"batch 8 / batch 1 {r['batch8_over_batch1']:.1f}x")
+    if "prepare" in parts:
+        r = results["prepare"] = bench_prepare()
+        for scale in ("1x", "10x"):
+            m = r[scale]
+            print(f"prepare {scale} ({m['mb']:.0f} MB): {m['mb_per_s']:.1f} MB/s, {m['tokens_per_s']:,.0f} tokens/s, "
+                  f"peak RSS {m['peak_rss_mb']:,.0f} MB")
+        print(f"  tiktoken batch encoding alone: {r['tiktoken_batch']['tokens_per_s']:,.0f} tokens/s; prepare.py "
+              f"reaches {r['prepare_over_tiktoken']:.2f}x of it; peak memory 10x / 1x = {r['memory_10x_over_1x']:.2f}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,92 @@
+"""README's bad-input table, one row per case: each mistake gets one line on stderr, exit code 2, nothing lost."""
+import json
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, save_checkpoint
+from conftest import GPT2_RANKS, SAMPLE, TINY, assert_user_error, run_script
+
+
+def tiny_checkpoint(path, tokenizer_sha="0" * 64):
+    args = dict(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8, dropout=0.0, bias=True)
+    spec = {"kind": "bpe", "name": "bpe-64", "sha256": tokenizer_sha, "json": "{}"}
+    save_checkpoint({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "tokenizer": spec,
+                     "config": {}, "iter_num": 1, "best_val_loss": 9.0}, path)
+
+
+def setup_files(row, tmp):
+    """Create what a row needs on disk; return nothing."""
+    if row == "failing_config":
+        (tmp / "bad.py").write_text("batch_size = 8\nlearning_rate = 1 / 0\n")
+    elif row == "no_text_column":
+        (tmp / "stories").mkdir()
+        (tmp / "stories" / "train.jsonl").write_text("".join(json.dumps({"story": f"Story {i}."}) + "\n"
+                                                             for i in range(10)))
+    elif row == "empty_split":
+        (tmp / "stories").mkdir()
+        (tmp / "stories" / "train.txt").write_text("A story.\n\nAnother story.\n")
+        (tmp / "stories" / "validation.txt").write_text("\n\n\n")
+    elif row == "corrupt_checkpoint":
+        (tmp / "ck").mkdir()
+        (tmp / "ck" / "best_model_params.pt").write_bytes(b"this is not a checkpoint" * 100)
+    elif row == "truncated_checkpoint":
+        (tmp / "ck").mkdir()
+        tiny_checkpoint(tmp / "full.pt")
+        data = (tmp / "full.pt").read_bytes()
+        (tmp / "ck" / "best_model_params.pt").write_bytes(data[:len(data) // 2])
+    elif row == "other_vocabulary":
+        (tmp / "ck").mkdir()
+        tiny_checkpoint(tmp / "ck" / "ckpt.pt")
+    elif row == "run_exists":
+        (tmp / "ck").mkdir()
+        tiny_checkpoint(tmp / "ck" / "ckpt.pt")
+
+
+# (row, script, arguments, fragments of the one-line message). {tmp}: a fresh directory, {data}: prepared sample.
+ROWS = [
+    ("unknown_key", "train.py", ["--batch_sise=8"], ["unknown key 'batch_sise'; did you mean batch_size?"]),
+    ("wrong_type", "train.py", ["--batch_size=8.5"], ["batch_size must be int", "got float 8.5"]),
+    ("missing_config", "train.py", ["config/nope.py"], ["config file 'config/nope.py' not found"]),
+    ("failing_config", "train.py", ["{tmp}/bad.py"], ["bad.py failed at line 2: ZeroDivisionError"]),
+    ("dataset_not_found", "prepare.py", ["--dataset=./no/such/dir"], ["dataset './no/such/dir' not found"]),
+    ("no_text_column", "prepare.py", ["--dataset={tmp}/stories", f"--tokenizer={GPT2_RANKS}", "--data_dir={tmp}/d"],
+     ["no column 'text'", "--text_column=NAME"]),
+    ("empty_split", "prepare.py", ["--dataset={tmp}/stories", f"--tokenizer={GPT2_RANKS}", "--data_dir={tmp}/d"],
+     ["the validation split", "is empty"]),
+    ("missing_data", "train.py", ["--data_dir={tmp}/none"], ["no prepared data", "run `python prepare.py"]),
+    ("cuda_missing", "train.py", ["--data_dir={data}", "--device=cuda"],
+     ["device 'cuda' is not available on this machine", "available: cpu"]),
+    ("mps_off_mac", "train.py", ["--data_dir={data}", "--device=mps"], ["MPS needs a Mac", "available: cpu"]),
+    ("batch_larger_than_data", "train.py", ["--data_dir={data}", "--batch_size=64", "--block_size=2048"],
+     ["is larger than the validation split", "lower batch_size or block_size"]),
+    ("block_size_larger_than_split", "train.py", ["--data_dir={data}", "--block_size=200000"],
+     ["not more than block_size=200000"]),
+    ("min_lr_above_learning_rate", "train.py", ["--data_dir={data}", "--min_lr=0.01"],
+     ["min_lr=0.01 is larger than learning_rate=0.003"]),
+    ("n_embd_not_divisible", "train.py", ["--data_dir={data}", "--n_embd=30", "--n_head=4"],
+     ["n_embd=30 is not divisible by n_head=4"]),
+    ("run_exists", "train.py", ["--data_dir={data}", "--out_dir={tmp}/ck"],
+     ["already holds a run (ckpt.pt)", "--init_from=resume"]),
+    ("other_vocabulary", "train.py", ["--data_dir={data}", "--out_dir={tmp}/ck", "--init_from=resume"],
+     ["was trained with another tokenizer (bpe-64)", "resume with the data it was trained on"]),
+    ("no_checkpoint", "sample.py", ["--out_dir={tmp}"], ["no checkpoint at", "python train.py"]),
+    ("corrupt_checkpoint", "sample.py", ["--out_dir={tmp}/ck"], ["not a readable checkpoint (truncated or corrupt?)"]),
+    ("truncated_checkpoint", "sample.py", ["--out_dir={tmp}/ck"], ["not a readable checkpoint (truncated or corrupt?)"]),
+    ("max_new_tokens_beyond_reason", "sample.py", ["--max_new_tokens=10000000"],
+     ["max_new_tokens=10,000,000 is beyond reason", "at most 100,000"]),
+    ("prompt_not_unicode", "sample.py", ["--start=Once \udcff"], ["not valid Unicode text (at position 5)"]),
+    ("negative_temperature", "sample.py", ["--temperature=-1"], ["temperature and top_k must be >= 0"]),
+]
+
+
+@pytest.mark.parametrize("row,script,args,fragments", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input(row, script, args, fragments, tmp_path, sample_data, hf_home):
+    setup_files(row, tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    args = [a.format(tmp=tmp_path, data=sample_data) for a in args]
+    extra = [*TINY] if script == "train.py" else (["--device=cpu"] if script == "sample.py" else [])
+    proc = run_script(script, *extra, *args, check=False, env={"HF_HOME": str(hf_home)})
+    assert_user_error(proc, *fragments)
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert after == before  # nothing written, nothing half-written, nothing removed

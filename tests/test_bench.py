@@ -1,0 +1,21 @@
+"""bench.py runs end to end at tiny sizes and reports every figure (its speed is measured, not tested)."""
+import json
+
+from conftest import GPT2_RANKS, SAMPLE, run_script
+
+
+def test_bench_runs_at_tiny_sizes(tmp_path):
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text("n_layer = 1\nn_head = 2\nn_embd = 32\nblock_size = 32\nbatch_size = 4\nvocab_size = 512\n")
+    out = tmp_path / "bench.json"
+    proc = run_script("bench.py", f"--model_config={cfg}", "--device=cpu", "--steps=2", "--warmup=1",
+                      "--compile_mode=False", "--matmul_size=64", "--sample_tokens=8", "--prepare_mb=0.1",
+                      f"--sample_dir={SAMPLE}", f"--ranks={GPT2_RANKS}", f"--json_path={out}")
+    assert "speedup over baseline" in proc.stdout and "tiktoken batch encoding alone" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["matmul"]["float32"] > 0 and r["matmul"]["bfloat16"] > 0
+    assert r["train"]["baseline"]["dtype"] == "float32" and r["train"]["tuned"]["tokens_per_s"] > 0
+    assert 0 < r["train"]["tuned"]["mfu"]
+    assert r["sample"]["batch1_cache"] > 0 and r["sample"]["batch8_reforward"] > 0
+    assert r["prepare"]["10x"]["mb"] > 5 * r["prepare"]["1x"]["mb"] > 0  # 10 copies of train, one validation
+    assert r["prepare"]["1x"]["peak_rss_mb"] > 0 and r["prepare"]["tiktoken_batch"]["tokens_per_s"] > 0
