@@ -109,6 +109,9 @@ def read_meta(data_dir):
         meta["splits"]["train"], meta["splits"]["validation"], meta["tokenizer"], meta["dtype"]
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is damaged ({type(e).__name__}: {e}): re-run prepare.py with --force") from None
+    if meta["dtype"] not in ("uint16", "uint32") or np.iinfo(meta["dtype"]).max < meta["vocab_size"] - 1:
+        raise UserError(f"{path}: token ids of a {meta['vocab_size']}-id vocabulary cannot be stored as "
+                        f"{meta['dtype']}: re-run prepare.py with --force")
     for split in ("train", "validation"):
         bin_path = os.path.join(data_dir, f"{split}.bin")
         expected = meta["splits"][split]["tokens"] * np.dtype(meta["dtype"]).itemsize
