@@ -53,6 +53,7 @@ json_path = ""                          # write the results here as JSON
 
 
 def sync(dev):
+    """Wait for the device to finish queued work, so wall-clock time measures it."""
     if dev.startswith("cuda"):
         torch.cuda.synchronize()
     elif dev == "mps":

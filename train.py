@@ -152,6 +152,7 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """Restore the generators saved by rng_state() (CUDA's only when this machine has CUDA)."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
