@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from configurator import UserError, configure, run
-from model import (GPT, GPTConfig, autocast, bits_per_byte, load_checkpoint, resolve_device, save_checkpoint,
-                   tokenizer_from_meta)
+from model import (GPT, GPTConfig, autocast, bits_per_byte, keep_freed_memory, load_checkpoint, resolve_device,
+                   save_checkpoint, tokenizer_from_meta)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -230,6 +230,8 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     print(json.dumps(config, indent=1))
 
+    if device_type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**model_args))
     if ckpt is not None:
