@@ -136,7 +136,6 @@ def bench_train(dev, device_type, precision, ceilings):
                          "mfu": tokens * flops_per_token / ceiling if ceiling else None}
         if dev.startswith("cuda"):
             results[mode]["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        del model, fwd, opt
     results["speedup_tuned"] = results["tuned"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
     if "compiled" in results:
         results["speedup_compiled"] = results["compiled"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]

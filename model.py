@@ -12,10 +12,9 @@ Vaswani et al. 2017 with LayerNorm moved before each sub-block):
 import base64
 import hashlib
 import inspect
-import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -20,8 +20,10 @@ Re-running with the same inputs does nothing; --force rebuilds.
 
 import json
 import os
-import sys
 import time
+
+import numpy as np
+import pyarrow.compute as pc
 
 from configurator import UserError, configure, run
 
@@ -156,8 +158,6 @@ def write_split(ds, path, dtype, n_shards):
     """Write the "ids" column of a tokenized split back to back into `path` through np.memmap, one contiguous
     slice of rows at a time. Writes `path`.tmp and renames it when complete. Returns the number of tokens.
     Raises UserError if an id does not fit `dtype`."""
-    import numpy as np
-    import pyarrow.compute as pc
     from tqdm import tqdm
     table = ds.with_format("arrow")
     n_tokens = int(pc.sum(table[:]["len"]).as_py())
@@ -192,8 +192,6 @@ def write_split(ds, path, dtype, n_shards):
 def main():
     config = configure(globals(), doc=__doc__)
     print(json.dumps(config, indent=1))
-    import numpy as np
-    import pyarrow.compute as pc
     from model import load_tokenizer
 
     if shards < 1 or num_proc < 1:

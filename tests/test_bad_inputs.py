@@ -2,10 +2,9 @@
 import json
 
 import pytest
-import torch
 
 from model import GPT, GPTConfig, save_checkpoint
-from conftest import GPT2_RANKS, SAMPLE, TINY, assert_user_error, run_script
+from conftest import GPT2_RANKS, TINY, assert_user_error, run_script
 
 
 def tiny_checkpoint(path, tokenizer_sha="0" * 64):
