@@ -1,23 +1,27 @@
 """Measure how fast this machine trains, samples and prepares data, as ratios to ceilings measured in the same run.
 
     python bench.py                                   # everything, on the default device
-    python bench.py --only=train --model_config=config/tinystories_15m.py --device=cuda --compile
-    python bench.py --json=bench.json                 # also write the results as JSON
+    python bench.py --only=train --model_config=config/tinystories_15m.py --device=cuda
+    python bench.py --json_path=bench.json            # also write the results as JSON
 
 1. matmul: FLOP/s of a large square matmul in float32 and in bfloat16: the device's ceilings.
 2. train: tokens/s, achieved FLOP/s and MFU (model FLOPs utilisation: achieved / ceiling of the dtype in use) of
    the training step of train.py (forward, backward, clipping, AdamW), median of `steps` timed steps after
-   `warmup` steps, in three modes: baseline (float32, eager, plain AdamW), tuned (autocast in `dtype`, fused AdamW)
-   and tuned + torch.compile. FLOPs per token = 6 N + 12 n_layer n_embd block_size, with N the non-embedding
-   parameters plus the LM head (Kaplan et al. 2020, with the attention term of Chowdhery et al. 2022, app. B).
-   Also the peak memory of a tuned step.
-3. sample: new tokens/s for 200 new tokens at batch 1 and batch 8, with the KV cache and with full re-forward.
+   `warmup` steps, in the modes of MODES, each adding one change to the one before: baseline (float32, eager,
+   plain AdamW, default allocator), allocator (CPU: keep_freed_memory), autocast (mixed precision in `dtype`),
+   tuned (fused AdamW: what train.py does) and compiled (tuned + torch.compile). Each mode runs in a fresh
+   process, which also gives its peak memory. FLOPs per token = 6 N + 12 n_layer n_embd block_size, with N the
+   non-embedding parameters plus the LM head (Kaplan et al. 2020, with the attention term of Chowdhery et al.
+   2022, app. B).
+3. sample: new tokens/s for 200 new tokens at batch 1 and batch 8, with the KV cache and with full re-forward;
+   on CPU also float32 and int8 (dynamic quantization) at batch 1.
 4. prepare: MB/s of text and tokens/s of prepare.py on a corpus made by repeating the shared TinyStories sample to
-   `prepare_mb` MB, against tiktoken's own batch encoding of the same documents on the same cores, and the peak
-   resident memory of prepare.py (all its processes) at 1x and 10x that corpus.
+   10 x `prepare_mb` MB, against tiktoken's own batch encoding of the same documents on the same cores, and the
+   peak resident memory of prepare.py (all its processes) on that corpus and on one a tenth of its size.
 Nothing here is part of the test suite; tests/test_bench.py only checks that it runs at tiny sizes.
 """
 
+import copy
 import json
 import os
 import runpy
@@ -31,7 +35,8 @@ import time
 import torch
 
 from configurator import UserError, configure, run
-from model import GPT, GPTConfig, autocast, load_tokenizer, resolve_device
+from model import (DTYPES, GPT, GPTConfig, autocast, keep_freed_memory, load_tokenizer, quantize_int8,
+                   resolve_device)
 
 # -----------------------------------------------------------------------------
 only = "matmul,train,sample,prepare"    # which parts to run
@@ -43,7 +48,7 @@ warmup = 3                              # untimed steps first (compilation happe
 compile_mode = True                     # also time the tuned step under torch.compile
 matmul_size = 0                         # 0: 4096 on GPUs, 2048 on CPUs
 sample_tokens = 200
-prepare_mb = 100.0                      # corpus size for the prepare part (10x is also measured)
+prepare_mb = 10.0                       # corpus size of the prepare part at 1x (10x is also measured)
 sample_dir = "../shared/data/tinystories-sample"
 ranks = "../shared/tokenizers/gpt2.tiktoken"
 device = "auto"
@@ -96,73 +101,104 @@ def model_shape():
     return args, batch_size or cfg.get("batch_size", 32)
 
 
-def bench_train(dev, device_type, precision, ceilings):
-    """Tokens/s, FLOP/s and MFU of the training step in the baseline, tuned and compiled modes."""
-    args, batch = model_shape()
+# The training step, one optimisation added at a time: (name, keep freed memory, autocast, fused AdamW, compile).
+# "baseline" is the reference loop (float32, eager, plain AdamW); "tuned" is what train.py does by default.
+MODES = [("baseline", False, False, False, False), ("allocator", True, False, False, False),
+         ("autocast", True, True, False, False), ("tuned", True, True, True, False),
+         ("compiled", True, True, True, True)]
+
+
+def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup):
+    """Time the training step of train.py in one mode of MODES, in this process (bench_train runs each mode in a
+    fresh one, so the allocator setting and peak memory are the mode's own). Returns a dict with ms_per_step,
+    tokens_per_s, flops_per_token, the dtype used and peak_memory_gb (CUDA: allocated tensors; else the
+    process's peak resident memory, Linux ru_maxrss)."""
+    import resource
+    name, keep_memory, use_autocast, fused, use_compile = next(m for m in MODES if m[0] == mode)
+    device_type = dev.split(":")[0]
+    if keep_memory and device_type == "cpu":
+        keep_freed_memory()
     cfg = GPTConfig(**args)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(dev)
+    n = model.num_params(non_embedding=True) + model.lm_head.weight.numel()
+    if fused:
+        opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device_type)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False, fused=False)
+    step_dtype = precision if use_autocast else "float32"
+    ctx = autocast(device_type, step_dtype)
+    fwd = torch.compile(model) if use_compile else model
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
+    y = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
+
+    def step():  # the optimizer step of train.py with one micro-step
+        with ctx:
+            _, loss = fwd(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = timed(step, dev, n_steps, n_warmup)
+    if device_type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 2 ** 30
+    return {"dtype": step_dtype, "ms_per_step": seconds * 1e3, "tokens_per_s": batch * cfg.block_size / seconds,
+            "flops_per_token": 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size, "peak_memory_gb": peak}
+
+
+def bench_train(dev, precision, ceilings):
+    """Tokens/s, FLOP/s, MFU and peak memory of the training step in each mode of MODES, each in a fresh process.
+    FLOPs per token = 6 N + 12 n_layer n_embd block_size (see the module docstring)."""
+    args, batch = model_shape()
     results = {"model": {**args, "batch_size": batch}}
-    for mode in ("baseline", "tuned", "compiled"):
-        if mode == "compiled" and not compile_mode:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for mode, *_ in MODES:
+        if mode == "compiled" and not compile_mode or mode == "allocator" and not dev == "cpu":
             continue
-        torch.manual_seed(0)
-        model = GPT(cfg).to(dev)
-        n = model.num_params(non_embedding=True) + model.lm_head.weight.numel()
-        flops_per_token = 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-        if mode == "baseline":
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False, fused=False)
-            ctx, step_dtype = autocast(device_type, "float32"), "float32"
-        else:
-            opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device_type)
-            ctx, step_dtype = autocast(device_type, precision), precision
-        fwd = torch.compile(model) if mode == "compiled" else model
-        x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
-        y = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
-
-        def step():  # the optimizer step of train.py with one micro-step
-            with ctx:
-                _, loss = fwd(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        if dev.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        seconds = timed(step, dev, steps, warmup)
-        tokens = batch * cfg.block_size / seconds
-        ceiling = ceilings.get(step_dtype) if ceilings else None
-        results[mode] = {"dtype": step_dtype, "ms_per_step": seconds * 1e3, "tokens_per_s": tokens,
-                         "tflops": tokens * flops_per_token / 1e12,
-                         "mfu": tokens * flops_per_token / ceiling if ceiling else None}
-        if dev.startswith("cuda"):
-            results[mode]["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    results["speedup_tuned"] = results["tuned"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
-    if "compiled" in results:
-        results["speedup_compiled"] = results["compiled"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
+        call = json.dumps([mode, args, batch, dev, precision, steps, warmup])
+        code = f"import sys, json; sys.path.insert(0, {here!r}); import bench; print(json.dumps(bench.train_mode(*json.loads(sys.argv[1]))))"
+        proc = subprocess.run([sys.executable, "-c", code, call], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"train mode {mode} failed:\n{proc.stderr}")
+        r = results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        ceiling = ceilings.get(r["dtype"]) if ceilings else None
+        r["tflops"] = r["tokens_per_s"] * r["flops_per_token"] / 1e12
+        r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / ceiling if ceiling else None
+        r["speedup"] = r["tokens_per_s"] / results["baseline"]["tokens_per_s"]
     return results
 
 
 def bench_sample(dev, device_type, precision):
-    """New tokens/s for `sample_tokens` tokens at batch 1 and 8, with and without the KV cache."""
+    """New tokens/s for `sample_tokens` tokens at batch 1 and 8, with and without the KV cache, with the weights
+    in `precision` as sample.py runs them; on CPU also batch 1 with the cache in float32 and with int8 dynamic
+    quantization (sample.py --quantize=int8)."""
     args, _ = model_shape()
     torch.manual_seed(0)
     model = GPT(GPTConfig(**args)).to(dev).eval()
+    runs = [(b, cache, precision) for b in (1, 8) for cache in (True, False)]
+    if device_type == "cpu":
+        runs += [(1, True, "float32"), (1, True, "int8")]
     out = {}
-    for batch in (1, 8):
+    for batch, cache, dt in runs:
+        net = quantize_int8(model) if dt == "int8" else copy.deepcopy(model).to(DTYPES[dt])
         prompt = torch.randint(0, args["vocab_size"], (batch, 4), device=dev)
-        for cache in (True, False):
-            def gen():
-                with autocast(device_type, precision):
-                    model.generate(prompt, sample_tokens, temperature=1.0, use_cache=cache)
-            seconds = timed(gen, dev, 3, 1)
-            out[f"batch{batch}_{'cache' if cache else 'reforward'}"] = batch * sample_tokens / seconds
+
+        def gen(net=net, prompt=prompt, cache=cache):
+            net.generate(prompt, sample_tokens, temperature=1.0, use_cache=cache)
+        name = f"batch{batch}_{'cache' if cache else 'reforward'}" + ("" if dt == precision else f"_{dt}")
+        out[name] = batch * sample_tokens / timed(gen, dev, 3, 1)
     out["cache_speedup_batch1"] = out["batch1_cache"] / out["batch1_reforward"]
     out["batch8_over_batch1"] = out["batch8_cache"] / out["batch1_cache"]
     return out
 
 
 def tree_rss(pid):
-    """Resident memory in bytes of a process and all its descendants (Linux /proc), 0 if unavailable."""
+    """Resident memory in bytes of a process and all its descendants (Linux /proc): (all resident pages,
+    anonymous ones only). The difference is file pages mapped in (memory-mapped Arrow caches and .bin output),
+    which the kernel can drop and re-read; anonymous memory is what must fit in RAM. (0, 0) if unavailable."""
     parents = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -171,33 +207,35 @@ def tree_rss(pid):
                     parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 pass
-    family, total = {pid}, 0
+    family, total, anon = {pid}, 0, 0
     for _ in range(5):  # grandchildren too
         family |= {p for p, parent in parents.items() if parent in family}
     for p in family:
         try:
             with open(f"/proc/{p}/status") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            total += int(fields["VmRSS"].split()[0]) * 1024
+            anon += int(fields["RssAnon"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
             pass
-    return total
+    return total, anon
 
 
 def run_prepare(corpus_dir, data_dir, hf_home):
-    """Run prepare.py on corpus_dir as a subprocess; return (seconds, peak resident bytes of its process tree)."""
+    """Run prepare.py on corpus_dir as a subprocess; return (seconds, peak resident bytes of its process tree,
+    peak anonymous resident bytes)."""
     env = {**os.environ, "HF_HOME": hf_home, "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare.py"),
            f"--dataset={corpus_dir}", f"--tokenizer={ranks}", f"--data_dir={data_dir}",
            f"--num_proc={os.cpu_count()}"]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
+    peak = [0, 0]
     stop = threading.Event()
 
     def watch():
-        nonlocal peak
         while not stop.is_set():
-            peak = max(peak, tree_rss(proc.pid))
+            peak[:] = map(max, peak, tree_rss(proc.pid))
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch)
@@ -207,7 +245,7 @@ def run_prepare(corpus_dir, data_dir, hf_home):
     watcher.join()
     if proc.returncode:
         raise RuntimeError(f"prepare.py failed: {err.strip().splitlines()[-1] if err.strip() else ''}")
-    return time.perf_counter() - t, peak
+    return time.perf_counter() - t, *peak
 
 
 def bench_prepare():
@@ -227,13 +265,14 @@ def bench_prepare():
             with open(os.path.join(corpus, "validation.txt"), "w", encoding="utf-8") as f:
                 f.write(val)
             n_bytes = os.path.getsize(os.path.join(corpus, "train.txt")) + len(val.encode())
-            seconds, peak = run_prepare(corpus, os.path.join(tmp, f"data{scale}"), os.path.join(tmp, f"hf{scale}"))
+            seconds, peak, peak_anon = run_prepare(corpus, os.path.join(tmp, f"data{scale}"), os.path.join(tmp, f"hf{scale}"))
             with open(os.path.join(tmp, f"data{scale}", "meta.json")) as f:
                 meta = json.load(f)
             n_tokens = sum(s["tokens"] for s in meta["splits"].values())
             out[f"{scale}x"] = {"mb": n_bytes / 1e6, "seconds": seconds, "mb_per_s": n_bytes / 1e6 / seconds,
-                                "tokens_per_s": n_tokens / seconds, "peak_rss_mb": peak / 1e6}
-            if scale == 1:  # the library alone, same documents, same cores
+                                "tokens_per_s": n_tokens / seconds, "peak_rss_mb": peak / 1e6,
+                                "peak_anon_mb": peak_anon / 1e6}
+            if scale == 10:  # the library alone, same documents, same cores
                 docs = [d for d in open(os.path.join(corpus, "train.txt"), encoding="utf-8").read().split("\n\n")
                         if d.strip()] + [d for d in val.split("\n\n") if d.strip()]
                 t = time.perf_counter()
@@ -241,8 +280,9 @@ def bench_prepare():
                 lib_seconds = time.perf_counter() - t
                 out["tiktoken_batch"] = {"tokens_per_s": n / lib_seconds, "mb_per_s": n_bytes / 1e6 / lib_seconds}
                 del docs
-    out["prepare_over_tiktoken"] = out["1x"]["tokens_per_s"] / out["tiktoken_batch"]["tokens_per_s"]
+    out["prepare_over_tiktoken"] = out["10x"]["tokens_per_s"] / out["tiktoken_batch"]["tokens_per_s"]
     out["memory_10x_over_1x"] = out["10x"]["peak_rss_mb"] / out["1x"]["peak_rss_mb"]
+    out["anon_memory_10x_over_1x"] = out["10x"]["peak_anon_mb"] / out["1x"]["peak_anon_mb"]
     return out
 
 
@@ -264,30 +304,33 @@ def main():
         print(f"matmul {n}x{n}: float32 {results['matmul']['float32'] / 1e12:.3f} TFLOP/s, "
               f"bfloat16 {results['matmul']['bfloat16'] / 1e12:.3f} TFLOP/s")
     if "train" in parts:
-        r = results["train"] = bench_train(dev, device_type, precision, results["matmul"])
-        print(f"train {model_config} (batch {r['model']['batch_size']} x {r['model']['block_size']}):")
-        for mode in ("baseline", "tuned", "compiled"):
+        r = results["train"] = bench_train(dev, precision, results["matmul"])
+        print(f"train {model_config} (batch {r['model']['batch_size']} x {r['model']['block_size']}), each mode "
+              f"adds one change to the one above:")
+        for mode, *_ in MODES:
             if mode in r:
                 m = r[mode]
-                mem = f", peak {m['peak_memory_gb']:.1f} GB" if "peak_memory_gb" in m else ""
                 print(f"  {mode:9s} {m['dtype']:9s} {m['ms_per_step']:9.1f} ms/step {m['tokens_per_s']:11,.0f} "
-                      f"tokens/s {m['tflops']:8.3f} TFLOP/s  MFU {m['mfu'] * 100:5.1f}%{mem}")
-        print(f"  speedup over baseline: tuned {r['speedup_tuned']:.2f}x"
-              + (f", compiled {r['speedup_compiled']:.2f}x" if "speedup_compiled" in r else ""))
+                      f"tokens/s {m['tflops']:8.3f} TFLOP/s  MFU {m['mfu'] * 100:5.1f}%  "
+                      f"peak {m['peak_memory_gb']:.2f} GB  {m['speedup']:.2f}x baseline")
     if "sample" in parts:
         r = results["sample"] = bench_sample(dev, device_type, precision)
-        print(f"sample {sample_tokens} new tokens (tokens/s): batch 1 cache {r['batch1_cache']:,.0f}, "
+        print(f"sample {sample_tokens} new tokens (tokens/s, {precision}): batch 1 cache {r['batch1_cache']:,.0f}, "
               f"re-forward {r['batch1_reforward']:,.0f} ({r['cache_speedup_batch1']:.1f}x); batch 8 cache "
               f"{r['batch8_cache']:,.0f}, re-forward {r['batch8_reforward']:,.0f}; "
               f"batch 8 / batch 1 {r['batch8_over_batch1']:.1f}x")
+        if "batch1_cache_int8" in r:
+            print(f"  batch 1 with the cache: float32 {r['batch1_cache_float32']:,.0f}, {precision} "
+                  f"{r['batch1_cache']:,.0f}, int8 {r['batch1_cache_int8']:,.0f} tokens/s")
     if "prepare" in parts:
         r = results["prepare"] = bench_prepare()
         for scale in ("1x", "10x"):
             m = r[scale]
             print(f"prepare {scale} ({m['mb']:.0f} MB): {m['mb_per_s']:.1f} MB/s, {m['tokens_per_s']:,.0f} tokens/s, "
-                  f"peak RSS {m['peak_rss_mb']:,.0f} MB")
+                  f"peak RSS {m['peak_rss_mb']:,.0f} MB, of it anonymous {m['peak_anon_mb']:,.0f} MB")
         print(f"  tiktoken batch encoding alone: {r['tiktoken_batch']['tokens_per_s']:,.0f} tokens/s; prepare.py "
-              f"reaches {r['prepare_over_tiktoken']:.2f}x of it; peak memory 10x / 1x = {r['memory_10x_over_1x']:.2f}")
+              f"reaches {r['prepare_over_tiktoken']:.2f}x of it; peak memory 10x / 1x = {r['memory_10x_over_1x']:.2f} "
+              f"(anonymous {r['anon_memory_10x_over_1x']:.2f})")
     if json_path:
         with open(json_path, "w") as f:
             json.dump(results, f, indent=2)

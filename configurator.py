@@ -28,11 +28,19 @@ class UserError(Exception):
 
 def run(main):
     """Call `main()`; a `UserError` becomes `error: <message>` on stderr and exit code 2, with no traceback;
-    Ctrl-C becomes `interrupted` and exit code 130."""
+    Ctrl-C becomes `interrupted` and exit code 130. An operation that Apple's MPS backend lacks in this PyTorch
+    (NotImplementedError naming MPS) gets the same treatment, with the fallback to the CPU as the fix."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NotImplementedError as e:
+        if "MPS" not in str(e):
+            raise
+        print(f"error: this PyTorch has no Apple MPS version of an operation ({str(e).splitlines()[0]}): run "
+              f"with PYTORCH_ENABLE_MPS_FALLBACK=1 to compute it on the CPU, update PyTorch, or use --device=cpu",
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

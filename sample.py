@@ -2,6 +2,7 @@
 
     python sample.py --start="Once upon a time" --num_samples=3
     python sample.py --start=FILE:prompt.txt --temperature=0.7 --top_k=50
+    python sample.py --quantize=int8                # int8 weights and matmuls on CPU
 
 Loads out_dir/checkpoint (train.py's best_model_params.pt by default) and decodes with the tokenizer stored in
 it, so the data directory is not needed. Each sample stops at <|endoftext|> or after max_new_tokens tokens.
@@ -13,7 +14,7 @@ import sys
 import torch
 
 from configurator import UserError, configure, run
-from model import Tokenizer, autocast, load_checkpoint, model_from_checkpoint, resolve_device
+from model import DTYPES, Tokenizer, load_checkpoint, model_from_checkpoint, quantize_int8, resolve_device
 
 # -----------------------------------------------------------------------------
 out_dir = "out"                         # directory that holds the checkpoint
@@ -27,6 +28,7 @@ top_p = 0.95                            # nucleus sampling: smallest set with th
 seed = 1337
 device = "auto"                         # auto, cpu, mps, cuda, cuda:N
 dtype = "auto"                          # auto, float32, bfloat16, float16
+quantize = ""                           # "int8": dynamic int8 quantization of the Linear layers (CPU only)
 # -----------------------------------------------------------------------------
 _MAX_NEW_TOKENS = 100_000
 
@@ -41,7 +43,12 @@ def main():
                         f"use at most {_MAX_NEW_TOKENS:,}")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise UserError("temperature and top_k must be >= 0 and top_p in (0, 1]")
-    dev, device_type, precision = resolve_device(device, dtype)
+    if quantize not in ("", "int8"):
+        raise UserError(f"quantize={quantize!r}: the only quantization is int8 (or leave it empty)")
+    if quantize and (device not in ("auto", "cpu") or dtype not in ("auto", "float32")):
+        raise UserError("--quantize=int8 runs on the CPU with float32 activations: drop --device/--dtype or use "
+                        "--device=cpu --dtype=float32")
+    dev, _, precision = resolve_device("cpu", "float32") if quantize else resolve_device(device, dtype)
     prompt = start
     if start.startswith("FILE:"):
         try:
@@ -61,12 +68,15 @@ def main():
     ckpt = load_checkpoint(f"{out_dir}/{checkpoint}", device=dev)
     tok = Tokenizer(ckpt["tokenizer"])
     model = model_from_checkpoint(ckpt).eval()
+    if quantize:
+        model = quantize_int8(model)
+    else:  # weights stored in the sampling precision: each new token reads half the bytes of float32 weights
+        model = model.to(DTYPES[precision])
     ids = tok.encode(prompt) or [tok.eot_token]  # an empty prompt starts a new document
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
     generator = torch.Generator(device=dev).manual_seed(seed)
-    with autocast(device_type, precision):
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             eos_token=tok.eot_token, vocab_limit=tok.vocab_size, generator=generator)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         eos_token=tok.eot_token, vocab_limit=tok.vocab_size, generator=generator)
     for row in out.tolist():
         new = row[len(ids):]
         if tok.eot_token in new:

@@ -2,11 +2,17 @@
 
     python train.py config/tinystories_15m.py --device=mps
     python train.py config/tinystories_cpu.py --data_dir=data/sample --max_iters=100
+    torchrun --standalone --nproc_per_node=4 train.py config/tinystories_30m.py   # DDP on 4 GPUs of one machine
 
 Every eval_interval iterations it measures the mean loss over eval_iters batches of each split and writes
 out_dir/ckpt.pt (everything needed to resume: --init_from=resume) and, when the validation loss improved,
 out_dir/best_model_params.pt (what sample.py loads). It logs to out_dir/log.csv and plots out_dir/loss.png.
 Losses are cross-entropy in nats per token; bpb is bits per byte of text, which compares across tokenizers.
+
+Under torchrun each process trains a replica with DistributedDataParallel (Li et al. 2020): NCCL on CUDA, gloo on
+CPU. gradient_accumulation_steps is the global number of micro-batches per optimizer step; each of the N processes
+runs 1/N of them (different batches) and gradients are averaged across processes on the last one only. Only rank 0
+prints, writes files and saves checkpoints.
 """
 
 import csv
@@ -19,9 +25,12 @@ import shlex
 import signal
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import UserError, configure, run
 from model import (GPT, GPTConfig, autocast, bits_per_byte, keep_freed_memory, load_checkpoint, resolve_device,
@@ -35,6 +44,7 @@ init_from = "scratch"           # "scratch", or "resume" from out_dir/ckpt.pt
 eval_interval = 250             # iterations between evaluations and checkpoints
 eval_iters = 50                 # batches per split in each evaluation
 log_interval = 10               # iterations between log lines
+final_eval = False              # at the end, score every validation token with the best weights (eval.py)
 # data
 batch_size = 32                 # sequences per micro-step
 block_size = 256                # tokens per sequence (the context length)
@@ -181,7 +191,25 @@ class StopRequest:
 def main():
     config = configure(globals(), doc=__doc__)
     check_settings()
+    # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process
+    ddp = "RANK" in os.environ
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in
+                                    (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    master = rank == 0
+    say = print if master else (lambda *args, **kwargs: None)
+    if gradient_accumulation_steps % world_size:
+        raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} is the global number of "
+                        f"micro-batches and must divide among the {world_size} processes: use a multiple of "
+                        f"{world_size}")
+    micro_steps = gradient_accumulation_steps // world_size  # this process's share of each optimizer step
     dev, device_type, precision = resolve_device(device, dtype)
+    if ddp:
+        if device_type == "cuda":
+            dev = f"cuda:{local_rank}"
+            torch.cuda.set_device(dev)
+        elif device_type == "mps":
+            raise UserError("DDP runs on CUDA (NCCL) or CPU (gloo), not MPS: use --device=cpu or one process")
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     meta = read_meta(data_dir)
     if vocab_size and vocab_size != meta["vocab_size"]:
         command = ("python prepare.py --tokenizer=gpt2" if vocab_size == 50257 else
@@ -225,10 +253,10 @@ def main():
         changed = [f"{k} {ckpt['config'].get(k)!r} -> {v!r}" for k, v in config.items()
                    if k != "init_from" and ckpt["config"].get(k) != v]
         if changed:
-            print("settings changed since the checkpoint: " + ", ".join(changed))
+            say("settings changed since the checkpoint: " + ", ".join(changed))
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     os.makedirs(out_dir, exist_ok=True)
-    print(json.dumps(config, indent=1))
+    say(json.dumps(config, indent=1))
 
     if device_type == "cpu":
         keep_freed_memory()
@@ -237,8 +265,9 @@ def main():
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     model.to(dev)
-    print(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M "
-          f"without embeddings); device {dev}, dtype {precision}")
+    say(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M "
+          f"without embeddings); device {dev}, dtype {precision}"
+        + (f"; {world_size} processes x {micro_steps} micro-steps" if ddp else ""))
 
     optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "float16" and device_type == "cuda")
@@ -247,11 +276,15 @@ def main():
         if scaler.is_enabled() and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-        print(f"resuming from iteration {iter_num} (best validation loss {best_val_loss:.4f})")
+        say(f"resuming from iteration {iter_num} (best validation loss {best_val_loss:.4f})")
         ckpt = None  # free the memory
+    if ddp:  # dropout masks differ between processes; a resumed DDP run reseeds them (exact resume: 1 process)
+        torch.manual_seed(batch_seed(seed, "dropout", rank, iter_num))
     raw_model = model
     if compile:
         model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     ctx = autocast(device_type, precision)
     bin_dtype = np.dtype(meta["dtype"])
     paths = {s: os.path.join(data_dir, f"{s}.bin") for s in ("train", "validation")}
@@ -263,19 +296,24 @@ def main():
 
     @torch.no_grad()
     def estimate_loss():
+        """Mean loss over the same eval_iters batches whatever the number of processes (each runs its share)."""
         model.eval()
         out = {}
         for split in paths:
-            losses = torch.zeros(eval_iters)
-            for k in range(eval_iters):
+            total = torch.zeros((), dtype=torch.float64, device=dev)
+            for k in range(rank, eval_iters, world_size):
                 x, y = batch(split, "eval", iter_num, k)
                 with ctx:
-                    losses[k] = model(x, y)[1].item()
-            out[split] = losses.mean().item()
+                    total += model(x, y)[1].double()
+            if ddp:
+                dist.all_reduce(total)
+            out[split] = total.item() / eval_iters
         model.train()
         return out
 
     def checkpoint(name, **extra):
+        if not master:
+            return
         path = os.path.join(out_dir, name)
         state = {"model": raw_model.state_dict(), "model_args": model_args, "tokenizer": tok.spec,
                  "config": config, "iter_num": iter_num, **extra}
@@ -290,18 +328,22 @@ def main():
                    best_val_loss=best_val_loss, rng=rng_state())
 
     log_path = os.path.join(out_dir, "log.csv")
-    if init_from == "scratch" or not os.path.exists(log_path):
+    if master and (init_from == "scratch" or not os.path.exists(log_path)):
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerow(["iter", "tokens", "train_loss", "val_loss", "train_bpb", "val_bpb", "lr",
                                     "elapsed_s"])
     tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
-    print(f"{tokens_per_iter:,} tokens per iteration")
+    say(f"{tokens_per_iter:,} tokens per iteration")
 
     stop = StopRequest()
     t_start = t_last = time.time()
     steps_since_log = skipped = nonfinite_in_a_row = 0
+    stopping = False
     resumed_at = iter_num if init_from == "resume" else None  # that iteration was evaluated before the stop
-    x, y = batch("train", iter_num, 0)
+    # micro-batch m of an optimizer step is run by process m // micro_steps: together the processes draw exactly
+    # the batches one process with the same gradient_accumulation_steps would
+    first = rank * micro_steps
+    x, y = batch("train", iter_num, first)
     while True:
         lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
         for group in optimizer.param_groups:
@@ -311,12 +353,13 @@ def main():
             losses = estimate_loss()
             bpb = {s: bits_per_byte(losses[s], meta["splits"][s]["tokens"], meta["splits"][s]["bytes"])
                    for s in losses}
-            print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}, "
-                  f"val bpb {bpb['validation']:.4f}")
-            with open(log_path, "a", newline="") as f:
-                csv.writer(f).writerow([iter_num, iter_num * tokens_per_iter, f"{losses['train']:.5f}",
-                                        f"{losses['validation']:.5f}", f"{bpb['train']:.5f}",
-                                        f"{bpb['validation']:.5f}", f"{lr:.3e}", f"{time.time() - t_start:.1f}"])
+            say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}, "
+                f"val bpb {bpb['validation']:.4f}")
+            if master:
+                with open(log_path, "a", newline="") as f:
+                    csv.writer(f).writerow([iter_num, iter_num * tokens_per_iter, f"{losses['train']:.5f}",
+                                            f"{losses['validation']:.5f}", f"{bpb['train']:.5f}",
+                                            f"{bpb['validation']:.5f}", f"{lr:.3e}", f"{time.time() - t_start:.1f}"])
             if losses["validation"] < best_val_loss:
                 best_val_loss = losses["validation"]
                 checkpoint("best_model_params.pt", val_loss=best_val_loss)
@@ -325,27 +368,36 @@ def main():
             t_last, steps_since_log = time.time(), 0  # evaluation time is not training time
         if iter_num >= max_iters:
             break
-        if stop.requested:
+        if stopping:
             save_run()
             args = " ".join(shlex.quote(a) for a in sys.argv[1:] if not a.startswith("--init_from="))
-            print(f"stopped at iteration {iter_num}; saved {out_dir}/ckpt.pt. Continue with:\n"
-                  f"  python train.py {args} --init_from=resume")
-            return
+            launcher = f"torchrun --nproc_per_node={world_size}" if ddp else "python"
+            say(f"stopped at iteration {iter_num}; saved {out_dir}/ckpt.pt. Continue with:\n"
+                f"  {launcher} train.py {args} --init_from=resume")
+            break
 
         loss_sum = 0.0
-        for micro_step in range(gradient_accumulation_steps):
-            with ctx:
-                _, loss = model(x, y)
-                loss = loss / gradient_accumulation_steps
-            loss_sum = loss_sum + loss.detach()
-            # fetch the next batch while the device works on this one
-            x, y = batch("train", *((iter_num, micro_step + 1) if micro_step + 1 < gradient_accumulation_steps
-                                    else (iter_num + 1, 0)))
-            scaler.scale(loss).backward()
+        for micro_step in range(micro_steps):
+            last = micro_step == micro_steps - 1
+            # DDP averages the gradients across processes during backward: only on the last micro-step
+            with model.no_sync() if ddp and not last else nullcontext():
+                with ctx:
+                    _, loss = model(x, y)
+                    loss = loss / micro_steps  # the average over processes then makes it 1/gradient_accumulation_steps
+                loss_sum = loss_sum + loss.detach()
+                # fetch the next batch while the device works on this one
+                x, y = batch("train", *((iter_num, first + micro_step + 1) if not last else (iter_num + 1, first)))
+                scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         # one host sync per optimizer step: skip a step whose loss or gradient is not finite. With float16 loss
         # scaling, an overflowing gradient is the scaler's business (it lowers the scale and skips the step).
+        # Under DDP the processes agree on the mean loss and on stopping, so they all take the same decisions.
+        status = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=dev)])
+        if ddp:
+            dist.all_reduce(status)
+        loss_sum = status[0] / world_size
+        stopping = bool(status[1] > 0)
         finite = torch.isfinite(loss_sum) & (torch.isfinite(norm) | scaler.is_enabled())
         if bool(finite):
             scaler.step(optimizer)
@@ -353,7 +405,7 @@ def main():
         else:
             skipped += 1
             nonfinite_in_a_row += 1
-            print(f"iter {iter_num}: loss or gradient is not finite; step skipped ({skipped} so far)")
+            say(f"iter {iter_num}: loss or gradient is not finite; step skipped ({skipped} so far)")
             if nonfinite_in_a_row >= max_nonfinite_steps:
                 raise UserError(f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
                                 f"gradient (iteration {iter_num}): lower learning_rate, keep grad_clip on, and "
@@ -367,10 +419,26 @@ def main():
             lossf = loss_sum.item()  # .item() waits for the device: only when logging
             dt = (time.time() - t_last) / steps_since_log
             t_last, steps_since_log = time.time(), 0
-            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+            say(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                   f"{tokens_per_iter / dt:,.0f} tokens/s")
 
+    if ddp:
+        dist.destroy_process_group()
+    if not master or iter_num < max_iters:  # stopped early: the resume command is printed
+        return
     plot_losses(log_path, os.path.join(out_dir, "loss.png"))
+    if final_eval:
+        from eval import exact_loss, loss_summary
+        raw_model.load_state_dict(load_checkpoint(os.path.join(out_dir, "best_model_params.pt"), dev)["model"])
+        tokens = np.memmap(paths["validation"], dtype=bin_dtype, mode="r")
+        res = exact_loss(raw_model, tokens, block_size, block_size // 2, batch_size, dev, ctx)
+        split = meta["splits"]["validation"]
+        summary = {**loss_summary(res, split["tokens"], split["bytes"]), **res}
+        with open(os.path.join(out_dir, "final_eval.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"exact validation loss of best_model_params.pt over all {res['tokens_scored']:,} tokens: "
+              f"{summary['nats_per_token']:.4f} nats/token, perplexity {summary['perplexity']:.2f}, "
+              f"{summary['bits_per_byte']:.4f} bits per byte (final_eval.json)")
     print(f"done: best validation loss {best_val_loss:.4f}"
           + (f"; {skipped} non-finite steps skipped" if skipped else "")
           + f"; samples: python sample.py --out_dir={out_dir}")

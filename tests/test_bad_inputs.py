@@ -76,6 +76,7 @@ ROWS = [
      ["max_new_tokens=10,000,000 is beyond reason", "at most 100,000"]),
     ("prompt_not_unicode", "sample.py", ["--start=Once \udcff"], ["not valid Unicode text (at position 5)"]),
     ("negative_temperature", "sample.py", ["--temperature=-1"], ["temperature and top_k must be >= 0"]),
+    ("int8_off_cpu", "sample.py", ["--quantize=int8", "--device=cuda"], ["--quantize=int8 runs on the CPU"]),
 ]
 
 

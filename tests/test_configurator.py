@@ -1,6 +1,6 @@
 import pytest
 
-from configurator import UserError, configure
+from configurator import UserError, configure, run
 from conftest import run_script
 
 
@@ -70,3 +70,19 @@ def test_missing_and_failing_config_files(tmp_path):
 def test_help_lists_keys_with_defaults():
     proc = run_script("train.py", "--help")
     assert "--batch_size=32" in proc.stdout and "--learning_rate=0.0006" in proc.stdout
+
+
+def test_missing_mps_operation_gets_the_fallback_advice(capsys):
+    def main():
+        raise NotImplementedError("The operator 'aten::_foo' is not currently implemented for the MPS device.")
+    with pytest.raises(SystemExit) as stop:
+        run(main)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "aten::_foo" in err and "PYTORCH_ENABLE_MPS_FALLBACK=1" in err
+    assert len(err.splitlines()) == 1
+
+    def bug():
+        raise NotImplementedError("a method nobody wrote")
+    with pytest.raises(NotImplementedError):  # other NotImplementedErrors are bugs: traceback as usual
+        run(bug)

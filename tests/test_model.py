@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from configurator import UserError
-from model import GPT, GPTConfig, load_tokenizer, resolve_device, sample_next
+from model import GPT, GPTConfig, load_tokenizer, quantize_int8, resolve_device, sample_next
 from conftest import GPT2_RANKS
 
 
@@ -106,14 +106,25 @@ def test_optimizer_decays_matrices_and_embeddings_only():
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
 
 
+# every device x dtype combination, since no Mac and no GPU runs these tests
 @pytest.mark.parametrize("device,dtype,have,expected", [
     ("auto", "auto", dict(cuda=True, mps=False, cuda_bf16=True), ("cuda", "bfloat16")),
-    ("auto", "auto", dict(cuda=True, mps=False, cuda_bf16=False), ("cuda", "float16")),
+    ("auto", "auto", dict(cuda=True, mps=True, cuda_bf16=False), ("cuda", "float16")),
     ("auto", "auto", dict(cuda=False, mps=True), ("mps", "float16")),
     ("auto", "auto", dict(cuda=False, mps=False), ("cpu", "bfloat16")),
+    ("auto", "float32", dict(cuda=False, mps=True), ("mps", "float32")),
+    ("cuda", "auto", dict(cuda=True, mps=False, cuda_bf16=True), ("cuda", "bfloat16")),
+    ("cuda", "bfloat16", dict(cuda=True, mps=False, cuda_bf16=True), ("cuda", "bfloat16")),
+    ("cuda", "float16", dict(cuda=True, mps=False, cuda_bf16=False), ("cuda", "float16")),
     ("cuda:1", "float32", dict(cuda=True, mps=False, cuda_bf16=True), ("cuda:1", "float32")),
-    ("cpu", "float16", dict(cuda=True, mps=True, cuda_bf16=True), ("cpu", "float16")),
+    ("mps", "auto", dict(cuda=False, mps=True), ("mps", "float16")),
     ("mps", "bfloat16", dict(cuda=False, mps=True), ("mps", "bfloat16")),
+    ("mps", "float16", dict(cuda=False, mps=True), ("mps", "float16")),
+    ("mps", "float32", dict(cuda=False, mps=True), ("mps", "float32")),
+    ("cpu", "auto", dict(cuda=True, mps=True, cuda_bf16=True), ("cpu", "bfloat16")),
+    ("cpu", "bfloat16", dict(cuda=False, mps=False), ("cpu", "bfloat16")),
+    ("cpu", "float16", dict(cuda=True, mps=True, cuda_bf16=True), ("cpu", "float16")),
+    ("cpu", "float32", dict(cuda=False, mps=False), ("cpu", "float32")),
 ])
 def test_device_and_dtype_resolution(device, dtype, have, expected):
     dev, device_type, precision = resolve_device(device, dtype, **have)
@@ -142,3 +153,20 @@ def test_local_gpt2_ranks_round_trip():
     assert tok.encode("Once upon a time") == [7454, 2402, 257, 640]  # GPT-2's ids
     with pytest.raises(UserError, match="not found"):
         load_tokenizer("no/such/file.tiktoken")
+
+
+def test_int8_quantization_replaces_every_linear_and_stays_close():
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    model = tiny().eval()
+    q = quantize_int8(model)
+    assert all(not isinstance(m, torch.nn.Linear) or isinstance(m, DynamicLinear) for m in q.modules())
+    assert sum(isinstance(m, DynamicLinear) for m in q.modules()) == 2 * 4 + 1  # 4 per block and the head
+    assert isinstance(model.lm_head, torch.nn.Linear)  # the original is untouched
+    idx = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, loss = model(idx, idx)
+        q_logits, q_loss = q(idx, idx)
+    assert (q_logits - logits).abs().max() < 0.05 * logits.abs().max()
+    assert abs(q_loss.item() - loss.item()) < 0.01 * loss.item()
+    out = q.generate(idx[:, :4], 5, temperature=0)
+    assert out.shape == (2, 9)

@@ -65,7 +65,8 @@ def test_train_resume_and_sample_end_to_end(sample_data, tmp_path):
                       "--max_new_tokens=30", "--device=cpu")
     samples = [s.strip() for s in proc.stdout.split("-" * 80) if s.strip()]
     assert len(samples) == 2
-    assert all(s.startswith("Once upon a time") and len(s) > len("Once upon a time") for s in samples)
+    assert all(s.startswith("Once upon a time") for s in samples)
+    assert any(len(s) > len("Once upon a time") for s in samples)  # a story may also end at once
     assert "\ufffd" not in proc.stdout  # decodable text
 
     # the checkpoint carries its tokenizer: sampling needs neither the data directory nor the ranks file

@@ -1,0 +1,773 @@
+"""Evaluate a trained model: exact validation loss, the quality of its stories, and optionally a judge's grades.
+
+    python eval.py --out_dir=out                              # validation.bin of the data it was trained on
+    python eval.py --out_dir=out --text=my_stories.txt        # any UTF-8 text file instead
+    python eval.py --out_dir=out --judge_url=http://localhost:8000/v1 --judge_model=NAME
+    python eval.py --compare=out-a/eval.json,out-b/eval.json  # saved reports side by side (no model)
+
+Writes the report as JSON (--report, default out_dir/eval.json) and a short Markdown summary beside it (eval.md).
+
+1. Exact loss. Every token of the stream is scored exactly once: the stream is cut into windows of block_size
+   tokens, each starting block_size - overlap tokens after the previous one. The first window scores all its
+   tokens; every later window scores only its last block_size - overlap, so each is predicted from at least
+   overlap + 1 tokens of context. The first token of the stream has nothing before it and is not predicted:
+   N tokens give N - 1 predictions. Reported: loss in nats/token (sum of the per-token negative log-likelihoods
+   over their number, summed in float64), perplexity exp(loss), and bits per byte = loss / ln 2 x tokens / bytes,
+   where tokens and bytes are those of the whole split in meta.json: tokens counts every document's tokens plus
+   its <|endoftext|>, bytes the UTF-8 bytes of the documents' text (no separators). The end-of-text predictions
+   are thus charged to the text, as in train.py's bpb. With --text, the file is split into documents on blank
+   lines as prepare.py does (blocks of only whitespace dropped), each followed by <|endoftext|>, and bytes are
+   the UTF-8 bytes of those documents, so the same text scores the same as its prepared validation.bin and bits
+   per byte compare across tokenizers. The softmax is the model's own (as in train.py's loss), over all
+   vocab_size ids including the padding ids that no text contains.
+2. Stories: num_samples continuations of built-in TinyStories-style openings (cycled), sampled with the given
+   temperature / top_k / top_p and seed (same seed, same stories on the same device). Metrics are on the
+   generated text only (the prompt excluded). A word is a maximal run of letters, with apostrophes allowed
+   inside (don't, Lily's), lowercased; digits and punctuation separate words. Reported: mean length in tokens
+   (before <|endoftext|>) and in words; the share of samples that produced <|endoftext|> within max_new_tokens;
+   distinct-1/2/3 (Li et al. 2016: distinct word n-grams / all word n-grams, pooled over the samples, n-grams
+   never crossing samples); the longest word n-gram that occurs twice in a sample (occurrences may overlap),
+   averaged over samples; and the share of generated words not in the train split's word list, built by
+   decoding up to vocab_tokens tokens of train.bin (whole documents from evenly spaced pieces; 0: all).
+3. Judge (off by default): an OpenAI-compatible chat-completions server grades each story for grammar,
+   creativity, consistency and plot, 1 to 10, as in the TinyStories paper (Eldan & Li 2023). It is asked for a
+   JSON object; answers that cannot be parsed are counted and skipped, and the run fails only if none parse.
+   The API key is read from the environment variable named by judge_key_env (none is sent if it is unset).
+"""
+
+import http.client
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from configurator import UserError, configure, run
+from model import (
+    Tokenizer,
+    autocast,
+    bits_per_byte,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_device,
+    tokenizer_from_meta,
+)
+
+# -----------------------------------------------------------------------------
+out_dir = "out"                         # directory that holds the checkpoint
+checkpoint = "best_model_params.pt"     # file name inside out_dir
+data_dir = ""                           # prepared data; "" : the data_dir the checkpoint was trained on
+text = ""                               # a UTF-8 text file to score instead of validation.bin
+report = ""                             # JSON report path; "" : out_dir/eval.json (eval.md beside it)
+compare = ""                            # "a.json,b.json,...": print saved reports side by side and exit
+# exact loss
+block_size = 0                          # window length in tokens; 0: the model's block_size
+overlap = -1                            # context tokens shared with the previous window; -1: block_size // 2
+batch_size = 8                          # windows per forward pass
+max_tokens = 0                          # score only the first max_tokens tokens of the stream (0: all)
+# stories
+num_samples = 20                        # 0 skips the story metrics (and the judge)
+max_new_tokens = 256                    # tokens per story at most
+temperature = 0.8                       # < 1 sharper, > 1 more random, 0 greedy
+top_k = 0                               # sample among the k most likely tokens (0: all)
+top_p = 0.95                            # nucleus sampling (1.0: all)
+seed = 1337
+vocab_tokens = 5_000_000                # train.bin tokens decoded for the word list (0: all)
+# judge
+judge_url = ""                          # e.g. http://localhost:8000/v1 or https://api.openai.com/v1 ("": no judge)
+judge_model = ""                        # the model name the server expects
+judge_key_env = "OPENAI_API_KEY"        # environment variable holding the API key (unset: no key is sent)
+judge_timeout = 120.0                   # seconds to wait for each answer
+judge_temperature = 0.0                 # sent with each request; negative: not sent (for models that refuse it)
+# system
+device = "auto"                         # auto, cpu, mps, cuda, cuda:N
+dtype = "auto"                          # auto, float32, bfloat16, float16
+# -----------------------------------------------------------------------------
+
+_MAX_NEW_TOKENS = 100_000
+_REPORT_KIND = "tinystories-eval"
+_CRITERIA = ("grammar", "creativity", "consistency", "plot")
+
+# Openings in the style of TinyStories, each stopping mid-sentence so the model has to continue it.
+PROMPTS = [
+    "Once upon a time, there was a little girl named Lily. She loved to",
+    "One day, a small dog named Max found a",
+    "Tom and his mom went to the park. Tom saw a big",
+    "Once upon a time, in a big forest, there lived a",
+    "Sara had a red ball. She played with it every day. One day, the ball",
+    "The sun was shining and the birds were singing. Ben wanted to",
+    "Once upon a time, there was a kind old man who had a",
+    "Lucy and her friend Tim were building a sandcastle at the beach when",
+    "Mia was sad because she lost her favorite toy. She looked",
+    "There was a little bird who could not fly. Every day, the bird",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. Exact loss
+
+def window_starts(n_tokens, block_size, overlap):
+    """Start of each scoring window over a stream of n_tokens tokens (see exact_loss). Returns a list of ints."""
+    stride = block_size - overlap
+    extra = max(0, n_tokens - 1 - block_size)  # predictions beyond what the first window holds
+    return [k * stride for k in range(1 + -(-extra // stride))]
+
+
+@torch.no_grad()
+def exact_loss(model, tokens, block_size=None, overlap=None, batch_size=8, device="cpu", ctx=None,
+               progress=None):
+    """Score every token of a stream exactly once with overlapping windows.
+
+    Window k starts at token k * (block_size - overlap) and feeds up to block_size tokens. Window 0 scores all
+    its predictions; window k > 0 only those of its last block_size - overlap positions, so every token after
+    the first is predicted once, from at least overlap + 1 tokens of context (from all tokens before it while
+    the stream fits in one window). The last window is shorter when the stream ends inside it.
+
+    Args:
+        model: a GPT (a torch.compile'd or DistributedDataParallel one is unwrapped: batch shapes vary). Put
+            in eval mode for the call, and back in training mode afterwards if it was.
+        tokens: 1-D array of token ids, N >= 2 (np.ndarray, np.memmap, list); read one window at a time, so a
+            memmap is never copied whole.
+        block_size: tokens per window, at most the model's; None: the model's block_size.
+        overlap: context tokens each window shares with the previous one, 0 <= overlap < block_size; None:
+            block_size // 2. Larger is more accurate and slower (N / (block_size - overlap) windows).
+        batch_size: windows per forward pass; the result does not depend on it beyond float rounding.
+        device: where the model is ("cpu", "cuda", ...). ctx: autocast context (None: none).
+        progress: optional callable(windows_done, windows_total), called after each batch.
+    Returns:
+        dict with loss_sum (float, nats: the float64 sum of -log p(token | context)), tokens_scored (int,
+        N - 1), loss (float, nats/token: loss_sum / tokens_scored), windows, block_size, overlap.
+    Raises:
+        ValueError: fewer than 2 tokens, block_size outside 1..model block_size, overlap outside
+            0..block_size-1, or batch_size < 1.
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile'd: the module itself (shapes vary here)
+    model = getattr(model, "module", model)  # DistributedDataParallel: the module itself
+    n = len(tokens)
+    block_size = model.config.block_size if block_size is None else block_size
+    overlap = block_size // 2 if overlap is None else overlap
+    if n < 2:
+        raise ValueError(f"need at least 2 tokens to score, got {n}")
+    if not 1 <= block_size <= model.config.block_size:
+        raise ValueError(f"block_size={block_size} must be 1..{model.config.block_size} (the model's)")
+    if not 0 <= overlap < block_size:
+        raise ValueError(f"overlap={overlap} must be 0..{block_size - 1} (less than block_size={block_size})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    ctx = nullcontext() if ctx is None else ctx
+    starts = window_starts(n, block_size, overlap)
+    was_training = model.training
+    model.eval()
+    loss_sum, scored = 0.0, 0
+    try:
+        for b0 in range(0, len(starts), batch_size):
+            batch = starts[b0:b0 + batch_size]
+            lengths = [min(block_size, n - 1 - s) for s in batch]
+            width = max(lengths)
+            x = np.zeros((len(batch), width), dtype=np.int64)  # padding after a short window: causal, harmless
+            y = np.full((len(batch), width), -1, dtype=np.int64)  # -1: not scored
+            for row, (s, length) in enumerate(zip(batch, lengths)):
+                seg = np.asarray(tokens[s:s + length + 1], dtype=np.int64)
+                first = 0 if s == 0 else overlap
+                x[row, :length] = seg[:-1]
+                y[row, first:length] = seg[1 + first:]
+            count = int((y >= 0).sum())
+            with ctx:  # the model's loss is the mean over the scored positions (-1 targets are ignored)
+                _, loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+            loss_sum += loss.double().item() * count
+            scored += count
+            if progress is not None:
+                progress(min(b0 + batch_size, len(starts)), len(starts))
+    finally:
+        model.train(was_training)
+    assert scored == n - 1, f"scored {scored} predictions for {n} tokens"
+    return {"loss_sum": loss_sum, "tokens_scored": scored, "loss": loss_sum / scored, "windows": len(starts),
+            "block_size": block_size, "overlap": overlap}
+
+
+def loss_summary(result, n_tokens, n_bytes):
+    """The loss of an exact_loss result in the three units reported: dict with nats_per_token, perplexity
+    (exp of it) and bits_per_byte (model.bits_per_byte with n_tokens and n_bytes, the token and UTF-8 byte counts
+    of the whole text: meta.json's per split)."""
+    loss = result["loss"]
+    return {"nats_per_token": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_byte": bits_per_byte(loss, n_tokens, n_bytes)}
+
+
+def read_meta(path):
+    """Load path/meta.json and check validation.bin and train.bin against it. Returns (meta, problems): meta is
+    None when there is no meta.json; problems maps split -> what is wrong with its .bin ("" if nothing).
+    Raises UserError for a damaged meta.json."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_path):
+        return None, {}
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        meta["splits"]["train"], meta["splits"]["validation"], meta["tokenizer"]["sha256"]
+        itemsize = np.dtype(meta["dtype"]).itemsize
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path} is damaged ({type(e).__name__}: {e}): re-run prepare.py with --force") from None
+    problems = {}
+    for split in ("train", "validation"):
+        bin_path = os.path.join(path, f"{split}.bin")
+        if not os.path.isfile(bin_path):
+            problems[split] = f"{bin_path} is missing: run `python prepare.py --data_dir={path}` (with --force)"
+        elif os.path.getsize(bin_path) != meta["splits"][split]["tokens"] * itemsize:
+            problems[split] = f"{bin_path} does not match meta.json: re-run prepare.py with --force"
+        else:
+            problems[split] = ""
+    return meta, problems
+
+
+def text_documents(path):
+    """The documents of a UTF-8 text file as prepare.py reads a .txt: blocks separated by a blank line ("\\n\\n"
+    after universal-newline translation), blocks of only whitespace dropped. Returns a list of str.
+    Raises UserError: missing or unreadable file, not UTF-8, or no text in it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read the text file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"the text file {path} is not UTF-8 text (byte {e.object[e.start]:#x} at offset "
+                        f"{e.start}): save it as UTF-8") from None
+    docs = [d for d in content.split("\n\n") if d and not d.isspace()]
+    if not docs:
+        raise UserError(f"the text file {path} holds no text")
+    return docs
+
+
+def encode_documents(tok, docs):
+    """Token stream of documents as prepare.py writes it: each document's tokens, then <|endoftext|>.
+    Returns a 1-D int64 np.ndarray."""
+    ids = [i for doc in tok.encode_batch(docs) for i in (*doc, tok.eot_token)]
+    return np.asarray(ids, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. Stories
+
+_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")
+
+
+def words(s):
+    """The words of a text: maximal runs of letters, apostrophes allowed inside (don't), lowercased, with the
+    typographic apostrophe (U+2019) read as '. Returns a list of str."""
+    return _WORD.findall(s.lower().replace("\u2019", "'"))
+
+
+def distinct_n(word_lists, n):
+    """Distinct-n (Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models"):
+    distinct word n-grams / all word n-grams, pooled over the lists (no n-gram crosses two lists).
+    Returns a float in (0, 1], or None when there is no n-gram."""
+    grams = [tuple(ws[i:i + n]) for ws in word_lists for i in range(len(ws) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def longest_repeat(ws):
+    """Length of the longest n-gram that occurs at two or more positions of the word list `ws` (occurrences may
+    overlap: "a a a" repeats "a a"); 0 when no word repeats. Returns int."""
+    def repeats(n):
+        grams = [tuple(ws[i:i + n]) for i in range(len(ws) - n + 1)]
+        return len(set(grams)) < len(grams)
+    lo, hi = 0, max(0, len(ws) - 1)  # a repeat at n implies one at n - 1: binary search the largest n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if repeats(mid) else (lo, mid - 1)
+    return lo
+
+
+def text_metrics(texts, vocab=None):
+    """Word-level metrics of generated texts (see `words`).
+
+    Args:
+        texts: list of str, one per sample. vocab: set of words seen in training, or None.
+    Returns:
+        dict: words (mean words per sample), distinct_1, distinct_2, distinct_3 (pooled; None without n-grams),
+        longest_repeat (mean over samples of longest_repeat, in words), oov (share of all generated words not
+        in vocab; None without vocab or without words).
+    """
+    lists = [words(t) for t in texts]
+    total = sum(len(ws) for ws in lists)
+    oov = None
+    if vocab is not None and total:
+        oov = sum(w not in vocab for ws in lists for w in ws) / total
+    return {"words": total / len(lists) if lists else None,
+            **{f"distinct_{n}": distinct_n(lists, n) for n in (1, 2, 3)},
+            "longest_repeat": sum(map(longest_repeat, lists)) / len(lists) if lists else None,
+            "oov": oov}
+
+
+def train_vocabulary(path, meta, limit, pieces=16, step=1 << 20):
+    """The set of words (see `words`) in the train split of prepared data, decoded with that data's tokenizer.
+
+    Reads whole documents only, about `step` tokens at a time: all of train.bin when limit (tokens) is 0 or at least
+    its size, else `pieces` evenly spaced slices of limit / pieces tokens each, every slice trimmed to the
+    documents that start and end inside it.
+    Returns (set of str, tokens decoded). Raises UserError if the data's tokenizer file is missing or changed."""
+    tok = tokenizer_from_meta(meta, path)
+    eot = tok.eot_token
+    data = np.memmap(os.path.join(path, "train.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
+    n = len(data)
+    if limit <= 0 or limit >= n:
+        spans = [(0, n)]
+    else:
+        size = max(1, limit // pieces)
+        spans = [(int(s), int(s) + size) for s in np.linspace(0, n - size, pieces)]
+    vocab, read = set(), 0
+    for lo, hi in spans:
+        pos, partial = lo, lo > 0 and data[lo - 1] != eot  # partial: the slice starts inside a document
+        while pos < hi:
+            size = step
+            while True:  # read on until a document ends (a document longer than step)
+                chunk = np.asarray(data[pos:min(hi, pos + size)])
+                ends = np.flatnonzero(chunk == eot)
+                if len(ends) or pos + size >= hi:
+                    break
+                size *= 2
+            if not len(ends):
+                break  # the rest of the slice is one cut-off document
+            last = int(ends[-1])
+            begins = np.concatenate([[0], ends[:-1] + 1])
+            if partial:
+                begins, ends, partial = begins[1:], ends[1:], False
+            docs = [tok.decode(chunk[a:b].tolist()) for a, b in zip(begins, ends)]
+            vocab.update(words("\n".join(docs)))
+            read += int((ends - begins + 1).sum())
+            pos += last + 1
+    return vocab, read
+
+
+def generate_samples(model, tok, prompts, n, max_new_tokens, temperature, top_k, top_p, seed, device, ctx=None):
+    """Sample n stories, sample i continuing prompts[i % len(prompts)]; the samples of one prompt are drawn
+    as one batch, prompts in order, from one torch.Generator seeded with `seed` (reproducible on one device).
+
+    Returns:
+        list of n dicts: prompt, text (the generated continuation, decoded, without <|endoftext|>), tokens
+        (its length in tokens), ended (True if the model produced <|endoftext|> within max_new_tokens).
+    """
+    ctx = nullcontext() if ctx is None else ctx
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    samples = [None] * n
+    try:
+        for p, prompt in enumerate(prompts[:n]):
+            rows = list(range(p, n, len(prompts)))
+            ids = tok.encode(prompt) or [tok.eot_token]
+            idx = torch.tensor([ids] * len(rows), dtype=torch.long, device=device)
+            with ctx:
+                out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     eos_token=tok.eot_token, vocab_limit=tok.vocab_size, generator=generator)
+            for i, row in zip(rows, out.tolist()):
+                new = row[len(ids):]
+                ended = tok.eot_token in new
+                if ended:
+                    new = new[:new.index(tok.eot_token)]
+                samples[i] = {"prompt": prompt, "text": tok.decode(new), "tokens": len(new), "ended": ended}
+    finally:
+        model.train(was_training)
+    return samples
+
+
+def story_metrics(samples, vocab=None):
+    """Metrics of samples from generate_samples: text_metrics, plus num_samples, tokens (mean per sample,
+    before <|endoftext|>) and ended (share of samples that produced <|endoftext|>). Returns a dict."""
+    n = len(samples)
+    return {"num_samples": n, "tokens": sum(s["tokens"] for s in samples) / n,
+            "ended": sum(s["ended"] for s in samples) / n, **text_metrics([s["text"] for s in samples], vocab)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. Judge
+
+_JUDGE_SYSTEM = "You are a teacher who grades short stories written by young students. You answer only in JSON."
+_JUDGE_PROMPT = """\
+In the following exercise, the student is given a beginning of a story. The student needs to complete it into a \
+full story. The exercise tests the student's language abilities and creativity. The symbol *** marks the \
+separator between the prescribed beginning and the student's completion:
+
+{prompt}***{completion}
+
+Grade the student's completion (the part after the *** symbol). Is it grammatically correct? Is it consistent \
+with the beginning of the story? Pay special attention to whether the student manages to complete the sentence \
+which is split in the middle by the separator ***. Give grades for grammar, creativity, consistency with the \
+story's beginning, and whether the plot makes sense, each an integer from 1 (worst) to 10 (best).
+
+Answer with one JSON object and nothing else, in exactly this form, each value an integer from 1 to 10:
+{{"grammar": G, "creativity": C, "consistency": S, "plot": P}}"""
+
+
+def parse_grades(reply):
+    """Grades from a judge's answer: the first JSON object in it (code fences and text around it allowed),
+    else "name: number" pairs. Every criterion must be present with a number from 1 to 10 ("8/10" reads as 8).
+    Returns dict criterion -> float, or None when the answer cannot be parsed."""
+    found = {}
+    start, end = reply.find("{"), reply.rfind("}")
+    if 0 <= start < end:
+        try:
+            obj = json.loads(reply[start:end + 1])
+            if isinstance(obj, dict):
+                found = {str(k).strip().lower(): v for k, v in obj.items()}
+        except ValueError:
+            pass
+    if not all(c in found for c in _CRITERIA):
+        found = {m.group(1).lower(): m.group(2) for m in re.finditer(
+            r"\"?\b(grammar|creativity|consistency|plot)\b\"?\s*[:=]\s*\"?(\d+(?:\.\d+)?)", reply, re.IGNORECASE)}
+    grades = {}
+    for c in _CRITERIA:
+        value = found.get(c)
+        if isinstance(value, str):
+            value = value.strip().split("/")[0].strip()
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return None
+        if isinstance(found.get(c), bool) or not 1 <= value <= 10:
+            return None
+        grades[c] = value
+    return grades
+
+
+def chat(url, model_name, messages, api_key=None, timeout=120.0, temperature=0.0):
+    """One OpenAI chat-completions request: POST {url}/chat/completions. Returns the answer's text.
+    temperature < 0 is not sent. Raises UserError naming the endpoint: not an http(s) URL, connection refused
+    or unknown host, timeout, HTTP error (with the start of the server's message), or an answer that is not
+    chat-completions JSON."""
+    endpoint = url.rstrip("/") + "/chat/completions"
+    body = {"model": model_name, "messages": messages}
+    if temperature >= 0:
+        body["temperature"] = temperature
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+    except urllib.error.HTTPError as e:
+        try:
+            detail = " ".join(e.read().decode("utf-8", "replace").split())[:200]
+        except (OSError, http.client.HTTPException):
+            detail = ""
+        hint = " (check the API key; judge_key_env names the variable it is read from)" if e.code in (401, 403) else ""
+        raise UserError(f"the judge at {endpoint} answered HTTP {e.code} {e.reason}{hint}: {detail}") from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, TimeoutError):
+            raise UserError(f"the judge at {endpoint} did not answer within {timeout:g} s") from None
+        raise UserError(f"cannot reach the judge at {endpoint}: {e.reason}") from None
+    except TimeoutError:
+        raise UserError(f"the judge at {endpoint} did not answer within {timeout:g} s") from None
+    except (ValueError, OSError, http.client.HTTPException) as e:  # malformed URL, reset, not HTTP, ...
+        raise UserError(f"cannot reach the judge at {endpoint}: {type(e).__name__}: {e}") from None
+    try:
+        return json.loads(raw)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        snippet = " ".join(raw.decode("utf-8", "replace").split())[:200]
+        raise UserError(f"the judge at {endpoint} did not answer in chat-completions format: {snippet!r}") from None
+
+
+def judge_samples(samples, url, model_name, api_key=None, timeout=120.0, temperature=0.0, log=None):
+    """Grade each sample's continuation with a chat-completions judge, as in the TinyStories paper (Eldan & Li
+    2023, "TinyStories: How Small Can Language Models Be and Still Speak Coherent English?"): grammar,
+    creativity, consistency, plot, each 1 to 10. Adds "grades" (dict or None if unparseable) to each sample.
+
+    Returns:
+        dict: one mean per criterion over the parsed answers, graded (how many parsed), unparseable (how many
+        did not), model.
+    Raises:
+        UserError: any request fails (see `chat`), or not a single answer could be parsed.
+    """
+    graded, first_bad = [], None
+    for i, s in enumerate(samples):
+        prompt = _JUDGE_PROMPT.format(prompt=s["prompt"], completion=s["text"])
+        reply = chat(url, model_name, [{"role": "system", "content": _JUDGE_SYSTEM},
+                                       {"role": "user", "content": prompt}], api_key, timeout, temperature)
+        s["grades"] = parse_grades(reply if isinstance(reply, str) else "")
+        if s["grades"] is None:
+            first_bad = first_bad if first_bad is not None else reply
+        else:
+            graded.append(s["grades"])
+        if log:
+            log(i + 1, len(samples))
+    if not graded:
+        snippet = " ".join(str(first_bad).split())[:200]
+        raise UserError(f"none of the {len(samples)} answers of the judge at {url} held grades in the asked JSON "
+                        f"form; the first was: {snippet!r}")
+    return {**{c: sum(g[c] for g in graded) / len(graded) for c in _CRITERIA},
+            "graded": len(graded), "unparseable": len(samples) - len(graded), "model": model_name}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. Reports
+
+def _fmt(value, spec):
+    if value is None:
+        return "-"
+    if spec == "pct":
+        return f"{100 * value:.1f}%"
+    return format(value, spec)
+
+
+def summary_rows(rep):
+    """(label, formatted value) pairs of a report, the rows of the summary, eval.md and --compare."""
+    loss, st, judge = rep.get("loss") or {}, rep.get("stories") or {}, rep.get("judge") or {}
+    model = rep.get("model") or {}
+    rows = [("checkpoint", rep.get("checkpoint", "-")),
+            ("iteration", _fmt(model.get("iter_num"), "d")),
+            ("parameters", _fmt(model.get("params"), ",")),
+            ("tokenizer", model.get("tokenizer", "-"))]
+    if loss:
+        rows += [("scored text", loss["source"] + (" (first max_tokens only)" if loss.get("partial") else "")),
+                 ("tokens scored", _fmt(loss["tokens_scored"], ",")),
+                 ("window / overlap", f"{loss['block_size']} / {loss['overlap']}"),
+                 ("loss (nats/token)", _fmt(loss["nats_per_token"], ".4f")),
+                 ("perplexity", _fmt(loss["perplexity"], ".2f")),
+                 ("bits per byte", _fmt(loss["bits_per_byte"], ".4f"))]
+    if st:
+        rows += [("samples", _fmt(st["num_samples"], "d")),
+                 ("mean length (tokens)", _fmt(st["tokens"], ".1f")),
+                 ("mean length (words)", _fmt(st["words"], ".1f")),
+                 ("ended with <|endoftext|>", _fmt(st["ended"], "pct")),
+                 ("distinct-1 / 2 / 3", " / ".join(_fmt(st[f"distinct_{n}"], ".3f") for n in (1, 2, 3))),
+                 ("longest repeated n-gram (words)", _fmt(st["longest_repeat"], ".1f")),
+                 ("words not in train split", _fmt(st["oov"], "pct"))]
+    if judge:
+        rows += [(f"judge {c} (1-10)", _fmt(judge[c], ".2f")) for c in _CRITERIA]
+        parsed = f"{judge['graded']} of {judge['graded'] + judge['unparseable']} ({judge['model']})"
+        rows += [("judge answers parsed", parsed)]
+    return rows
+
+
+def markdown_table(names, row_lists):
+    """A Markdown table: one column per report, one row per label (in first-seen order; "-" where missing)."""
+    labels = list(dict.fromkeys(label for rows in row_lists for label, _ in rows))
+    cells = [dict(rows) for rows in row_lists]
+
+    def esc(cell):
+        return str(cell).replace("|", "\\|")
+
+    lines = ["| | " + " | ".join(map(esc, names)) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += ["| " + esc(label) + " | " + " | ".join(esc(c.get(label, "-")) for c in cells) + " |"
+              for label in labels]
+    return "\n".join(lines)
+
+
+def markdown_report(rep):
+    """The short eval.md: the summary table and the first three stories."""
+    out = [f"# Evaluation of {rep['checkpoint']}", "", markdown_table(["value"], [summary_rows(rep)]), ""]
+    samples = rep.get("samples") or []
+    if samples:
+        out += ["## Stories", ""]
+        for s in samples[:3]:
+            story = (s["prompt"] + "\\*\\*\\*" + s["text"]).replace("\n", "\n> ")
+            grades = f" (judge: {', '.join(f'{c} {v:g}' for c, v in s['grades'].items())})" if s.get("grades") else ""
+            out += [f"> {story}", "", f"{s['tokens']} tokens{', ended' if s['ended'] else ''}{grades}", ""]
+        out += ["(*** marks where the prompt ends and the model's continuation starts.)", ""]
+    return "\n".join(out)
+
+
+def write_atomic(content, path):
+    """Write text to `path` through a temporary file in the same directory, fsync'ed and renamed over it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_report(path):
+    """A report written by eval.py. Raises UserError if it is missing, not JSON, or not such a report."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rep = json.load(f)
+    except OSError as e:
+        raise UserError(f"cannot read the report {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UserError(f"{path} is not a JSON file ({e})") from None
+    if not isinstance(rep, dict) or rep.get("kind") != _REPORT_KIND:
+        raise UserError(f"{path} is not a report written by eval.py")
+    return rep
+
+
+def compare_reports(paths):
+    """Markdown table of saved reports side by side, one column per path. Raises UserError (see load_report)."""
+    return markdown_table(paths, [summary_rows(load_report(p)) for p in paths])
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+def check_settings():
+    """Reject impossible settings before anything is loaded."""
+    for k in ("block_size", "batch_size", "num_samples", "max_tokens", "vocab_tokens", "top_k"):
+        low = 1 if k == "batch_size" else 0
+        if globals()[k] < low:
+            raise UserError(f"{k} must be at least {low}, got {globals()[k]}")
+    if overlap < -1:
+        raise UserError(f"overlap must be -1 (block_size // 2) or 0 and more, got {overlap}")
+    if max_tokens == 1:
+        raise UserError("max_tokens=1 leaves nothing to predict: use 0 (all) or at least 2")
+    if not 1 <= max_new_tokens <= _MAX_NEW_TOKENS:
+        raise UserError(f"max_new_tokens must be 1..{_MAX_NEW_TOKENS:,}, got {max_new_tokens:,}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise UserError("temperature must be >= 0 and top_p in (0, 1]")
+    if judge_url:
+        if not judge_url.startswith(("http://", "https://")):
+            raise UserError(f"judge_url {judge_url!r} is not an http:// or https:// URL (e.g. http://localhost:8000/v1)")
+        if not judge_model:
+            raise UserError("the judge needs --judge_model=NAME (the model name its server expects)")
+        if num_samples < 1:
+            raise UserError("the judge grades the samples: use num_samples of 1 or more")
+        if judge_timeout <= 0:
+            raise UserError(f"judge_timeout must be positive, got {judge_timeout}")
+
+
+def main():
+    config = configure(globals(), doc=__doc__)
+    if compare:
+        paths = [p.strip() for p in compare.split(",") if p.strip()]
+        if not paths:
+            raise UserError("--compare takes report paths separated by commas: --compare=a.json,b.json")
+        print(compare_reports(paths))
+        return
+    print(json.dumps(config), file=sys.stderr)
+    check_settings()
+    t0 = time.time()
+    dev, device_type, precision = resolve_device(device, dtype)
+    ckpt_path = f"{out_dir}/{checkpoint}"
+    ckpt = load_checkpoint(ckpt_path, device=dev)
+    tok = Tokenizer(ckpt["tokenizer"])
+    ddir = data_dir or (ckpt.get("config") or {}).get("data_dir", "")
+    meta, problems, data_note = None, {}, ""
+    if ddir:
+        try:
+            meta, problems = read_meta(ddir)
+        except UserError as e:
+            if not text:
+                raise
+            data_note = str(e)  # --text does not need the data: only the word list is lost
+
+    # what the loss is measured on: checked before any model work
+    if text:
+        docs = text_documents(text)
+        stream = encode_documents(tok, docs)
+        counts = {"tokens": len(stream), "bytes": sum(len(d.encode("utf-8")) for d in docs), "documents": len(docs)}
+        source = text
+    else:
+        if not ddir:
+            raise UserError(f"{ckpt_path} does not record its data directory: pass --data_dir=DIR (prepared by "
+                            f"prepare.py) or --text=FILE")
+        if meta is None:
+            raise UserError(f"no prepared data in {ddir} (meta.json missing): run `python prepare.py "
+                            f"--data_dir={ddir}` first, pass --data_dir=DIR, or score a file with --text=FILE")
+        if problems["validation"]:
+            raise UserError(problems["validation"])
+        if meta["tokenizer"]["sha256"] != tok.spec["sha256"]:
+            raise UserError(f"{ddir} was prepared with the tokenizer {meta['tokenizer'].get('name')}, not the "
+                            f"checkpoint's ({tok.spec['name']}): pass --data_dir= the data it was trained on, or "
+                            f"score a file with --text=FILE")
+        stream = np.memmap(os.path.join(ddir, "validation.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
+        counts = meta["splits"]["validation"]
+        source = os.path.join(ddir, "validation.bin")
+    if counts["tokens"] < 2:
+        raise UserError(f"{source} holds {counts['tokens']} token(s): at least 2 are needed to score one")
+    model_block = ckpt["model_args"]["block_size"]
+    bs = block_size or model_block
+    if bs > model_block:
+        raise UserError(f"block_size={bs} is longer than the model's context ({model_block} tokens)")
+    ov = bs // 2 if overlap == -1 else overlap
+    if ov >= bs:
+        raise UserError(f"overlap={ov} must be less than block_size={bs}")
+
+    json_path = report or os.path.join(out_dir, "eval.json")
+    md_path = json_path.removesuffix(".json") + ".md"
+    folder = os.path.dirname(os.path.abspath(json_path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)  # the nearest existing folder: the report's folder may be created
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write the report {json_path}: {folder} is not writable; choose --report=PATH")
+
+    model = model_from_checkpoint(ckpt).eval()
+    ctx = autocast(device_type, precision)
+    rep = {"kind": _REPORT_KIND, "version": 1, "checkpoint": ckpt_path, "settings": config,
+           "model": {"iter_num": ckpt.get("iter_num"), "params": model.num_params(),
+                     "tokenizer": tok.spec.get("name"), "model_args": ckpt["model_args"],
+                     "val_loss_at_save": ckpt.get("val_loss")},
+           "device": dev, "dtype": precision}
+    del ckpt
+
+    if num_samples:
+        t = time.time()
+        samples = generate_samples(model, tok, PROMPTS, num_samples, max_new_tokens, temperature, top_k, top_p,
+                                   seed, dev, ctx)
+        vocab, note = None, ""
+        if meta is None or problems.get("train"):
+            note = data_note or problems.get("train") or f"no prepared data{f' in {ddir}' if ddir else ''}"
+        else:
+            try:
+                vocab, read = train_vocabulary(ddir, meta, vocab_tokens)
+            except UserError as e:
+                note = str(e)
+        if note:
+            print(f"words not in train split: skipped ({note})", file=sys.stderr)
+        rep["stories"] = {**story_metrics(samples, vocab), "time_s": round(time.time() - t, 2),
+                          "train_words": len(vocab) if vocab is not None else None,
+                          "train_tokens_read": read if vocab is not None else None}
+        rep["samples"] = samples
+        if judge_url:  # before the loss, so a wrong URL fails early
+            key = os.environ.get(judge_key_env) if judge_key_env else None
+            print(f"judge: grading {num_samples} stories with {judge_model} at {judge_url}", file=sys.stderr)
+
+            def judge_log(done, total):
+                if done % 10 == 0 and done < total:
+                    print(f"judge: {done} of {total} graded", file=sys.stderr, flush=True)
+
+            rep["judge"] = judge_samples(samples, judge_url, judge_model, key, judge_timeout, judge_temperature,
+                                         log=judge_log)
+
+    t = time.time()
+    n_used = min(len(stream), max_tokens) if max_tokens else len(stream)
+    last = [time.time()]
+
+    def progress(done, total):  # a line every 10 s on long runs
+        if time.time() - last[0] >= 10 and done < total:
+            last[0] = time.time()
+            print(f"loss: {done:,} of {total:,} windows", file=sys.stderr, flush=True)
+
+    res = exact_loss(model, stream[:n_used], bs, ov, batch_size, dev, ctx, progress=progress)
+    # bits per byte with the whole text's tokens/bytes ratio (an estimate when max_tokens cuts the stream)
+    rep["loss"] = {"source": source, **loss_summary(res, counts["tokens"], counts["bytes"]),
+                   "loss_sum": res["loss_sum"], "tokens_scored": res["tokens_scored"], "tokens": counts["tokens"],
+                   "bytes": counts["bytes"], "documents": counts["documents"], "partial": n_used < len(stream),
+                   "block_size": bs, "overlap": ov, "windows": res["windows"], "time_s": round(time.time() - t, 2)}
+    rep["time_s"] = round(time.time() - t0, 2)
+
+    for label, value in summary_rows(rep):
+        print(f"{label:>34}: {value}")
+    try:
+        write_atomic(json.dumps(rep, indent=1, ensure_ascii=False) + "\n", json_path)
+        write_atomic(markdown_report(rep), md_path)
+    except OSError as e:
+        raise UserError(f"could not write the report {json_path}: {e.strerror or e}") from None
+    print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,278 @@
+"""Export a trained model as a Hugging Face `transformers` GPT-2 model folder.
+
+    python export.py --out_dir=out --export_dir=hf_model
+    python export.py --out_dir=out --checkpoint=ckpt.pt --export_dir=hf_model --force
+
+Loads out_dir/checkpoint (train.py's best_model_params.pt by default) and writes export_dir with
+config.json, generation_config.json, model.safetensors (float32), tokenizer.json and tokenizer_config.json.
+Our GPT is GPT-2's architecture, so the folder loads as a GPT2LMHeadModel without this repository:
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+    model = AutoModelForCausalLM.from_pretrained("hf_model")
+    tokenizer = AutoTokenizer.from_pretrained("hf_model")
+    print(pipeline("text-generation", model="hf_model")("Once upon a time", max_new_tokens=50)[0]["generated_text"])
+
+Differences from GPT-2 that the files record: exact GELU (activation_function "gelu", not GPT-2's tanh
+approximation "gelu_new"); a model trained with bias=False gets zero biases (GPT-2 always has them); the
+embedding rows past the tokenizer's vocabulary (padding to a multiple of 64) are kept and listed in
+generation_config.json's suppress_tokens, so generation never produces them (like sample.py's vocab_limit).
+Like GPT-2, the exported model reads at most block_size tokens (n_positions); sample.py slides a window past it.
+The export_dir is built in a temporary folder beside it and renamed into place when complete. An existing,
+non-empty export_dir is only replaced with --force.
+"""
+
+import base64
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from configurator import UserError, configure, run
+from model import EOT, Tokenizer, load_checkpoint, model_from_checkpoint
+
+# -----------------------------------------------------------------------------
+out_dir = "out"                         # directory that holds the checkpoint
+checkpoint = "best_model_params.pt"     # file name inside out_dir
+export_dir = "hf_model"                 # the Hugging Face model folder to write
+force = False                           # replace an existing, non-empty export_dir
+# -----------------------------------------------------------------------------
+
+# Our nn.Linear weights are (out, in); GPT-2's Conv1D layers hold (in, out).
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def gpt2_state_dict(model):
+    """The weights of our GPT under GPT2LMHeadModel's names, ready for safetensors.
+
+    Our parameter names are GPT-2's already (transformer.wte, .wpe, .h.{i}.ln_1, .attn.c_attn, .attn.c_proj,
+    .ln_2, .mlp.c_fc, .mlp.c_proj, .ln_f). The four matmul weights are transposed into Conv1D's (in, out) layout;
+    a bias=False model gets zero biases, which GPT-2 always has; lm_head.weight is left out because it is tied
+    to transformer.wte.weight (transformers restores the tie from tie_word_embeddings).
+    Returns dict name -> contiguous float32 CPU tensor (vocab_size x n_embd for wte, block_size x n_embd for wpe).
+    """
+    params = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    out = {}
+    for name, w in params.items():
+        out[name] = (w.t() if name.endswith(_CONV1D) else w).contiguous()
+        if name.endswith(".weight") and not name.endswith((".wte.weight", ".wpe.weight")):
+            bias = name[:-len("weight")] + "bias"
+            if bias not in params:  # bias=False: the same function with a zero bias
+                out[bias] = torch.zeros(out[name].shape[-1] if name.endswith(_CONV1D) else w.shape[0])
+    return out
+
+
+def gpt2_config(model_args, eot):
+    """config.json for GPT2LMHeadModel from our GPTConfig fields (`model_args`) and the end-of-text id `eot`.
+    n_ctx duplicates n_positions for tools that still read it (llama.cpp's convert_hf_to_gguf.py does)."""
+    n_embd, dropout = model_args["n_embd"], model_args["dropout"]
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": model_args["vocab_size"], "n_positions": model_args["block_size"],
+        "n_ctx": model_args["block_size"], "n_embd": n_embd, "n_layer": model_args["n_layer"],
+        "n_head": model_args["n_head"], "n_inner": 4 * n_embd,
+        "activation_function": "gelu",  # exact GELU, as nn.GELU() in model.MLP
+        "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default
+        "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout, "initializer_range": 0.02,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True, "use_cache": True, "bos_token_id": eot, "eos_token_id": eot,
+        "torch_dtype": "float32",
+    }
+
+
+def generation_config(eot, tokenizer_vocab, vocab_size):
+    """generation_config.json: sample.py's defaults (temperature 0.8, top_p 0.95, no top-k cut), stop at
+    <|endoftext|> (id `eot`, also the padding id for batches), and never the padding ids
+    tokenizer_vocab..vocab_size-1, which the tokenizer cannot decode.
+    No max_length: transformers then adds 20 tokens unless given max_new_tokens, and caps that default at
+    n_positions (a max_length here would make every call with max_new_tokens log a warning)."""
+    cfg = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "do_sample": True,
+           "temperature": 0.8, "top_p": 0.95, "top_k": 0}
+    if tokenizer_vocab < vocab_size:
+        cfg["suppress_tokens"] = list(range(tokenizer_vocab, vocab_size))
+    return cfg
+
+
+def _byte_chars():
+    """GPT-2's reversible map from the 256 byte values to printable characters (Radford et al. 2019,
+    encoder.py): printable Latin-1 bytes stand for themselves, the other 68 get the characters from U+0100 on.
+    This is the alphabet of byte-level BPE vocabularies in tokenizer.json (e.g. " the" is "Ġthe")."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(0x100 + extra)
+            extra += 1
+    return chars
+
+
+def _last_merge(token, rank, ranks):
+    """The two tokens that byte-level BPE joins last when it builds `token` (bytes) with the merges of ranks
+    below `rank`: run tiktoken's algorithm on the token's bytes (join the adjacent pair whose join has the lowest
+    rank, leftmost first) until two parts remain. Returns (left, right) bytes, or None if the token cannot be
+    built that way."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best = None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < rank and (best is None or r < best[0]):
+                best = (r, i)
+        if best is None:
+            return None
+        i = best[1]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return tuple(parts) if len(parts) == 2 and all(ranks.get(p, rank) < rank for p in parts) else None
+
+
+def tiktoken_to_tokenizer_json(spec):
+    """A Hugging Face tokenizer.json equivalent to a tiktoken spec (kind "tiktoken", see model.Tokenizer).
+
+    The vocabulary is the ranks (id = rank), written in GPT-2's byte alphabet (_byte_chars). tiktoken keeps
+    no merge list: it joins whichever adjacent pair forms the lowest-ranked token. The merges are recovered by
+    building each token of 2+ bytes, in rank order, from lower-ranked tokens (_last_merge); for GPT-2's ranks this
+    gives its 50,000 merges, one per token, and the same ids as tiktoken. GPT-2's byte-level pre-tokenizer (the
+    split pattern of spec["pat_str"]) and decoder; <|endoftext|> is a special token with id len(ranks).
+    Returns str. Raises UserError for another split pattern or a token that merges cannot build.
+    """
+    from tiktoken_ext.openai_public import r50k_pat_str
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+    if spec["pat_str"] != r50k_pat_str:
+        raise UserError(f"tokenizer {spec['name']} splits text with a pattern other than GPT-2's; export.py can only "
+                        f"write GPT-2's byte-level pre-tokenizer")
+    ranks = {}
+    for line in spec["ranks"].splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    chars = _byte_chars()
+
+    def text(token):
+        return "".join(chars[b] for b in token)
+
+    merges, unbuildable = [], []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) > 1:
+            pair = _last_merge(token, rank, ranks)
+            if pair is None:
+                unbuildable.append(token)
+            else:
+                merges.append((text(pair[0]), text(pair[1])))
+    if unbuildable:
+        raise UserError(f"{len(unbuildable)} tokens of {spec['name']} (e.g. {unbuildable[0]!r}) cannot be built by "
+                        f"merging lower-ranked tokens, so they have no Hugging Face BPE equivalent")
+    hf = HFTokenizer(models.BPE(vocab={text(t): r for t, r in ranks.items()}, merges=merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex, then bytes
+    hf.decoder = decoders.ByteLevel()
+    hf.post_processor = processors.ByteLevel(trim_offsets=False)
+    hf.add_special_tokens([AddedToken(EOT, special=True)])
+    return hf.to_str()
+
+
+def with_string_merges(tokenizer_json):
+    """The same tokenizer.json with BPE merges written as "left right" strings instead of [left, right] pairs.
+    `tokenizers` 0.20 and later write pairs and read both; 0.19 (what transformers 4.40 to 4.44 use) reads only
+    strings. Left unchanged if a merge part holds a space (byte-level vocabularies never do: space is "Ġ")."""
+    data = json.loads(tokenizer_json)
+    merges = data.get("model", {}).get("merges")
+    if not merges or isinstance(merges[0], str) or any(" " in part for pair in merges for part in pair):
+        return tokenizer_json
+    data["model"]["merges"] = [" ".join(pair) for pair in merges]
+    return json.dumps(data, ensure_ascii=False)
+
+
+def tokenizer_files(tok, block_size):
+    """{file name: text} of the tokenizer files for `tok` (model.Tokenizer): tokenizer.json (converted from
+    GPT-2 ranks, or a trained vocabulary's own file, with merges as strings: with_string_merges) and
+    tokenizer_config.json. The class is PreTrainedTokenizerFast, which uses tokenizer.json as written;
+    <|endoftext|> is the bos, eos and unk token."""
+    spec = tok.spec
+    tokenizer_json = with_string_merges(
+        tiktoken_to_tokenizer_json(spec) if spec["kind"] == "tiktoken" else spec["json"])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
+              "model_max_length": block_size, "add_prefix_space": False, "clean_up_tokenization_spaces": False}
+    return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
+
+
+def _check_destination(path, ckpt_path):
+    """Raise UserError if `path` cannot be (re)written: a file, a non-empty folder without --force, or a folder
+    that holds the checkpoint itself."""
+    if os.path.isfile(path):
+        raise UserError(f"export_dir {path} is a file: choose a folder name")
+    if os.path.isdir(path) and os.listdir(path):
+        if not force:
+            raise UserError(f"export_dir {path} already exists and is not empty: pass --force to replace it, "
+                            f"or choose another --export_dir")
+        inside = os.path.commonpath([os.path.abspath(path), os.path.abspath(ckpt_path)]) == os.path.abspath(path)
+        if inside:
+            raise UserError(f"export_dir {path} holds the checkpoint {ckpt_path}: --force would delete it; "
+                            f"choose another --export_dir")
+
+
+def _replace_dir(tmp, path):
+    """Put the finished folder `tmp` at `path`: a rename when `path` is missing or empty; otherwise the old folder
+    is renamed aside first and deleted after the new one is in place."""
+    old = None
+    if os.path.isdir(path) and os.listdir(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=os.path.dirname(os.path.abspath(path)))
+        os.replace(path, os.path.join(old, "dir"))
+    try:
+        os.replace(tmp, path)  # replaces an empty folder in one step
+    except OSError:
+        if old is not None:
+            os.replace(os.path.join(old, "dir"), path)
+            os.rmdir(old)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def main():
+    configure(globals(), doc=__doc__)
+    from safetensors.torch import save_file
+    ckpt_path = os.path.join(out_dir, checkpoint)
+    dest = os.path.normpath(export_dir)
+    _check_destination(dest, ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    tok = Tokenizer(ckpt["tokenizer"])
+    model = model_from_checkpoint(ckpt)
+    args = ckpt["model_args"]
+    if tok.vocab_size > args["vocab_size"]:
+        raise UserError(f"{ckpt_path} is inconsistent: its tokenizer has {tok.vocab_size} ids but the model only "
+                        f"{args['vocab_size']} embedding rows")
+
+    files = tokenizer_files(tok, args["block_size"])
+    files["config.json"] = json.dumps(gpt2_config(args, tok.eot_token), indent=2) + "\n"
+    files["generation_config.json"] = json.dumps(
+        generation_config(tok.eot_token, tok.vocab_size, args["vocab_size"]), indent=2) + "\n"
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp.", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        weights = os.path.join(tmp, "model.safetensors")
+        save_file(gpt2_state_dict(model), weights, metadata={"format": "pt"})
+        for name, text in files.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        os.chmod(weights, 0o666 & ~umask)  # mkdtemp and safetensors create owner-only; make it like the rest
+        os.chmod(tmp, 0o777 & ~umask)
+        _replace_dir(tmp, dest)
+    except OSError as e:
+        raise UserError(f"could not write {dest}: {e.strerror or e}") from None
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    print(f"exported {ckpt_path} ({model.num_params() / 1e6:.2f}M parameters, tokenizer {tok.spec['name']}) "
+          f"to {dest}/: {', '.join(sorted(['model.safetensors', *files]))}")
+    print(f'load it with transformers.AutoModelForCausalLM.from_pretrained("{dest}") and '
+          f'AutoTokenizer.from_pretrained("{dest}")')
+
+
+if __name__ == "__main__":
+    run(main)

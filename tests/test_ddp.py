@@ -1,0 +1,54 @@
+"""torchrun DDP on CPU (gloo): two processes sharing the global batch train exactly like one process."""
+import csv
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT, TINY, assert_user_error, run_script
+
+# float32, no dropout; every iteration is evaluated so the losses are compared at every step
+ARGS = [*TINY, "--gradient_accumulation_steps=4", "--eval_interval=1", "--eval_iters=4", "--log_interval=1"]
+
+
+def torchrun(nproc, *args):
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", str(ROOT / "train.py"), *map(str, args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def read_log(out_dir):
+    with open(out_dir / "log.csv") as f:
+        return [(int(r["iter"]), float(r["train_loss"]), float(r["val_loss"])) for r in csv.DictReader(f)]
+
+
+def test_two_processes_match_one_and_resume(sample_data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script("train.py", *ARGS, f"--data_dir={sample_data}", f"--out_dir={one}", "--max_iters=4")
+    # the DDP run stops at 2 and resumes to 4 under torchrun
+    first = torchrun(2, *ARGS, f"--data_dir={sample_data}", f"--out_dir={two}", "--max_iters=2")
+    assert first.stdout.count("iter 2: train loss") == 1  # only rank 0 prints
+    assert "2 processes x 2 micro-steps" in first.stdout
+    torchrun(2, *ARGS, f"--data_dir={sample_data}", f"--out_dir={two}", "--max_iters=4", "--init_from=resume")
+
+    a, b = read_log(one), read_log(two)
+    assert [r[0] for r in a] == [r[0] for r in b] == [0, 1, 2, 3, 4]
+    assert a[-1][2] < a[0][2] - 0.1  # it learns (4 steps, still in warmup)
+    for (_, train_a, val_a), (_, train_b, val_b) in zip(a, b, strict=True):
+        assert abs(train_a - train_b) < 1e-4 and abs(val_a - val_b) < 1e-4
+    wa = torch.load(one / "ckpt.pt", weights_only=True)["model"]
+    wb = torch.load(two / "ckpt.pt", weights_only=True)["model"]
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def test_accumulation_must_divide_among_processes(sample_data, tmp_path):
+    # the check runs before the process group starts, so torchrun's variables alone trigger it
+    proc = run_script("train.py", *TINY, f"--data_dir={sample_data}", f"--out_dir={tmp_path}",
+                      "--gradient_accumulation_steps=3", check=False,
+                      env={"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"})
+    assert_user_error(proc, "gradient_accumulation_steps=3", "2 processes", "multiple of 2")
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,373 @@
+"""eval.py: exact loss against brute force, story metrics on hand-made text, the judge against a local server,
+reports and --compare, and bad inputs. A tiny random model on a tiny prepared directory: no training needed."""
+import json
+import math
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE, assert_user_error, run_script
+
+import eval as ev
+from configurator import UserError
+from model import (
+    GPT,
+    GPTConfig,
+    Tokenizer,
+    bits_per_byte,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+
+CPU = ["--device=cpu", "--dtype=float32"]
+
+
+def tiny_gpt(vocab_size=50, block_size=8, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=16,
+                         dropout=0.0, bias=True))
+
+
+def documents(name, n):
+    return [b for b in (SAMPLE / name).read_text(encoding="utf-8").split("\n\n") if b.strip()][:n]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A prepared data directory (300-id BPE trained on 100 sample stories; 6 validation stories, also as a
+    .txt) and out/best_model_params.pt: an untrained GPT saved the way train.py saves it."""
+    from prepare import train_bpe
+    root = tmp_path_factory.mktemp("eval")
+    data, out = root / "data", root / "out"
+    data.mkdir()
+    out.mkdir()
+    train_docs, val_docs = documents("train.txt", 100), documents("validation.txt", 6)
+    tok = train_bpe(train_docs, 300)
+    (data / "tokenizer.json").write_text(tok.spec["json"], encoding="utf-8")
+    meta = {"dataset": "test", "tokenizer": {**tok.describe(), "file": "tokenizer.json"},
+            "vocab_size": tok.vocab_size, "eot_token": tok.eot_token, "dtype": "uint16", "splits": {}}
+    for split, docs in (("train", train_docs), ("validation", val_docs)):
+        ids = ev.encode_documents(tok, docs).astype(np.uint16)
+        ids.tofile(data / f"{split}.bin")
+        meta["splits"][split] = {"documents": len(docs), "tokens": int(ids.size),
+                                 "bytes": sum(len(d.encode("utf-8")) for d in docs)}
+    (data / "meta.json").write_text(json.dumps(meta))
+    (root / "validation.txt").write_text("\n\n".join(val_docs), encoding="utf-8")
+    args = {"vocab_size": 320, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0,
+            "bias": True}
+    torch.manual_seed(0)
+    save_checkpoint({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "tokenizer": tok.spec,
+                     "config": {"data_dir": str(data)}, "iter_num": 7, "val_loss": 5.0},
+                    out / "best_model_params.pt")
+    return {"root": root, "data": data, "out": out, "tok": tok, "meta": meta, "train_docs": train_docs}
+
+
+class Judge(BaseHTTPRequestHandler):
+    """Chat-completions endpoints: /ok/v1 answers the next of REPLIES, /fail/v1 HTTP 500, /junk/v1 not JSON,
+    /slow/v1 nothing for a second."""
+    REPLIES: ClassVar = ['{"grammar": 8, "creativity": 6, "consistency": 7, "plot": 5}',
+               'Here you go:\n```json\n{"Grammar": "9/10", "creativity": 7, "consistency": 8, "plot": 6}\n```',
+               "I would rather not grade this story."]
+    requests: ClassVar = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        Judge.requests.append((self.path, dict(self.headers), body))
+        if self.path.startswith("/slow/"):
+            time.sleep(1.0)
+            return
+        if self.path.startswith("/fail/"):
+            self.send_error(500, "model overloaded")
+            return
+        if self.path.startswith("/junk/"):
+            answer = b"<html>not an API</html>"
+        else:
+            reply = Judge.REPLIES[(len(Judge.requests) - 1) % len(Judge.REPLIES)]
+            answer = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def judge_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# exact loss
+
+def brute_force(model, tokens, block_size, overlap):
+    """Sum of -log p(token j | its context) with one forward pass per token. Token j is scored by the first
+    window k (start k * stride) that holds it as a target at an offset >= overlap (any offset in window 0)."""
+    stride, total, starts = block_size - overlap, 0.0, []
+    for j in range(1, len(tokens)):
+        k = 0
+        while not (j - 1 - k * stride < block_size and (k == 0 or j - 1 - k * stride >= overlap)):
+            k += 1
+        start = k * stride
+        starts.append(start)
+        logits, _ = model(torch.tensor(tokens[start:j])[None])
+        total -= torch.log_softmax(logits[0, -1].double(), -1)[tokens[j]].item()
+    return total, starts
+
+
+@pytest.mark.parametrize("n", [2, 9, 10, 29])
+def test_exact_loss_scores_every_token_once_like_brute_force(n):
+    model = tiny_gpt().eval()
+    tokens = np.random.default_rng(n).integers(0, 50, n).tolist()
+    for overlap in (0, 3, 4, 7):
+        res = ev.exact_loss(model, tokens, block_size=8, overlap=overlap, batch_size=3)
+        expected, starts = brute_force(model, tokens, 8, overlap)
+        assert res["tokens_scored"] == n - 1
+        assert res["loss_sum"] == pytest.approx(expected, rel=1e-5)
+        assert res["loss"] == pytest.approx(res["loss_sum"] / (n - 1))
+        if overlap == 7:  # stride 1: a sliding window over the last 8 tokens
+            assert starts == [max(0, j - 8) for j in range(1, n)]
+        if overlap == 0:  # disjoint windows
+            assert starts == [8 * ((j - 1) // 8) for j in range(1, n)]
+        assert all(j - s >= min(j, overlap + 1) for j, s in zip(range(1, n), starts))  # the promised context
+
+
+def test_exact_loss_does_not_depend_on_batch_size_and_reads_a_memmap(tmp_path):
+    model = tiny_gpt(block_size=16)
+    tokens = np.random.default_rng(0).integers(0, 40, 200).astype(np.uint16)
+    tokens.tofile(tmp_path / "v.bin")
+    stream = np.memmap(tmp_path / "v.bin", dtype=np.uint16, mode="r")
+    results = [ev.exact_loss(model, stream, batch_size=b) for b in (1, 2, 7, 100)]
+    assert {r["tokens_scored"] for r in results} == {199} and results[0]["overlap"] == 8
+    assert all(r["loss_sum"] == pytest.approx(results[0]["loss_sum"], rel=1e-6) for r in results)
+    assert model.training  # put back in training mode, as train.py will call it mid-run
+    with pytest.raises(ValueError, match="overlap=16 must be 0..15"):
+        ev.exact_loss(model, stream, overlap=16)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        ev.exact_loss(model, stream[:1])
+
+
+def test_bits_per_byte_formula():
+    assert bits_per_byte(math.log(2), 100, 50) == pytest.approx(2.0)  # 1 bit/token x 2 tokens/byte
+    assert bits_per_byte(1.5, 1000, 4000) == pytest.approx(1.5 / math.log(2) / 4)
+
+
+def test_text_documents_split_like_prepare(tmp_path):
+    assert ev.text_documents(SAMPLE / "validation.txt") == documents("validation.txt", 10 ** 6)
+    (tmp_path / "a.txt").write_text("One.\n\n \n\nTwo\nlines.\n\n\n\nThree.\n")
+    assert ev.text_documents(tmp_path / "a.txt") == ["One.", "Two\nlines.", "Three.\n"]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "blank.txt").write_text("\n\n  \n")
+    for name, message in (("latin1.txt", "is not UTF-8 text (byte 0xe9 at offset 3)"),
+                          ("blank.txt", "holds no text"), ("none.txt", "cannot read the text file")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            ev.text_documents(tmp_path / name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# stories
+
+def test_story_metrics_on_hand_made_text():
+    assert ev.words("It\u2019s 3 o'clock: rock'n'roll, 'quoted' Caf\xe9_x") == [
+        "it's", "o'clock", "rock'n'roll", "quoted", "caf\xe9", "x"]
+    texts = ["The cat sat. The cat ran!", "Don't stop, Lily's dog 42 ran"]
+    # words: the cat sat the cat ran | don't stop lily's dog ran
+    m = ev.text_metrics(texts, vocab={"the", "cat", "sat", "ran", "dog", "stop"})
+    assert m["words"] == 5.5
+    assert m["distinct_1"] == pytest.approx(8 / 11)  # the cat sat ran don't stop lily's dog
+    assert m["distinct_2"] == pytest.approx(8 / 9)   # (the, cat) twice; no bigram crosses the two samples
+    assert m["distinct_3"] == 1.0
+    assert m["longest_repeat"] == 1.0                # "the cat" (2) and nothing (0)
+    assert m["oov"] == pytest.approx(2 / 11)         # don't, lily's
+    assert ev.text_metrics(texts)["oov"] is None
+    assert [ev.longest_repeat(s.split()) for s in ("", "a", "a b", "a a a a", "a b c a b c", "x a b y a b", "a b a b a")] \
+        == [0, 0, 0, 3, 3, 2, 3]  # occurrences may overlap: "a a a" at 0 and 1, "a b a" at 0 and 2
+    assert ev.distinct_n([["a"]], 2) is None
+
+
+def test_story_counts_stop_at_end_of_text(run_dir):
+    tok = run_dir["tok"]
+    eot, a, b = tok.eot_token, *tok.encode("ab")[:1], *tok.encode(" cat")[:1]
+
+    class Stub(torch.nn.Module):  # continues row 0 with a, b, <eot>, <eot> and row 1 with b, b, b, b
+        def generate(self, idx, max_new_tokens, **kw):
+            assert kw["eos_token"] == eot and kw["vocab_limit"] == tok.vocab_size and max_new_tokens == 4
+            new = torch.tensor([[a, b, eot, eot], [b, b, b, b]])[:idx.size(0)]
+            return torch.cat([idx, new], dim=1)
+
+    samples = ev.generate_samples(Stub(), tok, ["Once", "Then"], 3, 4, 1.0, 0, 1.0, 0, "cpu")
+    assert [s["prompt"] for s in samples] == ["Once", "Then", "Once"]
+    assert [(s["tokens"], s["ended"]) for s in samples] == [(2, True), (2, True), (4, False)]
+    assert samples[0]["text"] == tok.decode([a, b])
+    m = ev.story_metrics(samples)
+    assert m["num_samples"] == 3 and m["tokens"] == pytest.approx(8 / 3) and m["ended"] == pytest.approx(2 / 3)
+
+
+def test_sampling_is_deterministic_for_a_seed(run_dir):
+    ckpt = load_checkpoint(str(run_dir["out"] / "best_model_params.pt"))
+    model, tok = model_from_checkpoint(ckpt), Tokenizer(ckpt["tokenizer"])
+
+    def draw(seed):
+        return ev.generate_samples(model, tok, ev.PROMPTS, 4, 10, 1.0, 0, 1.0, seed, "cpu")
+
+    first, again, other = draw(1), draw(1), draw(2)
+    assert first == again and first != other
+    assert ev.story_metrics(first) == ev.story_metrics(again)
+    assert all(s["tokens"] == 10 or s["ended"] for s in first)
+
+
+def test_train_vocabulary_reads_whole_documents(run_dir):
+    data, meta = run_dir["data"], run_dir["meta"]
+    everything = set(ev.words("\n".join(run_dir["train_docs"])))
+    vocab, read = ev.train_vocabulary(data, meta, 0)
+    assert vocab == everything and read == meta["splits"]["train"]["tokens"]
+    assert ev.train_vocabulary(data, meta, 0, step=37)[0] == everything  # documents across read steps
+    some, read = ev.train_vocabulary(data, meta, 8000, pieces=4)
+    assert 0 < read <= 8000 and some < everything  # no fragments of cut-off documents
+
+
+# --------------------------------------------------------------------------------------------------------------
+# judge
+
+def test_parse_grades():
+    assert ev.parse_grades('{"grammar": 8, "creativity": 6, "consistency": 7, "plot": 5}') == \
+        {"grammar": 8, "creativity": 6, "consistency": 7, "plot": 5}
+    assert ev.parse_grades("Grammar: 8/10\nCreativity: 7/10\nConsistency: 6/10\nPlot: 5/10")["plot"] == 5
+    for bad in ('{"grammar": 11, "creativity": 6, "consistency": 7, "plot": 5}',
+                '{"grammar": 8, "creativity": 6, "consistency": 7}',
+                '{"grammar": true, "creativity": 6, "consistency": 7, "plot": 5}', "eight out of ten", ""):
+        assert ev.parse_grades(bad) is None
+
+
+def test_judge_means_from_a_local_chat_completions_server(judge_server):
+    Judge.requests.clear()
+    samples = [{"prompt": "Once upon a time", "text": f" story {i}.", "tokens": 3, "ended": True} for i in range(3)]
+    res = ev.judge_samples(samples, judge_server + "/ok/v1/", "tiny-judge", api_key="sk-test", timeout=10)
+    assert res == {"grammar": 8.5, "creativity": 6.5, "consistency": 7.5, "plot": 5.5, "graded": 2,
+                   "unparseable": 1, "model": "tiny-judge"}
+    assert samples[1]["grades"]["grammar"] == 9 and samples[2]["grades"] is None
+    path, headers, body = Judge.requests[0]
+    assert path == "/ok/v1/chat/completions" and headers["Authorization"] == "Bearer sk-test"
+    assert body["model"] == "tiny-judge" and body["temperature"] == 0
+    assert "Once upon a time*** story 0." in body["messages"][-1]["content"]
+    Judge.requests.clear()
+    Judge.requests.extend([None, None])  # the next answer is the unparseable one
+    with pytest.raises(UserError, match="none of the 1 answers .* 'I would rather not"):
+        ev.judge_samples(samples[:1], judge_server + "/ok/v1", "tiny-judge")
+    with pytest.raises(UserError, match="did not answer in chat-completions format"):
+        ev.judge_samples(samples[:1], judge_server + "/junk/v1", "tiny-judge")
+    with pytest.raises(UserError, match=f"the judge at {judge_server}/slow/v1/chat/completions did not answer "
+                                        f"within 0.2 s"):
+        ev.judge_samples(samples[:1], judge_server + "/slow/v1", "tiny-judge", timeout=0.2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the command line
+
+def test_cli_report_text_file_and_compare(run_dir, judge_server):
+    out, data, meta = run_dir["out"], run_dir["data"], run_dir["meta"]
+    proc = run_script("eval.py", f"--out_dir={out}", *CPU, "--num_samples=3", "--max_new_tokens=12",
+                      f"--judge_url={judge_server}/ok/v1", "--judge_model=tiny-judge", "--batch_size=4")
+    rep = json.loads((out / "eval.json").read_text())
+    loss, val = rep["loss"], meta["splits"]["validation"]
+    assert loss["tokens_scored"] == val["tokens"] - 1 and (loss["tokens"], loss["bytes"]) == (val["tokens"],
+                                                                                              val["bytes"])
+    assert (loss["block_size"], loss["overlap"]) == (32, 16) and not loss["partial"]
+    assert loss["nats_per_token"] == pytest.approx(loss["loss_sum"] / loss["tokens_scored"])
+    assert loss["perplexity"] == pytest.approx(math.exp(loss["nats_per_token"]))
+    assert loss["bits_per_byte"] == pytest.approx(loss["nats_per_token"] / math.log(2) * val["tokens"] / val["bytes"])
+    # the same numbers as a direct call on validation.bin
+    model = model_from_checkpoint(load_checkpoint(str(out / "best_model_params.pt")))
+    direct = ev.exact_loss(model, np.fromfile(data / "validation.bin", dtype=np.uint16), 32, 16, 4)
+    assert loss["loss_sum"] == pytest.approx(direct["loss_sum"], rel=1e-9)
+    stories = rep["stories"]
+    assert stories["num_samples"] == len(rep["samples"]) == 3 and 0 <= stories["oov"] <= 1
+    assert stories["train_tokens_read"] == meta["splits"]["train"]["tokens"]
+    assert rep["judge"]["graded"] + rep["judge"]["unparseable"] == 3 and rep["model"]["iter_num"] == 7
+    assert f"{loss['bits_per_byte']:.4f}" in proc.stdout and (out / "eval.md").read_text().startswith("# Evaluation")
+
+    # --text on the validation stories: same documents, same tokens, same loss and bits per byte
+    run_script("eval.py", f"--out_dir={out}", *CPU, "--num_samples=0", f"--text={run_dir['root']}/validation.txt",
+               f"--report={run_dir['root']}/text.json")
+    text = json.loads((run_dir["root"] / "text.json").read_text())["loss"]
+    assert (text["tokens"], text["bytes"], text["documents"]) == (val["tokens"], val["bytes"], val["documents"])
+    assert text["nats_per_token"] == pytest.approx(loss["nats_per_token"], rel=1e-6)  # float32 batch means
+    assert text["bits_per_byte"] == pytest.approx(loss["bits_per_byte"], rel=1e-6)
+    assert (run_dir["root"] / "text.md").exists()
+
+    bogus = run_dir["root"] / "bogus.json"
+    bogus.write_text('{"loss": 1}')
+    proc = run_script("eval.py", f"--compare={out}/eval.json,{run_dir['root']}/text.json")
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"| | {out}/eval.json | {run_dir['root']}/text.json |"
+    assert f"| bits per byte | {loss['bits_per_byte']:.4f} | {text['bits_per_byte']:.4f} |" in lines
+    assert any(line.startswith("| judge grammar (1-10) | 8.50 | - |") for line in lines)
+    with pytest.raises(UserError, match="is not a report written by eval.py"):
+        ev.compare_reports([str(bogus)])
+    with pytest.raises(UserError, match="cannot read the report"):
+        ev.compare_reports([str(run_dir["root"] / "none.json")])
+
+
+@pytest.mark.parametrize("case", ["closed_port", "http_500", "no_checkpoint"])
+def test_cli_bad_input(case, run_dir, judge_server, tmp_path):
+    out = run_dir["out"]
+    if case == "no_checkpoint":
+        args, fragments = [f"--out_dir={tmp_path}", *CPU], ["no checkpoint at", "python train.py"]
+    else:
+        if case == "closed_port":
+            import socket
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+            fragments = [f"cannot reach the judge at {url}/chat/completions", "refused"]
+        else:
+            url = f"{judge_server}/fail/v1"
+            fragments = [f"the judge at {url}/chat/completions answered HTTP 500"]
+        args = [f"--out_dir={out}", *CPU, "--num_samples=1", "--max_new_tokens=2", f"--judge_url={url}",
+                "--judge_model=m", f"--report={tmp_path}/r.json"]
+    proc = run_script("eval.py", *args, check=False)
+    assert_user_error(proc, *fragments)
+    assert list(tmp_path.iterdir()) == []  # no report written
+
+
+def test_prepared_data_problems_name_the_fix(run_dir, tmp_path):
+    meta, problems = ev.read_meta(run_dir["data"])
+    assert meta == run_dir["meta"] and problems == {"train": "", "validation": ""}
+    assert ev.read_meta(tmp_path) == (None, {})
+    (tmp_path / "meta.json").write_text(json.dumps(run_dir["meta"]))
+    (tmp_path / "train.bin").write_bytes(b"12345")
+    _, problems = ev.read_meta(tmp_path)
+    assert "train.bin does not match meta.json: re-run prepare.py with --force" in problems["train"]
+    assert "validation.bin is missing: run `python prepare.py --data_dir=" in problems["validation"]
+    (tmp_path / "meta.json").write_text("{")
+    with pytest.raises(UserError, match="meta.json is damaged"):
+        ev.read_meta(tmp_path)
+
+
+def test_train_final_eval_scores_every_validation_token(run_dir, tmp_path):
+    from conftest import TINY
+    out = tmp_path / "run"
+    proc = run_script("train.py", *TINY, f"--data_dir={run_dir['data']}", f"--out_dir={out}", "--max_iters=6",
+                      "--eval_interval=3", "--final_eval=True")
+    final = json.loads((out / "final_eval.json").read_text())
+    val = run_dir["meta"]["splits"]["validation"]
+    assert final["tokens_scored"] == val["tokens"] - 1 and final["overlap"] == 16
+    assert f"{final['bits_per_byte']:.4f} bits per byte" in proc.stdout
+    # the same number as eval.py's function on the best weights
+    model = model_from_checkpoint(load_checkpoint(str(out / "best_model_params.pt")))
+    direct = ev.exact_loss(model, np.fromfile(run_dir["data"] / "validation.bin", dtype=np.uint16), 32, 16, 8)
+    assert final["nats_per_token"] == pytest.approx(direct["loss"], rel=1e-6)
+    assert final["bits_per_byte"] == pytest.approx(bits_per_byte(direct["loss"], val["tokens"], val["bytes"]))

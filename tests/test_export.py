@@ -1,0 +1,150 @@
+"""export.py: a checkpoint becomes a Hugging Face GPT-2 folder that `transformers` loads with no code from here,
+computes the same logits, tokenizes text to the same ids, and generates."""
+import json
+import math
+import os
+
+import pytest
+import torch
+from conftest import GPT2_RANKS, SAMPLE, assert_user_error, run_script
+
+from configurator import UserError
+from model import GPT, GPTConfig, load_tokenizer, save_checkpoint
+from prepare import train_bpe
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+TEXTS = [
+    "Once upon a time, there was a little girl named Lily.",
+    "café naïve Zoë — “quotes” ‘too’ über straße",
+    "emoji 🙂🐶🦄 with skin tone 👋🏽 and ZWJ 👨‍👩‍👧",
+    "new\nlines\n\n\nand\r\nCRLF",
+    "multiple   spaces,\ttabs\t\tand trailing spaces   ",
+    " leading space", "中文, русский, العربية", "It's 3.14 o'clock; we'll see. I'm 42!",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """transformers in this process must never reach the network."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in OFFLINE.items():
+            mp.setenv(k, v)
+        yield
+
+
+def tiny_checkpoint(out_dir, tok, bias):
+    """A 2-layer GPT over `tok` with every parameter (LayerNorm gains and biases too) randomised, so that a
+    misplaced or untransposed tensor changes the logits; saved as train.py saves best_model_params.pt."""
+    args = {"vocab_size": math.ceil(tok.vocab_size / 64) * 64, "block_size": 32, "n_layer": 2, "n_head": 2,
+            "n_embd": 32, "dropout": 0.0, "bias": bias}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**args))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint({"model": model.state_dict(), "model_args": args, "tokenizer": tok.spec, "config": {},
+                     "iter_num": 0}, out_dir / "best_model_params.pt")
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["gpt2-bias", "bpe-nobias"])
+def case(request, tmp_path_factory):
+    """Export a tiny model: GPT-2's ranks with biases, or a 512-id vocabulary trained on the sample without
+    biases (over an existing folder, with --force).
+    Returns (export dir, our model, our tokenizer, transformers model, transformers tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    root = tmp_path_factory.mktemp(request.param)
+    if request.param == "gpt2-bias":
+        tok, bias = load_tokenizer(str(GPT2_RANKS)), True
+    else:
+        docs = [d for d in (SAMPLE / "train.txt").read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        tok, bias = train_bpe(docs, 512), False
+    ours = tiny_checkpoint(root / "out", tok, bias)
+    export = root / "hf_model"
+    force = []
+    if not bias:  # also: --force replaces an existing folder, and nothing is left beside it
+        export.mkdir()
+        (export / "old.txt").write_text("replaced")
+        force = ["--force"]
+    run_script("export.py", f"--out_dir={root / 'out'}", f"--export_dir={export}", *force, env=OFFLINE)
+    assert sorted(os.listdir(root)) == ["hf_model", "out"]
+    hf = AutoModelForCausalLM.from_pretrained(export).eval()
+    return export, ours, tok, hf, AutoTokenizer.from_pretrained(export)
+
+
+def test_folder_is_a_standard_gpt2_model(case):
+    export, ours, tok, hf, _ = case
+    assert sorted(os.listdir(export)) == ["config.json", "generation_config.json", "model.safetensors",
+                                          "tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((export / "config.json").read_text())
+    assert config["architectures"] == ["GPT2LMHeadModel"] and config["activation_function"] == "gelu"
+    assert config["vocab_size"] == ours.config.vocab_size and config["n_positions"] == config["n_ctx"] == 32
+    assert hf.config.eos_token_id == hf.config.bos_token_id == tok.eot_token
+    from safetensors import safe_open
+    with safe_open(export / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "lm_head.weight" not in names  # tied to transformer.wte.weight, as GPT-2 ships it
+    assert names == {k for k in hf.state_dict() if k != "lm_head.weight"}
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+
+
+def test_same_logits_as_ours(case):
+    _, ours, _, hf, _ = case
+    rng = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, ours.config.vocab_size, (2, ours.config.block_size), generator=rng)  # padding ids too
+    with torch.no_grad():
+        expected, _ = ours(idx, torch.zeros_like(idx))
+        got = hf(idx).logits
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_same_token_ids_as_ours(case):
+    _, _, tok, _, hf_tok = case
+    assert hf_tok.eos_token_id == hf_tok.bos_token_id == tok.eot_token and hf_tok.model_max_length == 32
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert hf_tok(text)["input_ids"] == ids, text
+        assert hf_tok.decode(ids) == text
+    assert hf_tok.decode([tok.eot_token]) == "<|endoftext|>"
+
+
+def test_generates_and_never_produces_padding_ids(case):
+    _, ours, tok, hf, hf_tok = case
+    from transformers import pipeline
+    generate = pipeline("text-generation", model=hf, tokenizer=hf_tok)
+    text = generate("Once upon a time", max_new_tokens=5)[0]["generated_text"]
+    assert text.startswith("Once upon a time") and len(text) > len("Once upon a time")
+    if tok.vocab_size < ours.config.vocab_size:  # make the padding rows win every argmax: they must stay unused
+        padding = hf.transformer.wte.weight[tok.vocab_size:]
+        saved = padding.detach().clone()
+        try:
+            with torch.no_grad():
+                padding *= 1000
+            out = hf.generate(torch.tensor([tok.encode("Once upon a time")]), max_new_tokens=8, top_k=1)  # greedy
+        finally:
+            with torch.no_grad():
+                padding.copy_(saved)
+        assert out.shape[1] > 4 and out.max().item() < tok.vocab_size
+
+
+def test_refuses_to_overwrite_without_force(tmp_path, monkeypatch):
+    tok = load_tokenizer(str(GPT2_RANKS))
+    tiny_checkpoint(tmp_path / "out", tok, bias=True)
+    dest = tmp_path / "hf_model"
+    dest.mkdir()
+    (dest / "old.txt").write_text("keep me")
+    proc = run_script("export.py", f"--out_dir={tmp_path / 'out'}", f"--export_dir={dest}", check=False, env=OFFLINE)
+    assert_user_error(proc, "already exists", "--force")
+    assert os.listdir(dest) == ["old.txt"]
+    proc = run_script("export.py", f"--out_dir={tmp_path / 'nowhere'}", f"--export_dir={tmp_path / 'new'}",
+                      check=False, env=OFFLINE)
+    assert_user_error(proc, "no checkpoint at", "python train.py")
+    assert sorted(os.listdir(tmp_path)) == ["hf_model", "out"]  # nothing written
+
+    import export  # --force never deletes the checkpoint it exports (checked in-process: no second start-up)
+    monkeypatch.setattr(export, "force", True)
+    with pytest.raises(UserError, match="holds the checkpoint"):
+        export._check_destination(str(tmp_path), str(tmp_path / "out" / "best_model_params.pt"))
+    export._check_destination(str(dest), str(tmp_path / "out" / "best_model_params.pt"))  # elsewhere: allowed
