@@ -57,6 +57,7 @@ from model import (
     bits_per_byte,
     load_checkpoint,
     model_from_checkpoint,
+    quantize_int8,
     resolve_device,
     tokenizer_from_meta,
 )
@@ -90,6 +91,7 @@ judge_temperature = 0.0                 # sent with each request; negative: not 
 # system
 device = "auto"                         # auto, cpu, mps, cuda, cuda:N
 dtype = "auto"                          # auto, float32, bfloat16, float16
+quantize = ""                           # "int8": evaluate sample.py --quantize=int8's model (CPU, float32)
 # -----------------------------------------------------------------------------
 
 _MAX_NEW_TOKENS = 100_000
@@ -650,7 +652,7 @@ def main():
     print(json.dumps(config), file=sys.stderr)
     check_settings()
     t0 = time.time()
-    dev, device_type, precision = resolve_device(device, dtype)
+    dev, device_type, precision = resolve_device(device, dtype, quantize=quantize)
     ckpt_path = f"{out_dir}/{checkpoint}"
     ckpt = load_checkpoint(ckpt_path, device=dev)
     tok = Tokenizer(ckpt["tokenizer"])
@@ -705,9 +707,12 @@ def main():
         raise UserError(f"cannot write the report {json_path}: {folder} is not writable; choose --report=PATH")
 
     model = model_from_checkpoint(ckpt).eval()
+    n_params = model.num_params()  # counted before quantization, whose int8 weights are not parameters
+    if quantize:
+        model = quantize_int8(model)
     ctx = autocast(device_type, precision)
     rep = {"kind": _REPORT_KIND, "version": 1, "checkpoint": ckpt_path, "settings": config,
-           "model": {"iter_num": ckpt.get("iter_num"), "params": model.num_params(),
+           "model": {"iter_num": ckpt.get("iter_num"), "params": n_params,
                      "tokenizer": tok.spec.get("name"), "model_args": ckpt["model_args"],
                      "val_loss_at_save": ckpt.get("val_loss")},
            "device": dev, "dtype": precision}

@@ -463,19 +463,28 @@ def bits_per_byte(loss, tokens, n_bytes):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(device="auto", dtype="auto", cuda=None, mps=None, cuda_bf16=None):
+def resolve_device(device="auto", dtype="auto", cuda=None, mps=None, cuda_bf16=None, quantize=""):
     """Choose the device and the autocast precision.
 
     Args:
         device: "auto" (cuda, then mps, then cpu), "cpu", "mps", "cuda" or "cuda:N".
         dtype: "auto", "float32", "bfloat16" or "float16". "auto" is bfloat16 on CUDA GPUs that support it
             and on CPU, float16 on other CUDA GPUs and on MPS.
+        quantize: "" or "int8" (quantize_int8), which runs on the CPU in float32: auto then means those.
         cuda, mps, cuda_bf16: what this machine has; detected when None (tests pass them in).
     Returns:
         (device, device_type, dtype): e.g. ("cuda:0", "cuda", "bfloat16").
     Raises:
-        UserError: the device or dtype is unknown or not available here; the message lists what is.
+        UserError: the device or dtype is unknown or not available here (the message lists what is), or
+            quantize is not "" or "int8", or int8 is asked for off the CPU or with a 16-bit dtype.
     """
+    if quantize not in ("", "int8"):
+        raise UserError(f"quantize={quantize!r}: the only quantization is int8 (or leave it empty)")
+    if quantize:
+        if device not in ("auto", "cpu") or dtype not in ("auto", "float32"):
+            raise UserError("--quantize=int8 runs on the CPU with float32 activations: drop --device/--dtype or "
+                            "use --device=cpu --dtype=float32")
+        device, dtype = "cpu", "float32"
     cuda_probe = cuda is None
     cuda = torch.cuda.is_available() if cuda is None else cuda
     mps = (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()) if mps is None else mps

@@ -43,12 +43,7 @@ def main():
                         f"use at most {_MAX_NEW_TOKENS:,}")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise UserError("temperature and top_k must be >= 0 and top_p in (0, 1]")
-    if quantize not in ("", "int8"):
-        raise UserError(f"quantize={quantize!r}: the only quantization is int8 (or leave it empty)")
-    if quantize and (device not in ("auto", "cpu") or dtype not in ("auto", "float32")):
-        raise UserError("--quantize=int8 runs on the CPU with float32 activations: drop --device/--dtype or use "
-                        "--device=cpu --dtype=float32")
-    dev, _, precision = resolve_device("cpu", "float32") if quantize else resolve_device(device, dtype)
+    dev, _, precision = resolve_device(device, dtype, quantize=quantize)
     prompt = start
     if start.startswith("FILE:"):
         try:

@@ -170,3 +170,14 @@ def test_int8_quantization_replaces_every_linear_and_stays_close():
     assert abs(q_loss.item() - loss.item()) < 0.01 * loss.item()
     out = q.generate(idx[:, :4], 5, temperature=0)
     assert out.shape == (2, 9)
+
+
+def test_int8_resolves_to_cpu_float32_and_refuses_other_devices():
+    assert resolve_device("auto", "auto", cuda=True, mps=False, cuda_bf16=True, quantize="int8") == \
+        ("cpu", "cpu", "float32")
+    with pytest.raises(UserError, match="runs on the CPU"):
+        resolve_device("cuda", "auto", cuda=True, mps=False, cuda_bf16=True, quantize="int8")
+    with pytest.raises(UserError, match="runs on the CPU"):
+        resolve_device("cpu", "bfloat16", cuda=False, mps=False, quantize="int8")
+    with pytest.raises(UserError, match="only quantization is int8"):
+        resolve_device("cpu", "auto", cuda=False, mps=False, quantize="int4")
