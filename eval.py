@@ -41,7 +41,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -60,6 +59,7 @@ from model import (
     quantize_int8,
     resolve_device,
     tokenizer_from_meta,
+    write_text_atomic,
 )
 
 # -----------------------------------------------------------------------------
@@ -578,23 +578,6 @@ def markdown_report(rep):
     return "\n".join(out)
 
 
-def write_atomic(content, path):
-    """Write text to `path` through a temporary file in the same directory, fsync'ed and renamed over it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def load_report(path):
     """A report written by eval.py. Raises UserError if it is missing, not JSON, or not such a report."""
     try:
@@ -767,8 +750,8 @@ def main():
     for label, value in summary_rows(rep):
         print(f"{label:>34}: {value}")
     try:
-        write_atomic(json.dumps(rep, indent=1, ensure_ascii=False) + "\n", json_path)
-        write_atomic(markdown_report(rep), md_path)
+        write_text_atomic(json.dumps(rep, indent=1, ensure_ascii=False) + "\n", json_path)
+        write_text_atomic(markdown_report(rep), md_path)
     except OSError as e:
         raise UserError(f"could not write the report {json_path}: {e.strerror or e}") from None
     print(f"wrote {json_path} and {md_path}")

@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -603,6 +604,25 @@ def save_checkpoint(obj, path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_text_atomic(text, path):
+    """Write the str `text` to `path` (UTF-8) through a temporary file in the same directory that is fsync'ed and
+    renamed over `path`: readers see the old file or the new one, never half of one. Creates missing folders.
+    Raises OSError (the temporary file is removed)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path, device="cpu"):

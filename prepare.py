@@ -144,16 +144,6 @@ def fingerprint(source):
     return [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths]
 
 
-def write_atomic(text, path):
-    """Write `text` to `path` through a temporary file that is fsync'ed and renamed: never half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_split(ds, path, dtype, n_shards):
     """Write the "ids" column of a tokenized split back to back into `path` through np.memmap, one contiguous
     slice of rows at a time. Writes `path`.tmp and renames it when complete. Returns the number of tokens.
@@ -192,7 +182,7 @@ def write_split(ds, path, dtype, n_shards):
 def main():
     config = configure(globals(), doc=__doc__)
     print(json.dumps(config, indent=1))
-    from model import load_tokenizer
+    from model import load_tokenizer, write_text_atomic
 
     if shards < 1 or num_proc < 1:
         raise UserError(f"shards and num_proc must be at least 1, got {shards} and {num_proc}")
@@ -263,14 +253,14 @@ def main():
     if os.path.exists(meta_path):
         os.remove(meta_path)  # until the new meta.json is written, the directory does not look complete
     # the data directory carries its tokenizer, so training and sampling need nothing else
-    write_atomic(tok.spec["json" if tok.spec["kind"] == "bpe" else "ranks"], os.path.join(data_dir, tok_file))
+    write_text_atomic(tok.spec["json" if tok.spec["kind"] == "bpe" else "ranks"], os.path.join(data_dir, tok_file))
     for name, ds in tokenized.items():
         n_tokens = write_split(ds, os.path.join(data_dir, f"{name}.bin"), dtype, shards)
         n_bytes = int(pc.sum(ds.with_format("arrow")[:]["n_bytes"]).as_py())
         meta["splits"][name] = {"documents": len(ds), "tokens": n_tokens, "bytes": n_bytes}
         print(f"{name}: {len(ds):,} documents, {n_tokens:,} tokens, {n_bytes:,} bytes "
               f"({n_bytes / n_tokens:.2f} bytes/token)")
-    write_atomic(json.dumps(meta, indent=2), meta_path)
+    write_text_atomic(json.dumps(meta, indent=2), meta_path)
     print(f"wrote {data_dir} in {time.time() - t0:.1f}s")
 
 

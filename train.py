@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import UserError, configure, run
 from model import (GPT, GPTConfig, autocast, bits_per_byte, keep_freed_memory, load_checkpoint, resolve_device,
-                   save_checkpoint, tokenizer_from_meta)
+                   save_checkpoint, tokenizer_from_meta, write_text_atomic)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -434,8 +434,7 @@ def main():
         res = exact_loss(raw_model, tokens, block_size, block_size // 2, batch_size, dev, ctx)
         split = meta["splits"]["validation"]
         summary = {**loss_summary(res, split["tokens"], split["bytes"]), **res}
-        with open(os.path.join(out_dir, "final_eval.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_text_atomic(json.dumps(summary, indent=1), os.path.join(out_dir, "final_eval.json"))
         print(f"exact validation loss of best_model_params.pt over all {res['tokens_scored']:,} tokens: "
               f"{summary['nats_per_token']:.4f} nats/token, perplexity {summary['perplexity']:.2f}, "
               f"{summary['bits_per_byte']:.4f} bits per byte (final_eval.json)")
