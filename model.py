@@ -10,11 +10,11 @@ Vaswani et al. 2017 with LayerNorm moved before each sub-block):
 """
 
 import base64
+import contextlib
 import hashlib
 import inspect
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -577,21 +577,19 @@ class _WriteRecorder:
         self.f.flush()
 
 
-def save_checkpoint(obj, path):
-    """Write `obj` with torch.save so that `path` is always either the old file or the complete new one:
-    write `path`.tmp in the same directory, flush and fsync it, rename it over `path`, fsync the directory.
-    Raises OSError when the write fails (e.g. disk full), after removing the temporary file."""
+@contextlib.contextmanager
+def atomic_file(path, mode="w"):
+    """Open `path`.tmp (same directory) for writing in `mode` ("w": UTF-8 text, "wb": bytes) and yield it; when the
+    block ends without an error, flush and fsync it, rename it over `path` and fsync the directory, so `path` is
+    always either the old file or the complete new one. Creates missing folders. On any error (OSError from a
+    full disk, Ctrl-C, ...) the temporary file is removed and the error re-raised."""
     path = str(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            writer = _WriteRecorder(f)
-            try:
-                torch.save(obj, writer)
-            except RuntimeError:
-                if writer.error is not None:
-                    raise writer.error from None
-                raise
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -599,30 +597,30 @@ def save_checkpoint(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def save_checkpoint(obj, path):
+    """Write `obj` with torch.save through atomic_file: `path` is always the old file or the complete new one.
+    Raises OSError when the write fails (e.g. disk full), after removing the temporary file."""
+    with atomic_file(path, "wb") as f:
+        writer = _WriteRecorder(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
+
 def write_text_atomic(text, path):
-    """Write the str `text` to `path` (UTF-8) through a temporary file in the same directory that is fsync'ed and
-    renamed over `path`: readers see the old file or the new one, never half of one. Creates missing folders.
-    Raises OSError (the temporary file is removed)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write the str `text` to `path` (UTF-8) through atomic_file. Raises OSError (the temporary file removed)."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def load_checkpoint(path, device="cpu"):

@@ -397,9 +397,9 @@ def main():
         if ddp:
             dist.all_reduce(status)
         loss_sum = status[0] / world_size
-        stopping = bool(status[1] > 0)
         finite = torch.isfinite(loss_sum) & (torch.isfinite(norm) | scaler.is_enabled())
-        if bool(finite):
+        finite, stopping = torch.stack([finite, status[1] > 0]).tolist()  # the one host sync
+        if finite:
             scaler.step(optimizer)
             nonfinite_in_a_row = 0
         else:
