@@ -34,9 +34,10 @@ import time
 
 import torch
 
-from configurator import UserError, configure, run
-from model import (DTYPES, GPT, GPTConfig, autocast, keep_freed_memory, load_tokenizer, quantize_int8,
-                   resolve_device)
+from configurator import DTYPES, UserError, autocast, configure, resolve_device, run
+from model import GPT, GPTConfig, padded_vocab_size, quantize_int8
+from tokenizer import load_tokenizer
+from train import keep_freed_memory
 
 # -----------------------------------------------------------------------------
 only = "matmul,train,sample,prepare"    # which parts to run
@@ -95,7 +96,7 @@ def model_shape():
         raise UserError(f"model_config {model_config!r} not found")
     cfg = runpy.run_path(model_config)
     vocab = cfg.get("vocab_size") or vocab_size
-    args = dict(vocab_size=(vocab + 63) // 64 * 64, block_size=cfg.get("block_size", 256),
+    args = dict(vocab_size=padded_vocab_size(vocab), block_size=cfg.get("block_size", 256),
                 n_layer=cfg.get("n_layer", 6), n_head=cfg.get("n_head", 6), n_embd=cfg.get("n_embd", 384),
                 dropout=cfg.get("dropout", 0.0), bias=cfg.get("bias", True))
     return args, batch_size or cfg.get("batch_size", 32)

@@ -13,6 +13,9 @@ Each script assigns its defaults as plain top-level variables, then calls `confi
 
 Mistakes (unknown key, wrong type, missing or broken config file) raise `UserError`. Scripts run their
 `main()` through `run()`, which turns a `UserError` into one line on stderr and exit code 2.
+
+It also turns the settings every script shares into concrete choices: `resolve_device` (device and precision),
+`autocast`, and `read_text` for a text file named on the command line.
 """
 
 import ast
@@ -21,9 +24,12 @@ import os
 import sys
 import traceback
 
+import torch
 
-class UserError(Exception):
-    """A mistake in the user's input (flag, file, data). `run()` prints it as one line and exits with 2."""
+
+class UserError(ValueError):
+    """A mistake in the user's input (flag, file, data). `run()` prints it as one line and exits with 2.
+    A ValueError, so functions that check their arguments with the scripts' checks still raise that type."""
 
 
 def run(main):
@@ -130,3 +136,82 @@ def configure(defaults, argv=None, doc=None):
 
     defaults.update(known)
     return dict(known)
+
+
+def read_text(path, what="file"):
+    """The content of the UTF-8 text file `path` that the user named, as str (universal newlines); `what` names it
+    in messages ("prompt file", "text file"). Raises UserError: missing or unreadable, or not UTF-8 (with the
+    offending byte and its offset)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"cannot read the {what} {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"the {what} {path} is not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start}): "
+                        f"save it as UTF-8") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Device and precision
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device="auto", dtype="auto", cuda=None, mps=None, cuda_bf16=None, quantize=""):
+    """Choose the device and the autocast precision.
+
+    Args:
+        device: "auto" (cuda, then mps, then cpu), "cpu", "mps", "cuda" or "cuda:N".
+        dtype: "auto", "float32", "bfloat16" or "float16". "auto" is bfloat16 on CUDA GPUs that support it
+            and on CPU, float16 on other CUDA GPUs and on MPS.
+        quantize: "" or "int8" (quantize_int8), which runs on the CPU in float32: auto then means those.
+        cuda, mps, cuda_bf16: what this machine has; detected when None (tests pass them in).
+    Returns:
+        (device, device_type, dtype): e.g. ("cuda:0", "cuda", "bfloat16").
+    Raises:
+        UserError: the device or dtype is unknown or not available here (the message lists what is), or
+            quantize is not "" or "int8", or int8 is asked for off the CPU or with a 16-bit dtype.
+    """
+    if quantize not in ("", "int8"):
+        raise UserError(f"quantize={quantize!r}: the only quantization is int8 (or leave it empty)")
+    if quantize:
+        if device not in ("auto", "cpu") or dtype not in ("auto", "float32"):
+            raise UserError("--quantize=int8 runs on the CPU with float32 activations: drop --device/--dtype or "
+                            "use --device=cpu --dtype=float32")
+        device, dtype = "cpu", "float32"
+    cuda_probe = cuda is None
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    mps = (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()) if mps is None else mps
+    available = [d for d, ok in (("cuda", cuda), ("mps", mps), ("cpu", True)) if ok]
+    if device == "auto":
+        device = available[0]
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError:
+        device_type = None
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise UserError(f"unknown device {device!r}: use auto, cpu, mps, cuda or cuda:N")
+    if device_type not in available:
+        why = " (MPS needs a Mac with Apple silicon)" if device_type == "mps" else ""
+        raise UserError(f"device {device!r} is not available on this machine{why}; "
+                        f"available: {', '.join(available)}")
+    if device_type == "cuda":
+        index, count = torch.device(device).index, torch.cuda.device_count() if cuda_probe else None
+        if count is not None and index is not None and index >= count:
+            raise UserError(f"device {device!r} does not exist: this machine has {count} GPU(s), cuda:0 to "
+                            f"cuda:{count - 1}")
+        cuda_bf16 = torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cpu" or (device_type == "cuda" and cuda_bf16) else "float16"
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    if dtype == "bfloat16" and device_type == "cuda" and not cuda_bf16:
+        raise UserError("this GPU does not support bfloat16: use --dtype=float16 (with loss scaling) or float32")
+    return device, device_type, dtype
+
+
+
+def autocast(device_type, dtype):
+    """Context manager running matmuls in `dtype` (mixed precision, Micikevicius et al. 2018); float32: no-op."""
+    return torch.autocast(device_type=device_type, dtype=DTYPES[dtype], enabled=dtype != "float32")

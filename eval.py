@@ -35,32 +35,23 @@ Writes the report as JSON (--report, default out_dir/eval.json) and a short Mark
    The API key is read from the environment variable named by judge_key_env (none is sent if it is unset).
 """
 
-import http.client
 import json
 import math
 import os
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from configurator import UserError, configure, run
-from model import (
-    Tokenizer,
-    autocast,
-    bits_per_byte,
-    load_checkpoint,
-    model_from_checkpoint,
-    quantize_int8,
-    resolve_device,
-    tokenizer_from_meta,
-    write_text_atomic,
-)
+from checkpoint import load_model, write_text_atomic
+from configurator import UserError, autocast, configure, read_text, resolve_device, run
+from judge import CRITERIA, judge_samples
+from model import check_sampling, continuations, quantize_int8
+from prepare import read_meta
+from tokenizer import bits_per_byte, tokenizer_from_meta
 
 # -----------------------------------------------------------------------------
 out_dir = "out"                         # directory that holds the checkpoint
@@ -94,9 +85,7 @@ dtype = "auto"                          # auto, float32, bfloat16, float16
 quantize = ""                           # "int8": evaluate sample.py --quantize=int8's model (CPU, float32)
 # -----------------------------------------------------------------------------
 
-_MAX_NEW_TOKENS = 100_000
 _REPORT_KIND = "tinystories-eval"
-_CRITERIA = ("grammar", "creativity", "consistency", "plot")
 
 # Openings in the style of TinyStories, each stopping mid-sentence so the model has to continue it.
 PROMPTS = [
@@ -204,45 +193,11 @@ def loss_summary(result, n_tokens, n_bytes):
             "bits_per_byte": bits_per_byte(loss, n_tokens, n_bytes)}
 
 
-def read_meta(path):
-    """Load path/meta.json and check validation.bin and train.bin against it. Returns (meta, problems): meta is
-    None when there is no meta.json; problems maps split -> what is wrong with its .bin ("" if nothing).
-    Raises UserError for a damaged meta.json."""
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.isfile(meta_path):
-        return None, {}
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        meta["splits"]["train"], meta["splits"]["validation"], meta["tokenizer"]["sha256"]
-        itemsize = np.dtype(meta["dtype"]).itemsize
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_path} is damaged ({type(e).__name__}: {e}): re-run prepare.py with --force") from None
-    problems = {}
-    for split in ("train", "validation"):
-        bin_path = os.path.join(path, f"{split}.bin")
-        if not os.path.isfile(bin_path):
-            problems[split] = f"{bin_path} is missing: run `python prepare.py --data_dir={path}` (with --force)"
-        elif os.path.getsize(bin_path) != meta["splits"][split]["tokens"] * itemsize:
-            problems[split] = f"{bin_path} does not match meta.json: re-run prepare.py with --force"
-        else:
-            problems[split] = ""
-    return meta, problems
-
-
 def text_documents(path):
     """The documents of a UTF-8 text file as prepare.py reads a .txt: blocks separated by a blank line ("\\n\\n"
     after universal-newline translation), blocks of only whitespace dropped. Returns a list of str.
     Raises UserError: missing or unreadable file, not UTF-8, or no text in it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            content = f.read()
-    except OSError as e:
-        raise UserError(f"cannot read the text file {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"the text file {path} is not UTF-8 text (byte {e.object[e.start]:#x} at offset "
-                        f"{e.start}): save it as UTF-8") from None
-    docs = [d for d in content.split("\n\n") if d and not d.isspace()]
+    docs = [d for d in read_text(path, "text file").split("\n\n") if d and not d.isspace()]
     if not docs:
         raise UserError(f"the text file {path} holds no text")
     return docs
@@ -370,11 +325,7 @@ def generate_samples(model, tok, prompts, n, max_new_tokens, temperature, top_k,
             with ctx:
                 out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                      eos_token=tok.eot_token, vocab_limit=tok.vocab_size, generator=generator)
-            for i, row in zip(rows, out.tolist()):
-                new = row[len(ids):]
-                ended = tok.eot_token in new
-                if ended:
-                    new = new[:new.index(tok.eot_token)]
+            for i, (new, ended) in zip(rows, continuations(out, len(ids), tok.eot_token)):
                 samples[i] = {"prompt": prompt, "text": tok.decode(new), "tokens": len(new), "ended": ended}
     finally:
         model.train(was_training)
@@ -390,127 +341,7 @@ def story_metrics(samples, vocab=None):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 3. Judge
-
-_JUDGE_SYSTEM = "You are a teacher who grades short stories written by young students. You answer only in JSON."
-_JUDGE_PROMPT = """\
-In the following exercise, the student is given a beginning of a story. The student needs to complete it into a \
-full story. The exercise tests the student's language abilities and creativity. The symbol *** marks the \
-separator between the prescribed beginning and the student's completion:
-
-{prompt}***{completion}
-
-Grade the student's completion (the part after the *** symbol). Is it grammatically correct? Is it consistent \
-with the beginning of the story? Pay special attention to whether the student manages to complete the sentence \
-which is split in the middle by the separator ***. Give grades for grammar, creativity, consistency with the \
-story's beginning, and whether the plot makes sense, each an integer from 1 (worst) to 10 (best).
-
-Answer with one JSON object and nothing else, in exactly this form, each value an integer from 1 to 10:
-{{"grammar": G, "creativity": C, "consistency": S, "plot": P}}"""
-
-
-def parse_grades(reply):
-    """Grades from a judge's answer: the first JSON object in it (code fences and text around it allowed),
-    else "name: number" pairs. Every criterion must be present with a number from 1 to 10 ("8/10" reads as 8).
-    Returns dict criterion -> float, or None when the answer cannot be parsed."""
-    found = {}
-    start, end = reply.find("{"), reply.rfind("}")
-    if 0 <= start < end:
-        try:
-            obj = json.loads(reply[start:end + 1])
-            if isinstance(obj, dict):
-                found = {str(k).strip().lower(): v for k, v in obj.items()}
-        except ValueError:
-            pass
-    if not all(c in found for c in _CRITERIA):
-        found = {m.group(1).lower(): m.group(2) for m in re.finditer(
-            r"\"?\b(grammar|creativity|consistency|plot)\b\"?\s*[:=]\s*\"?(\d+(?:\.\d+)?)", reply, re.IGNORECASE)}
-    grades = {}
-    for c in _CRITERIA:
-        value = found.get(c)
-        if isinstance(value, str):
-            value = value.strip().split("/")[0].strip()
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            return None
-        if isinstance(found.get(c), bool) or not 1 <= value <= 10:
-            return None
-        grades[c] = value
-    return grades
-
-
-def chat(url, model_name, messages, api_key=None, timeout=120.0, temperature=0.0):
-    """One OpenAI chat-completions request: POST {url}/chat/completions. Returns the answer's text.
-    temperature < 0 is not sent. Raises UserError naming the endpoint: not an http(s) URL, connection refused
-    or unknown host, timeout, HTTP error (with the start of the server's message), or an answer that is not
-    chat-completions JSON."""
-    endpoint = url.rstrip("/") + "/chat/completions"
-    body = {"model": model_name, "messages": messages}
-    if temperature >= 0:
-        body["temperature"] = temperature
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw = response.read()
-    except urllib.error.HTTPError as e:
-        try:
-            detail = " ".join(e.read().decode("utf-8", "replace").split())[:200]
-        except (OSError, http.client.HTTPException):
-            detail = ""
-        hint = " (check the API key; judge_key_env names the variable it is read from)" if e.code in (401, 403) else ""
-        raise UserError(f"the judge at {endpoint} answered HTTP {e.code} {e.reason}{hint}: {detail}") from None
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, TimeoutError):
-            raise UserError(f"the judge at {endpoint} did not answer within {timeout:g} s") from None
-        raise UserError(f"cannot reach the judge at {endpoint}: {e.reason}") from None
-    except TimeoutError:
-        raise UserError(f"the judge at {endpoint} did not answer within {timeout:g} s") from None
-    except (ValueError, OSError, http.client.HTTPException) as e:  # malformed URL, reset, not HTTP, ...
-        raise UserError(f"cannot reach the judge at {endpoint}: {type(e).__name__}: {e}") from None
-    try:
-        return json.loads(raw)["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        snippet = " ".join(raw.decode("utf-8", "replace").split())[:200]
-        raise UserError(f"the judge at {endpoint} did not answer in chat-completions format: {snippet!r}") from None
-
-
-def judge_samples(samples, url, model_name, api_key=None, timeout=120.0, temperature=0.0, log=None):
-    """Grade each sample's continuation with a chat-completions judge, as in the TinyStories paper (Eldan & Li
-    2023, "TinyStories: How Small Can Language Models Be and Still Speak Coherent English?"): grammar,
-    creativity, consistency, plot, each 1 to 10. Adds "grades" (dict or None if unparseable) to each sample.
-
-    Returns:
-        dict: one mean per criterion over the parsed answers, graded (how many parsed), unparseable (how many
-        did not), model.
-    Raises:
-        UserError: any request fails (see `chat`), or not a single answer could be parsed.
-    """
-    graded, first_bad = [], None
-    for i, s in enumerate(samples):
-        prompt = _JUDGE_PROMPT.format(prompt=s["prompt"], completion=s["text"])
-        reply = chat(url, model_name, [{"role": "system", "content": _JUDGE_SYSTEM},
-                                       {"role": "user", "content": prompt}], api_key, timeout, temperature)
-        s["grades"] = parse_grades(reply if isinstance(reply, str) else "")
-        if s["grades"] is None:
-            first_bad = first_bad if first_bad is not None else reply
-        else:
-            graded.append(s["grades"])
-        if log:
-            log(i + 1, len(samples))
-    if not graded:
-        snippet = " ".join(str(first_bad).split())[:200]
-        raise UserError(f"none of the {len(samples)} answers of the judge at {url} held grades in the asked JSON "
-                        f"form; the first was: {snippet!r}")
-    return {**{c: sum(g[c] for g in graded) / len(graded) for c in _CRITERIA},
-            "graded": len(graded), "unparseable": len(samples) - len(graded), "model": model_name}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# 4. Reports
+# 3. Reports
 
 def _fmt(value, spec):
     if value is None:
@@ -520,11 +351,11 @@ def _fmt(value, spec):
     return format(value, spec)
 
 
-def summary_rows(rep):
+def summary_rows(results):
     """(label, formatted value) pairs of a report, the rows of the summary, eval.md and --compare."""
-    loss, st, judge = rep.get("loss") or {}, rep.get("stories") or {}, rep.get("judge") or {}
-    model = rep.get("model") or {}
-    rows = [("checkpoint", rep.get("checkpoint", "-")),
+    loss, stories, judge = results.get("loss") or {}, results.get("stories") or {}, results.get("judge") or {}
+    model = results.get("model") or {}
+    rows = [("checkpoint", results.get("checkpoint", "-")),
             ("iteration", _fmt(model.get("iter_num"), "d")),
             ("parameters", _fmt(model.get("params"), ",")),
             ("tokenizer", model.get("tokenizer", "-"))]
@@ -535,16 +366,16 @@ def summary_rows(rep):
                  ("loss (nats/token)", _fmt(loss["nats_per_token"], ".4f")),
                  ("perplexity", _fmt(loss["perplexity"], ".2f")),
                  ("bits per byte", _fmt(loss["bits_per_byte"], ".4f"))]
-    if st:
-        rows += [("samples", _fmt(st["num_samples"], "d")),
-                 ("mean length (tokens)", _fmt(st["tokens"], ".1f")),
-                 ("mean length (words)", _fmt(st["words"], ".1f")),
-                 ("ended with <|endoftext|>", _fmt(st["ended"], "pct")),
-                 ("distinct-1 / 2 / 3", " / ".join(_fmt(st[f"distinct_{n}"], ".3f") for n in (1, 2, 3))),
-                 ("longest repeated n-gram (words)", _fmt(st["longest_repeat"], ".1f")),
-                 ("words not in train split", _fmt(st["oov"], "pct"))]
+    if stories:
+        rows += [("samples", _fmt(stories["num_samples"], "d")),
+                 ("mean length (tokens)", _fmt(stories["tokens"], ".1f")),
+                 ("mean length (words)", _fmt(stories["words"], ".1f")),
+                 ("ended with <|endoftext|>", _fmt(stories["ended"], "pct")),
+                 ("distinct-1 / 2 / 3", " / ".join(_fmt(stories[f"distinct_{n}"], ".3f") for n in (1, 2, 3))),
+                 ("longest repeated n-gram (words)", _fmt(stories["longest_repeat"], ".1f")),
+                 ("words not in train split", _fmt(stories["oov"], "pct"))]
     if judge:
-        rows += [(f"judge {c} (1-10)", _fmt(judge[c], ".2f")) for c in _CRITERIA]
+        rows += [(f"judge {c} (1-10)", _fmt(judge[c], ".2f")) for c in CRITERIA]
         parsed = f"{judge['graded']} of {judge['graded'] + judge['unparseable']} ({judge['model']})"
         rows += [("judge answers parsed", parsed)]
     return rows
@@ -564,10 +395,10 @@ def markdown_table(names, row_lists):
     return "\n".join(lines)
 
 
-def markdown_report(rep):
+def markdown_report(results):
     """The short eval.md: the summary table and the first three stories."""
-    out = [f"# Evaluation of {rep['checkpoint']}", "", markdown_table(["value"], [summary_rows(rep)]), ""]
-    samples = rep.get("samples") or []
+    out = [f"# Evaluation of {results['checkpoint']}", "", markdown_table(["value"], [summary_rows(results)]), ""]
+    samples = results.get("samples") or []
     if samples:
         out += ["## Stories", ""]
         for s in samples[:3]:
@@ -582,14 +413,14 @@ def load_report(path):
     """A report written by eval.py. Raises UserError if it is missing, not JSON, or not such a report."""
     try:
         with open(path, encoding="utf-8") as f:
-            rep = json.load(f)
+            results = json.load(f)
     except OSError as e:
         raise UserError(f"cannot read the report {path}: {e.strerror or e}") from None
     except ValueError as e:
         raise UserError(f"{path} is not a JSON file ({e})") from None
-    if not isinstance(rep, dict) or rep.get("kind") != _REPORT_KIND:
+    if not isinstance(results, dict) or results.get("kind") != _REPORT_KIND:
         raise UserError(f"{path} is not a report written by eval.py")
-    return rep
+    return results
 
 
 def compare_reports(paths):
@@ -609,10 +440,7 @@ def check_settings():
         raise UserError(f"overlap must be -1 (block_size // 2) or 0 and more, got {overlap}")
     if max_tokens == 1:
         raise UserError("max_tokens=1 leaves nothing to predict: use 0 (all) or at least 2")
-    if not 1 <= max_new_tokens <= _MAX_NEW_TOKENS:
-        raise UserError(f"max_new_tokens must be 1..{_MAX_NEW_TOKENS:,}, got {max_new_tokens:,}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise UserError("temperature must be >= 0 and top_p in (0, 1]")
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     if judge_url:
         if not judge_url.startswith(("http://", "https://")):
             raise UserError(f"judge_url {judge_url!r} is not an http:// or https:// URL (e.g. http://localhost:8000/v1)")
@@ -626,7 +454,7 @@ def check_settings():
 
 def main():
     config = configure(globals(), doc=__doc__)
-    if compare:
+    if compare:  # a separate job: no model, only saved reports
         paths = [p.strip() for p in compare.split(",") if p.strip()]
         if not paths:
             raise UserError("--compare takes report paths separated by commas: --compare=a.json,b.json")
@@ -637,124 +465,138 @@ def main():
     t0 = time.time()
     dev, device_type, precision = resolve_device(device, dtype, quantize=quantize)
     ckpt_path = f"{out_dir}/{checkpoint}"
-    ckpt = load_checkpoint(ckpt_path, device=dev)
-    tok = Tokenizer(ckpt["tokenizer"])
-    ddir = data_dir or (ckpt.get("config") or {}).get("data_dir", "")
+    model, tok, ckpt = load_model(ckpt_path, device=dev)
+    prepared = data_dir or (ckpt.get("config") or {}).get("data_dir", "")
     meta, problems, data_note = None, {}, ""
-    if ddir:
+    if prepared:
         try:
-            meta, problems = read_meta(ddir)
+            meta, problems = read_meta(prepared, required=())
         except UserError as e:
             if not text:
                 raise
             data_note = str(e)  # --text does not need the data: only the word list is lost
+    stream, counts, source = text_to_score(tok, prepared, meta, problems, ckpt_path)
+    model_block = ckpt["model_args"]["block_size"]
+    window = block_size or model_block
+    if window > model_block:
+        raise UserError(f"block_size={window} is longer than the model's context ({model_block} tokens)")
+    window_overlap = window // 2 if overlap == -1 else overlap
+    if window_overlap >= window:
+        raise UserError(f"overlap={window_overlap} must be less than block_size={window}")
+    json_path = report or os.path.join(out_dir, "eval.json")
+    md_path = json_path.removesuffix(".json") + ".md"
+    check_writable(json_path)
 
-    # what the loss is measured on: checked before any model work
+    n_params = model.num_params()  # counted before quantization, whose int8 weights are not parameters
+    if quantize:
+        model = quantize_int8(model)
+    ctx = autocast(device_type, precision)
+    result = {"kind": _REPORT_KIND, "version": 1, "checkpoint": ckpt_path, "settings": config,
+              "model": {"iter_num": ckpt.get("iter_num"), "params": n_params,
+                        "tokenizer": tok.spec.get("name"), "model_args": ckpt["model_args"],
+                        "val_loss_at_save": ckpt.get("val_loss")},
+              "device": dev, "dtype": precision}
+    if num_samples:  # before the loss, so a wrong judge URL fails early
+        words_note = data_note or problems.get("train") or ("" if meta else
+                                                            f"no prepared data{f' in {prepared}' if prepared else ''}")
+        result.update(measure_stories(model, tok, dev, ctx, prepared, meta, words_note))
+
+    t = time.time()
+    n_used = min(len(stream), max_tokens) if max_tokens else len(stream)
+    last_line = [time.time()]
+
+    def progress(done, total):  # a line every 10 s on long runs
+        if time.time() - last_line[0] >= 10 and done < total:
+            last_line[0] = time.time()
+            print(f"loss: {done:,} of {total:,} windows", file=sys.stderr, flush=True)
+
+    res = exact_loss(model, stream[:n_used], window, window_overlap, batch_size, dev, ctx, progress=progress)
+    # bits per byte with the whole text's tokens/bytes ratio (an estimate when max_tokens cuts the stream)
+    result["loss"] = {"source": source, **loss_summary(res, counts["tokens"], counts["bytes"]),
+                      "loss_sum": res["loss_sum"], "tokens_scored": res["tokens_scored"],
+                      "tokens": counts["tokens"], "bytes": counts["bytes"], "documents": counts["documents"],
+                      "partial": n_used < len(stream), "block_size": window, "overlap": window_overlap,
+                      "windows": res["windows"], "time_s": round(time.time() - t, 2)}
+    result["time_s"] = round(time.time() - t0, 2)
+
+    for label, value in summary_rows(result):
+        print(f"{label:>34}: {value}")
+    try:
+        write_text_atomic(json.dumps(result, indent=1, ensure_ascii=False) + "\n", json_path)
+        write_text_atomic(markdown_report(result), md_path)
+    except OSError as e:
+        raise UserError(f"could not write the report {json_path}: {e.strerror or e}") from None
+    print(f"wrote {json_path} and {md_path}")
+
+
+def text_to_score(tok, prepared, meta, problems, ckpt_path):
+    """What the loss is measured on, checked before any model work: the --text file (encoded as prepare.py
+    would), else the validation.bin of the prepared data. Returns (token stream, counts: dict with tokens,
+    bytes and documents of the whole text, source path). Raises UserError naming the fix when there is none."""
     if text:
         docs = text_documents(text)
         stream = encode_documents(tok, docs)
         counts = {"tokens": len(stream), "bytes": sum(len(d.encode("utf-8")) for d in docs), "documents": len(docs)}
         source = text
     else:
-        if not ddir:
+        if not prepared:
             raise UserError(f"{ckpt_path} does not record its data directory: pass --data_dir=DIR (prepared by "
                             f"prepare.py) or --text=FILE")
         if meta is None:
-            raise UserError(f"no prepared data in {ddir} (meta.json missing): run `python prepare.py "
-                            f"--data_dir={ddir}` first, pass --data_dir=DIR, or score a file with --text=FILE")
+            raise UserError(f"no prepared data in {prepared} (meta.json missing): run `python prepare.py "
+                            f"--data_dir={prepared}` first, pass --data_dir=DIR, or score a file with --text=FILE")
         if problems["validation"]:
             raise UserError(problems["validation"])
         if meta["tokenizer"]["sha256"] != tok.spec["sha256"]:
-            raise UserError(f"{ddir} was prepared with the tokenizer {meta['tokenizer'].get('name')}, not the "
-                            f"checkpoint's ({tok.spec['name']}): pass --data_dir= the data it was trained on, or "
-                            f"score a file with --text=FILE")
-        stream = np.memmap(os.path.join(ddir, "validation.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
+            raise UserError(f"{prepared} was prepared with the tokenizer {meta['tokenizer'].get('name')}, not "
+                            f"the checkpoint's ({tok.spec['name']}): pass --data_dir= the data it was trained on, "
+                            f"or score a file with --text=FILE")
+        stream = np.memmap(os.path.join(prepared, "validation.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
         counts = meta["splits"]["validation"]
-        source = os.path.join(ddir, "validation.bin")
+        source = os.path.join(prepared, "validation.bin")
     if counts["tokens"] < 2:
         raise UserError(f"{source} holds {counts['tokens']} token(s): at least 2 are needed to score one")
-    model_block = ckpt["model_args"]["block_size"]
-    bs = block_size or model_block
-    if bs > model_block:
-        raise UserError(f"block_size={bs} is longer than the model's context ({model_block} tokens)")
-    ov = bs // 2 if overlap == -1 else overlap
-    if ov >= bs:
-        raise UserError(f"overlap={ov} must be less than block_size={bs}")
+    return stream, counts, source
 
-    json_path = report or os.path.join(out_dir, "eval.json")
-    md_path = json_path.removesuffix(".json") + ".md"
+
+def check_writable(json_path):
+    """Raise UserError now, before the model work, if the report could not be written later."""
     folder = os.path.dirname(os.path.abspath(json_path))
     while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
         folder = os.path.dirname(folder)  # the nearest existing folder: the report's folder may be created
     if not os.access(folder, os.W_OK):
         raise UserError(f"cannot write the report {json_path}: {folder} is not writable; choose --report=PATH")
 
-    model = model_from_checkpoint(ckpt).eval()
-    n_params = model.num_params()  # counted before quantization, whose int8 weights are not parameters
-    if quantize:
-        model = quantize_int8(model)
-    ctx = autocast(device_type, precision)
-    rep = {"kind": _REPORT_KIND, "version": 1, "checkpoint": ckpt_path, "settings": config,
-           "model": {"iter_num": ckpt.get("iter_num"), "params": n_params,
-                     "tokenizer": tok.spec.get("name"), "model_args": ckpt["model_args"],
-                     "val_loss_at_save": ckpt.get("val_loss")},
-           "device": dev, "dtype": precision}
-    del ckpt
 
-    if num_samples:
-        t = time.time()
-        samples = generate_samples(model, tok, PROMPTS, num_samples, max_new_tokens, temperature, top_k, top_p,
-                                   seed, dev, ctx)
-        vocab, note = None, ""
-        if meta is None or problems.get("train"):
-            note = data_note or problems.get("train") or f"no prepared data{f' in {ddir}' if ddir else ''}"
-        else:
-            try:
-                vocab, read = train_vocabulary(ddir, meta, vocab_tokens)
-            except UserError as e:
-                note = str(e)
-        if note:
-            print(f"words not in train split: skipped ({note})", file=sys.stderr)
-        rep["stories"] = {**story_metrics(samples, vocab), "time_s": round(time.time() - t, 2),
-                          "train_words": len(vocab) if vocab is not None else None,
-                          "train_tokens_read": read if vocab is not None else None}
-        rep["samples"] = samples
-        if judge_url:  # before the loss, so a wrong URL fails early
-            key = os.environ.get(judge_key_env) if judge_key_env else None
-            print(f"judge: grading {num_samples} stories with {judge_model} at {judge_url}", file=sys.stderr)
-
-            def judge_log(done, total):
-                if done % 10 == 0 and done < total:
-                    print(f"judge: {done} of {total} graded", file=sys.stderr, flush=True)
-
-            rep["judge"] = judge_samples(samples, judge_url, judge_model, key, judge_timeout, judge_temperature,
-                                         log=judge_log)
-
+def measure_stories(model, tok, dev, ctx, prepared, meta, words_note):
+    """The stories part of the report: sample num_samples stories, their metrics (words outside the train split
+    when the prepared data is usable; else words_note says why not) and, with --judge_url, the judge's grades.
+    Returns dict with "stories", "samples" and, when judged, "judge"."""
     t = time.time()
-    n_used = min(len(stream), max_tokens) if max_tokens else len(stream)
-    last = [time.time()]
+    samples = generate_samples(model, tok, PROMPTS, num_samples, max_new_tokens, temperature, top_k, top_p,
+                               seed, dev, ctx)
+    vocab, read = None, None
+    if not words_note:
+        try:
+            vocab, read = train_vocabulary(prepared, meta, vocab_tokens)
+        except UserError as e:
+            words_note = str(e)
+    if words_note:
+        print(f"words not in train split: skipped ({words_note})", file=sys.stderr)
+    out = {"stories": {**story_metrics(samples, vocab), "time_s": round(time.time() - t, 2),
+                       "train_words": len(vocab) if vocab is not None else None, "train_tokens_read": read},
+           "samples": samples}
+    if judge_url:
+        key = os.environ.get(judge_key_env) if judge_key_env else None
+        print(f"judge: grading {num_samples} stories with {judge_model} at {judge_url}", file=sys.stderr)
 
-    def progress(done, total):  # a line every 10 s on long runs
-        if time.time() - last[0] >= 10 and done < total:
-            last[0] = time.time()
-            print(f"loss: {done:,} of {total:,} windows", file=sys.stderr, flush=True)
+        def judge_log(done, total):
+            if done % 10 == 0 and done < total:
+                print(f"judge: {done} of {total} graded", file=sys.stderr, flush=True)
 
-    res = exact_loss(model, stream[:n_used], bs, ov, batch_size, dev, ctx, progress=progress)
-    # bits per byte with the whole text's tokens/bytes ratio (an estimate when max_tokens cuts the stream)
-    rep["loss"] = {"source": source, **loss_summary(res, counts["tokens"], counts["bytes"]),
-                   "loss_sum": res["loss_sum"], "tokens_scored": res["tokens_scored"], "tokens": counts["tokens"],
-                   "bytes": counts["bytes"], "documents": counts["documents"], "partial": n_used < len(stream),
-                   "block_size": bs, "overlap": ov, "windows": res["windows"], "time_s": round(time.time() - t, 2)}
-    rep["time_s"] = round(time.time() - t0, 2)
-
-    for label, value in summary_rows(rep):
-        print(f"{label:>34}: {value}")
-    try:
-        write_text_atomic(json.dumps(rep, indent=1, ensure_ascii=False) + "\n", json_path)
-        write_text_atomic(markdown_report(rep), md_path)
-    except OSError as e:
-        raise UserError(f"could not write the report {json_path}: {e.strerror or e}") from None
-    print(f"wrote {json_path} and {md_path}")
+        out["judge"] = judge_samples(samples, judge_url, judge_model, key, judge_timeout, judge_temperature,
+                                     log=judge_log)
+    return out
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ The export_dir is built in a temporary folder beside it and renamed into place w
 non-empty export_dir is only replaced with --force.
 """
 
-import base64
 import json
 import os
 import shutil
@@ -29,8 +28,9 @@ import tempfile
 
 import torch
 
+from checkpoint import load_model
 from configurator import UserError, configure, run
-from model import EOT, Tokenizer, load_checkpoint, model_from_checkpoint
+from tokenizer import EOT, parse_ranks
 
 # -----------------------------------------------------------------------------
 out_dir = "out"                         # directory that holds the checkpoint
@@ -129,7 +129,7 @@ def _last_merge(token, rank, ranks):
 
 
 def tiktoken_to_tokenizer_json(spec):
-    """A Hugging Face tokenizer.json equivalent to a tiktoken spec (kind "tiktoken", see model.Tokenizer).
+    """A Hugging Face tokenizer.json equivalent to a tiktoken spec (kind "tiktoken", see tokenizer.Tokenizer).
 
     The vocabulary is the ranks (id = rank), written in GPT-2's byte alphabet (_byte_chars). tiktoken keeps
     no merge list: it joins whichever adjacent pair forms the lowest-ranked token. The merges are recovered by
@@ -144,11 +144,7 @@ def tiktoken_to_tokenizer_json(spec):
     if spec["pat_str"] != r50k_pat_str:
         raise UserError(f"tokenizer {spec['name']} splits text with a pattern other than GPT-2's; export.py can only "
                         f"write GPT-2's byte-level pre-tokenizer")
-    ranks = {}
-    for line in spec["ranks"].splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
+    ranks = parse_ranks(spec["ranks"])
     chars = _byte_chars()
 
     def text(token):
@@ -186,7 +182,7 @@ def with_string_merges(tokenizer_json):
 
 
 def tokenizer_files(tok, block_size):
-    """{file name: text} of the tokenizer files for `tok` (model.Tokenizer): tokenizer.json (converted from
+    """{file name: text} of the tokenizer files for `tok` (tokenizer.Tokenizer): tokenizer.json (converted from
     GPT-2 ranks, or a trained vocabulary's own file, with merges as strings: with_string_merges) and
     tokenizer_config.json. The class is PreTrainedTokenizerFast, which uses tokenizer.json as written;
     <|endoftext|> is the bos, eos and unk token."""
@@ -237,9 +233,7 @@ def main():
     ckpt_path = os.path.join(out_dir, checkpoint)
     dest = os.path.normpath(export_dir)
     _check_destination(dest, ckpt_path)
-    ckpt = load_checkpoint(ckpt_path)
-    tok = Tokenizer(ckpt["tokenizer"])
-    model = model_from_checkpoint(ckpt)
+    model, tok, ckpt = load_model(ckpt_path)
     args = ckpt["model_args"]
     if tok.vocab_size > args["vocab_size"]:
         raise UserError(f"{ckpt_path} is inconsistent: its tokenizer has {tok.vocab_size} ids but the model only "

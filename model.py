@@ -1,5 +1,5 @@
-"""A GPT-2-style decoder-only transformer, written on PyTorch primitives, and everything around it that the
-scripts share: the tokenizer, device and precision choice, and checkpoint files.
+"""A GPT-2-style decoder-only transformer written on PyTorch primitives: the network, its KV cache for
+generation, and sampling. (The tokenizer is in tokenizer.py, checkpoint files in checkpoint.py.)
 
 Architecture (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"; the transformer of
 Vaswani et al. 2017 with LayerNorm moved before each sub-block):
@@ -9,12 +9,8 @@ Vaswani et al. 2017 with LayerNorm moved before each sub-block):
                   -> LayerNorm -> linear head tied to the token embedding -> logits (B, T, vocab_size)
 """
 
-import base64
-import contextlib
-import hashlib
 import inspect
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +19,6 @@ from torch.nn import functional as F
 
 from configurator import UserError
 
-
-# --------------------------------------------------------------------------------------------------------------
-# The model
 
 @dataclass
 class GPTConfig:
@@ -48,6 +41,12 @@ class GPTConfig:
                             f"each head gets n_embd/n_head channels, so choose n_head among the divisors of n_embd")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def padded_vocab_size(n, multiple=64):
+    """Embedding rows for a tokenizer of n ids: n rounded up to a multiple of 64, which makes the head's matmul
+    faster on GPUs (tensor-core tiles). The extra ids never occur in the data and are never sampled."""
+    return math.ceil(n / multiple) * multiple
 
 
 class KVCache:
@@ -236,15 +235,17 @@ class GPT(nn.Module):
                 Without it, each step re-runs the whole context; the result is the same.
             generator: torch.Generator for reproducible sampling.
         Returns:
-            (B, T + n) int64 with n <= max_new_tokens (fewer when every row ended with eos_token).
+            (B, T + n) int64 with n <= max_new_tokens (fewer when every row ended with eos_token); see
+            `continuations` for the new tokens of each row cut at eos_token.
         Raises:
-            ValueError: temperature < 0, top_k < 0 or top_p outside (0, 1].
+            UserError (a ValueError): see check_sampling.
         Call model.eval() first: in training mode dropout stays on.
 
         Contexts longer than block_size: when the window is full, generation continues from its last
         block_size // 2 tokens (the cache is rebuilt from them with one forward pass), so a cached step
         stays cheap. Both modes use the same windows, so greedy output is identical with and without cache.
         """
+        check_sampling(temperature, top_k, top_p, max_new_tokens)
         block = self.config.block_size
         start = max(0, idx.size(1) - block)  # first token of the current window
         cache = None
@@ -269,11 +270,43 @@ class GPT(nn.Module):
         return idx
 
 
+MAX_NEW_TOKENS = 100_000  # a story is a few hundred tokens; far more is a typo, not a wish
+
+
+def check_sampling(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=1):
+    """The one check of the sampling settings that sample.py, eval.py and generation share (see GPT.generate).
+    Raises UserError (a ValueError) unless temperature >= 0, top_k >= 0, 0 < top_p <= 1 and
+    1 <= max_new_tokens <= MAX_NEW_TOKENS."""
+    if not (temperature >= 0 and top_k >= 0 and 0 < top_p <= 1):  # "not >=" also catches NaN
+        raise UserError(f"temperature and top_k must be >= 0 and top_p in (0, 1]; got temperature={temperature}, "
+                        f"top_k={top_k}, top_p={top_p}")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if max_new_tokens > MAX_NEW_TOKENS:
+        raise UserError(f"max_new_tokens={max_new_tokens:,} is beyond reason: a story is a few hundred tokens; "
+                        f"use at most {MAX_NEW_TOKENS:,}")
+
+
+def continuations(out, prompt_len, eos_token):
+    """The new tokens of each row of GPT.generate's output, cut before the first eos_token.
+
+    Args:
+        out: (B, prompt_len + n) int64 from generate. prompt_len: tokens of the prompt in each row.
+    Returns:
+        list of B (ids, ended): ids a list of int without eos_token; ended True if the row produced eos_token.
+    """
+    rows = []
+    for row in out.tolist():
+        new = row[prompt_len:]
+        ended = eos_token in new
+        rows.append((new[:new.index(eos_token)] if ended else new, ended))
+    return rows
+
+
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, vocab_limit=None, generator=None):
     """Draw one token id per row from logits (B, V) -> (B,) int64. See GPT.generate for the arguments.
-    Raises ValueError for temperature < 0, top_k < 0 or top_p outside (0, 1]."""
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    Raises UserError (a ValueError) for temperature < 0, top_k < 0 or top_p outside (0, 1]."""
+    check_sampling(temperature, top_k, top_p)
     logits = logits.float()
     if vocab_limit is not None and vocab_limit < logits.size(-1):
         logits = logits.clone()
@@ -301,244 +334,6 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, vocab_limit=None, g
     return torch.minimum(ids, last)  # only if rounding put u * total at total
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Tokenizer: text <-> token ids, described by a plain dict so that it travels inside meta.json and checkpoints
-
-EOT = "<|endoftext|>"
-
-
-class Tokenizer:
-    """Byte-level BPE (Sennrich et al. 2016, on bytes as in GPT-2): text <-> token ids.
-
-    Built from a `spec` dict that holds everything needed to rebuild it, so a checkpoint that stores the spec
-    decodes without the data directory. Two kinds:
-        {"kind": "tiktoken", "name", "source": "gpt2" or the ranks file, "pat_str",
-         "ranks": the mergeable ranks in .tiktoken format ("base64(token bytes) rank" per line), "sha256"}
-            GPT-2's vocabulary through tiktoken; <|endoftext|> is the id after the last rank.
-        {"kind": "bpe", "name", "source": "tokenizer.json" (in the data directory), "json": that file's text,
-         "sha256"}
-            a vocabulary trained on the corpus by prepare.py with Hugging Face `tokenizers`.
-    "sha256" is the fingerprint of the vocabulary (of "ranks" or "json"). `eot_token` (<|endoftext|>) ends
-    every document. Text is encoded without special tokens: a story containing the string "<|endoftext|>"
-    gets ordinary tokens for it, and decode(encode(s)) == s for any str s.
-    Raises UserError for a spec of unknown kind.
-    """
-
-    def __init__(self, spec):
-        self.spec = spec
-        if spec["kind"] == "tiktoken":
-            import tiktoken
-            ranks = {}
-            for line in spec["ranks"].splitlines():
-                if line:
-                    token, rank = line.split()
-                    ranks[base64.b64decode(token)] = int(rank)
-            self.eot_token = len(ranks)
-            enc = tiktoken.Encoding(spec["name"], pat_str=spec["pat_str"], mergeable_ranks=ranks,
-                                    special_tokens={EOT: self.eot_token})
-            self.vocab_size = enc.n_vocab
-            self._encode_batch = enc.encode_ordinary_batch
-            self._decode = enc.decode
-        elif spec["kind"] == "bpe":
-            from tokenizers import Tokenizer as HFTokenizer
-            hf = HFTokenizer.from_str(spec["json"])
-            hf.encode_special_tokens = True  # "<|endoftext|>" typed in a story is text, not the separator
-            self.eot_token = hf.token_to_id(EOT)
-            self.vocab_size = hf.get_vocab_size()
-            self._encode_batch = lambda texts: [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
-            self._decode = lambda ids: hf.decode(ids, skip_special_tokens=False)
-        else:
-            raise UserError(f"unknown tokenizer kind {spec['kind']!r} (expected tiktoken or bpe)")
-
-    def __getstate__(self):  # pickled as its spec (datasets.map sends it to worker processes)
-        return self.spec
-
-    def __setstate__(self, spec):
-        self.__init__(spec)
-
-    def encode(self, text):
-        """str -> list of token ids (int), without end-of-text."""
-        return self._encode_batch([text])[0]
-
-    def encode_batch(self, texts):
-        """list of str -> list of lists of token ids, encoded in parallel by the library's threads."""
-        return self._encode_batch(list(texts))
-
-    def decode(self, ids):
-        """Token ids -> str. Ids that end inside a multi-byte character decode to U+FFFD."""
-        return self._decode(list(ids))
-
-    def describe(self):
-        """The spec without its bulky content, for meta.json and logs."""
-        return {k: v for k, v in self.spec.items() if k not in ("ranks", "json")}
-
-
-def bpe_spec(json_text, source):
-    """Spec of a Hugging Face tokenizer.json (see Tokenizer). Raises UserError if it has no <|endoftext|>."""
-    from tokenizers import Tokenizer as HFTokenizer
-    try:
-        hf = HFTokenizer.from_str(json_text)
-    except Exception as e:
-        raise UserError(f"{source} is not a tokenizer.json file ({type(e).__name__}: {e})") from None
-    if hf.token_to_id(EOT) is None:
-        raise UserError(f"{source} has no {EOT} token; prepare.py needs it to separate documents")
-    return {"kind": "bpe", "name": f"bpe-{hf.get_vocab_size()}", "source": source, "json": json_text,
-            "sha256": hashlib.sha256(json_text.encode()).hexdigest()}
-
-
-def _tiktoken_spec(name, source, ranks):
-    from tiktoken_ext.openai_public import r50k_pat_str
-    text = "".join(f"{base64.b64encode(token).decode()} {rank}\n"
-                   for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise UserError(f"{source}: token ranks are not 0..{len(ranks) - 1}; is this a .tiktoken ranks file?")
-    return {"kind": "tiktoken", "name": name, "source": source, "pat_str": r50k_pat_str, "ranks": text,
-            "sha256": hashlib.sha256(text.encode()).hexdigest()}
-
-
-def load_tokenizer(name):
-    """The tokenizer named on the command line.
-
-    Args:
-        name: "gpt2" for tiktoken's GPT-2 encoding (downloaded on first use, then cached), the path of a
-            .tiktoken ranks file (loaded with GPT-2's split pattern and <|endoftext|> after the last rank), or
-            the path of a Hugging Face tokenizer.json such as prepare.py --tokenizer=bpe writes.
-    Returns:
-        Tokenizer.
-    Raises:
-        UserError: the file is missing or not a ranks file, or the gpt2 download fails (e.g. offline).
-    """
-    if name == "gpt2":
-        import tiktoken
-        try:
-            enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            raise UserError(f"could not load tiktoken's gpt2 encoding, which is downloaded on first use "
-                            f"({type(e).__name__}); offline, pass --tokenizer=path/to/gpt2.tiktoken") from None
-        ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.eot_token)}
-        return Tokenizer(_tiktoken_spec("gpt2", "gpt2", ranks))
-    if not os.path.isfile(name):
-        raise UserError(f"tokenizer {name!r} not found: use gpt2, bpe (prepare.py trains one), or the path "
-                        f"of a .tiktoken ranks file or a tokenizer.json")
-    if name.endswith(".json"):
-        with open(name, encoding="utf-8") as f:
-            return Tokenizer(bpe_spec(f.read(), name))
-    from tiktoken.load import load_tiktoken_bpe
-    try:
-        ranks = load_tiktoken_bpe(name)
-    except Exception as e:
-        raise UserError(f"{name} is not a .tiktoken ranks file ({type(e).__name__}: {e})") from None
-    stem = os.path.splitext(os.path.basename(name))[0]
-    return Tokenizer(_tiktoken_spec(stem, os.path.abspath(name), ranks))
-
-
-def tokenizer_from_meta(meta, data_dir):
-    """The tokenizer that prepare.py wrote into `data_dir` (meta["tokenizer"]["file"]), checked against the
-    fingerprint in `meta` (a loaded meta.json). Returns Tokenizer.
-    Raises UserError if the file is missing or has changed since the data was prepared."""
-    desc = meta["tokenizer"]
-    if "file" not in desc:
-        raise UserError(f"{data_dir} was prepared by an older prepare.py: re-run it with --force")
-    path = os.path.join(data_dir, desc["file"])
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError:
-        raise UserError(f"{path} is missing: re-run prepare.py with --force") from None
-    if hashlib.sha256(text.encode()).hexdigest() != desc["sha256"]:
-        raise UserError(f"{path} has changed since {data_dir} was prepared: re-run prepare.py with --force")
-    return Tokenizer({**desc, "ranks" if desc["kind"] == "tiktoken" else "json": text})
-
-
-def bits_per_byte(loss, tokens, n_bytes):
-    """Convert a mean cross-entropy in nats per token into bits per UTF-8 byte of text:
-    loss / ln 2 * tokens / bytes, with the token and byte counts of the same text (meta.json has them per split).
-    Unlike loss per token it does not depend on how the tokenizer cuts the text, so runs with different
-    vocabularies compare (the measure used for the Pile, Gao et al. 2020)."""
-    return loss / math.log(2) * tokens / n_bytes
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Device and precision
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device="auto", dtype="auto", cuda=None, mps=None, cuda_bf16=None, quantize=""):
-    """Choose the device and the autocast precision.
-
-    Args:
-        device: "auto" (cuda, then mps, then cpu), "cpu", "mps", "cuda" or "cuda:N".
-        dtype: "auto", "float32", "bfloat16" or "float16". "auto" is bfloat16 on CUDA GPUs that support it
-            and on CPU, float16 on other CUDA GPUs and on MPS.
-        quantize: "" or "int8" (quantize_int8), which runs on the CPU in float32: auto then means those.
-        cuda, mps, cuda_bf16: what this machine has; detected when None (tests pass them in).
-    Returns:
-        (device, device_type, dtype): e.g. ("cuda:0", "cuda", "bfloat16").
-    Raises:
-        UserError: the device or dtype is unknown or not available here (the message lists what is), or
-            quantize is not "" or "int8", or int8 is asked for off the CPU or with a 16-bit dtype.
-    """
-    if quantize not in ("", "int8"):
-        raise UserError(f"quantize={quantize!r}: the only quantization is int8 (or leave it empty)")
-    if quantize:
-        if device not in ("auto", "cpu") or dtype not in ("auto", "float32"):
-            raise UserError("--quantize=int8 runs on the CPU with float32 activations: drop --device/--dtype or "
-                            "use --device=cpu --dtype=float32")
-        device, dtype = "cpu", "float32"
-    cuda_probe = cuda is None
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    mps = (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()) if mps is None else mps
-    available = [d for d, ok in (("cuda", cuda), ("mps", mps), ("cpu", True)) if ok]
-    if device == "auto":
-        device = available[0]
-    try:
-        device_type = torch.device(device).type
-    except RuntimeError:
-        device_type = None
-    if device_type not in ("cuda", "mps", "cpu"):
-        raise UserError(f"unknown device {device!r}: use auto, cpu, mps, cuda or cuda:N")
-    if device_type not in available:
-        why = " (MPS needs a Mac with Apple silicon)" if device_type == "mps" else ""
-        raise UserError(f"device {device!r} is not available on this machine{why}; "
-                        f"available: {', '.join(available)}")
-    if device_type == "cuda":
-        index, count = torch.device(device).index, torch.cuda.device_count() if cuda_probe else None
-        if count is not None and index is not None and index >= count:
-            raise UserError(f"device {device!r} does not exist: this machine has {count} GPU(s), cuda:0 to "
-                            f"cuda:{count - 1}")
-        cuda_bf16 = torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cpu" or (device_type == "cuda" and cuda_bf16) else "float16"
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-    if dtype == "bfloat16" and device_type == "cuda" and not cuda_bf16:
-        raise UserError("this GPU does not support bfloat16: use --dtype=float16 (with loss scaling) or float32")
-    return device, device_type, dtype
-
-
-def keep_freed_memory():
-    """On Linux with glibc, have malloc keep freed memory for reuse instead of returning it to the OS.
-
-    A CPU training step allocates and frees hundreds of MB (the logits over a 50k vocabulary alone are
-    tokens x 50,304 floats). glibc serves blocks that large with a fresh mmap each time, so every step faults
-    those pages in again: on 2 cores, as much kernel time as the math itself. With mmap off and trimming
-    raised, config/tinystories_cpu.py went from 1,069 to 490 ms/iter in bfloat16 (see README, Performance).
-    The process then keeps its peak resident size. Does nothing where glibc's mallopt is not available."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)            # M_MMAP_MAX = 0: every allocation from the heap
-        libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: keep up to 2 GiB free at the top of the heap
-    except (OSError, AttributeError):
-        pass
-
-
-def autocast(device_type, dtype):
-    """Context manager running matmuls in `dtype` (mixed precision, Micikevicius et al. 2018); float32: no-op."""
-    return torch.autocast(device_type=device_type, dtype=DTYPES[dtype], enabled=dtype != "float32")
-
-
 def quantize_int8(model):
     """Dynamic int8 quantization of every nn.Linear for CPU inference (Jacob et al. 2018; PyTorch's
     `quantize_dynamic`): weights are stored as int8 with one scale per output channel, activations are quantized
@@ -555,103 +350,3 @@ def quantize_int8(model):
         return quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear: per_channel_dynamic_qconfig},
                                 dtype=torch.qint8)
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-class _WriteRecorder:
-    """The file object torch.save writes to: it keeps the OSError of a failed write (disk full, file too
-    large), which torch itself turns into an unhelpful RuntimeError about file positions."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self):
-        self.f.flush()
-
-
-@contextlib.contextmanager
-def atomic_file(path, mode="w"):
-    """Open `path`.tmp (same directory) for writing in `mode` ("w": UTF-8 text, "wb": bytes) and yield it; when the
-    block ends without an error, flush and fsync it, rename it over `path` and fsync the directory, so `path` is
-    always either the old file or the complete new one. Creates missing folders. On any error (OSError from a
-    full disk, Ctrl-C, ...) the temporary file is removed and the error re-raised."""
-    path = str(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(obj, path):
-    """Write `obj` with torch.save through atomic_file: `path` is always the old file or the complete new one.
-    Raises OSError when the write fails (e.g. disk full), after removing the temporary file."""
-    with atomic_file(path, "wb") as f:
-        writer = _WriteRecorder(f)
-        try:
-            torch.save(obj, writer)
-        except RuntimeError:
-            if writer.error is not None:
-                raise writer.error from None
-            raise
-
-
-def write_text_atomic(text, path):
-    """Write the str `text` to `path` (UTF-8) through atomic_file. Raises OSError (the temporary file removed)."""
-    with atomic_file(path) as f:
-        f.write(text)
-
-
-def load_checkpoint(path, device="cpu"):
-    """Read a checkpoint written by train.py, with `weights_only=True` so that a file from elsewhere can hold
-    tensors and plain data but cannot run code.
-
-    Returns:
-        dict with "model" (state dict), "model_args" (GPTConfig fields), "tokenizer" (Tokenizer spec),
-        "config" (the training settings) and, in ckpt.pt, the optimizer and training state.
-    Raises:
-        UserError: missing, truncated or corrupt file, or not a checkpoint of this project.
-    """
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one with `python train.py config/tinystories_cpu.py` "
-                        f"or point --out_dir at the directory that holds it")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_args", "tokenizer"} <= ckpt.keys():
-        raise UserError(f"{path} is not a checkpoint written by this project's train.py")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt):
-    """Build a GPT from a loaded checkpoint's "model_args" and load its weights. Returns GPT (on the weights'
-    device, in train mode). Raises UserError if the weights do not fit the shape."""
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not match its model shape: {str(e).splitlines()[0]}") from None
-    return model.to(next(iter(ckpt["model"].values())).device)

@@ -25,7 +25,9 @@ import time
 import numpy as np
 import pyarrow.compute as pc
 
+from checkpoint import write_text_atomic
 from configurator import UserError, configure, run
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 dataset = "roneneldan/TinyStories"  # hub id, or a local file or directory
@@ -115,6 +117,51 @@ def load_splits(source):
     return {split: ds[split] for split in SPLITS}
 
 
+def read_meta(data_dir, required=SPLITS):
+    """The one check of a prepared data directory (train.py, eval.py and prepare.py's up-to-date test use it):
+    load data_dir/meta.json and check train.bin and validation.bin against it.
+
+    Args:
+        data_dir: a directory written by prepare.py.
+        required: the splits that must be usable; a problem with one of them raises.
+    Returns:
+        (meta, problems): meta is the loaded meta.json (None when there is none and nothing is required);
+        problems maps each split to what is wrong with its .bin ("" when nothing: its size is tokens x the
+        dtype's bytes).
+    Raises:
+        UserError: no meta.json while splits are required, a damaged meta.json (missing keys, a dtype that cannot
+        hold the vocabulary's ids), or a problem with a required split; each message names the prepare.py fix.
+    """
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        if required:
+            raise UserError(f"no prepared data in {data_dir} (meta.json missing): run "
+                            f"`python prepare.py --data_dir={data_dir}` first")
+        return None, {}
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        meta["splits"]["train"], meta["splits"]["validation"], meta["tokenizer"]["sha256"], meta["vocab_size"]
+        itemsize = np.dtype(meta["dtype"]).itemsize
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path} is damaged ({type(e).__name__}: {e}): re-run prepare.py with --force") from None
+    if meta["dtype"] not in ("uint16", "uint32") or np.iinfo(meta["dtype"]).max < meta["vocab_size"] - 1:
+        raise UserError(f"{meta_path}: token ids of a {meta['vocab_size']}-id vocabulary cannot be stored as "
+                        f"{meta['dtype']}: re-run prepare.py with --force")
+    problems = {}
+    for split in SPLITS:
+        bin_path = os.path.join(data_dir, f"{split}.bin")
+        if not os.path.isfile(bin_path):
+            problems[split] = f"{bin_path} is missing: run `python prepare.py --data_dir={data_dir}` (with --force)"
+        elif os.path.getsize(bin_path) != meta["splits"][split]["tokens"] * itemsize:
+            problems[split] = f"{bin_path} does not match meta.json: re-run prepare.py with --force"
+        else:
+            problems[split] = ""
+        if split in required and problems[split]:
+            raise UserError(problems[split])
+    return meta, problems
+
+
 def train_bpe(texts, vocab_size, length=None):
     """Train a byte-level BPE vocabulary of `vocab_size` ids (the 256 bytes, <|endoftext|>, then merges; fewer
     when the text runs out of pairs to merge) with Hugging Face `tokenizers` (Rust, parallel).
@@ -124,7 +171,7 @@ def train_bpe(texts, vocab_size, length=None):
     Returns:
         Tokenizer of kind "bpe". No normalisation and no prefix space, so decoding is exact."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-    from model import EOT, Tokenizer, bpe_spec
+    from tokenizer import EOT, Tokenizer, bpe_spec
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split rules, on bytes
     hf.decoder = decoders.ByteLevel()
@@ -182,7 +229,6 @@ def write_split(ds, path, dtype, n_shards):
 def main():
     config = configure(globals(), doc=__doc__)
     print(json.dumps(config, indent=1))
-    from model import load_tokenizer, write_text_atomic
 
     if shards < 1 or num_proc < 1:
         raise UserError(f"shards and num_proc must be at least 1, got {shards} and {num_proc}")
@@ -200,17 +246,13 @@ def main():
     inputs = {"dataset": fingerprint(dataset), **tok_id, "text_column": text_column,
               "val_fraction": val_fraction, "seed": seed}
     meta_path = os.path.join(data_dir, "meta.json")
-    if not force and os.path.isfile(meta_path):
+    if not force:
         try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-            complete = meta["inputs"] == inputs and os.path.isfile(os.path.join(data_dir, meta["tokenizer"]["file"]))
-            complete = complete and all(
-                os.path.getsize(os.path.join(data_dir, f"{s}.bin"))
-                == meta["splits"][s]["tokens"] * np.dtype(meta["dtype"]).itemsize for s in SPLITS)
-        except (OSError, ValueError, KeyError, TypeError):  # missing or damaged files: rebuild
-            complete = False
-        if complete:
+            meta, problems = read_meta(data_dir, required=())
+        except UserError:  # damaged: rebuild
+            meta, problems = None, {}
+        if (meta is not None and meta.get("inputs") == inputs and not any(problems.values())
+                and os.path.isfile(os.path.join(data_dir, meta["tokenizer"].get("file", "")))):
             print(f"{data_dir} is up to date with these inputs (use --force to rebuild)")
             return
 

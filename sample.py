@@ -13,8 +13,9 @@ import sys
 
 import torch
 
-from configurator import UserError, configure, run
-from model import DTYPES, Tokenizer, load_checkpoint, model_from_checkpoint, quantize_int8, resolve_device
+from checkpoint import load_model
+from configurator import DTYPES, UserError, configure, read_text, resolve_device, run
+from model import check_sampling, continuations, quantize_int8
 
 # -----------------------------------------------------------------------------
 out_dir = "out"                         # directory that holds the checkpoint
@@ -30,39 +31,23 @@ device = "auto"                         # auto, cpu, mps, cuda, cuda:N
 dtype = "auto"                          # auto, float32, bfloat16, float16
 quantize = ""                           # "int8": dynamic int8 quantization of the Linear layers (CPU only)
 # -----------------------------------------------------------------------------
-_MAX_NEW_TOKENS = 100_000
 
 
 def main():
     config = configure(globals(), doc=__doc__)
     print(json.dumps(config), file=sys.stderr)  # stdout holds only the stories
-    if num_samples < 1 or max_new_tokens < 1:
-        raise UserError("num_samples and max_new_tokens must be at least 1")
-    if max_new_tokens > _MAX_NEW_TOKENS:
-        raise UserError(f"max_new_tokens={max_new_tokens:,} is beyond reason: a story is a few hundred tokens; "
-                        f"use at most {_MAX_NEW_TOKENS:,}")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise UserError("temperature and top_k must be >= 0 and top_p in (0, 1]")
+    if num_samples < 1:
+        raise UserError(f"num_samples must be at least 1, got {num_samples}")
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     dev, _, precision = resolve_device(device, dtype, quantize=quantize)
-    prompt = start
-    if start.startswith("FILE:"):
-        try:
-            with open(start[5:], encoding="utf-8") as f:
-                prompt = f.read()
-        except OSError as e:
-            raise UserError(f"cannot read the prompt file {start[5:]}: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise UserError(f"the prompt file {start[5:]} is not UTF-8 text (byte {e.object[e.start]:#x} at "
-                            f"{e.start}): save it as UTF-8") from None
+    prompt = read_text(start[5:], "prompt file") if start.startswith("FILE:") else start
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:  # e.g. bytes that are not UTF-8 on the command line
         raise UserError(f"the prompt has characters that are not valid Unicode text (at position {e.start}): "
                         f"pass UTF-8 text") from None
 
-    ckpt = load_checkpoint(f"{out_dir}/{checkpoint}", device=dev)
-    tok = Tokenizer(ckpt["tokenizer"])
-    model = model_from_checkpoint(ckpt).eval()
+    model, tok, _ = load_model(f"{out_dir}/{checkpoint}", device=dev)
     if quantize:
         model = quantize_int8(model)
     else:  # weights stored in the sampling precision: each new token reads half the bytes of float32 weights
@@ -72,10 +57,7 @@ def main():
     generator = torch.Generator(device=dev).manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          eos_token=tok.eot_token, vocab_limit=tok.vocab_size, generator=generator)
-    for row in out.tolist():
-        new = row[len(ids):]
-        if tok.eot_token in new:
-            new = new[:new.index(tok.eot_token)]
+    for new, _ in continuations(out, len(ids), tok.eot_token):
         print(prompt + tok.decode(new))
         print("-" * 80)
 

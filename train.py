@@ -32,9 +32,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import UserError, configure, run
-from model import (GPT, GPTConfig, autocast, bits_per_byte, keep_freed_memory, load_checkpoint, resolve_device,
-                   save_checkpoint, tokenizer_from_meta, write_text_atomic)
+from checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
+from configurator import UserError, autocast, configure, resolve_device, run
+from model import GPT, GPTConfig, padded_vocab_size
+from prepare import read_meta
+from tokenizer import bits_per_byte, tokenizer_from_meta
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -107,31 +109,184 @@ def get_batch(path, dtype, batch_size, block_size, device, generator):
     return x.to(device), y.to(device)
 
 
-def read_meta(data_dir):
-    """Load data_dir/meta.json. Raises UserError pointing at prepare.py when the data is missing."""
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise UserError(f"no prepared data in {data_dir} (meta.json missing): run "
-                        f"`python prepare.py --data_dir={data_dir}` first")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-        meta["splits"]["train"], meta["splits"]["validation"], meta["tokenizer"], meta["dtype"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}): re-run prepare.py with --force") from None
-    if meta["dtype"] not in ("uint16", "uint32") or np.iinfo(meta["dtype"]).max < meta["vocab_size"] - 1:
-        raise UserError(f"{path}: token ids of a {meta['vocab_size']}-id vocabulary cannot be stored as "
-                        f"{meta['dtype']}: re-run prepare.py with --force")
+@torch.no_grad()
+def estimate_loss(model, batch, iter_num, ctx, device):
+    """Mean loss (nats/token) of each split over eval_iters batches, batch(split, "eval", iter_num, k) for
+    k < eval_iters: the same batches whatever the number of processes, each process running its share.
+    Returns {"train": float, "validation": float}."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    model.eval()
+    out = {}
     for split in ("train", "validation"):
-        bin_path = os.path.join(data_dir, f"{split}.bin")
-        expected = meta["splits"][split]["tokens"] * np.dtype(meta["dtype"]).itemsize
-        if not os.path.isfile(bin_path) or os.path.getsize(bin_path) != expected:
-            raise UserError(f"{bin_path} is missing or does not match meta.json: re-run prepare.py with --force")
-    return meta
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for k in range(rank, eval_iters, world_size):
+            x, y = batch(split, "eval", iter_num, k)
+            with ctx:
+                total += model(x, y)[1].double()
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        out[split] = total.item() / eval_iters
+    model.train()
+    return out
 
+
+def main():
+    config = configure(globals(), doc=__doc__)
+    check_settings()
+    ddp, rank, world_size, dev, device_type, precision = setup_processes()
+    master = rank == 0
+    say = print if master else (lambda *args, **kwargs: None)
+    micro_steps = gradient_accumulation_steps // world_size  # this process's share of each optimizer step
+    meta, tok = check_data()
+    model_args = dict(vocab_size=padded_vocab_size(meta["vocab_size"]), block_size=block_size, n_layer=n_layer,
+                      n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias)
+    GPTConfig(**model_args)  # shape errors now, before anything is loaded or written
+    ckpt = check_resume(config, model_args, tok, say)  # None when starting from scratch
+    iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
+    os.makedirs(out_dir, exist_ok=True)
+    say(json.dumps(config, indent=1))
+
+    # the model, its optimizer, and (for float16) the loss scaler
+    if device_type == "cpu":
+        keep_freed_memory()
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**model_args))
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    model.to(dev)
+    say(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M "
+        f"without embeddings); device {dev}, dtype {precision}"
+        + (f"; {world_size} processes x {micro_steps} micro-steps" if ddp else ""))
+    optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=precision == "float16" and device_type == "cuda")
+    if ckpt is not None:
+        restore_training_state(ckpt, optimizer, scaler)
+        say(f"resuming from iteration {iter_num} (best validation loss {best_val_loss:.4f})")
+        ckpt = None  # free the memory
+    if ddp:  # dropout masks differ between processes; a resumed DDP run reseeds them (exact resume: 1 process)
+        torch.manual_seed(batch_seed(seed, "dropout", rank, iter_num))
+    raw_model = model
+    if compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank()] if device_type == "cuda" else None)
+    ctx = autocast(device_type, precision)
+    paths = {s: os.path.join(data_dir, f"{s}.bin") for s in ("train", "validation")}
+    sampler = torch.Generator()
+
+    def batch(split, *where):  # batches are a pure function of where the run is: see batch_seed
+        sampler.manual_seed(batch_seed(seed, split, *where))
+        return get_batch(paths[split], meta["dtype"], batch_size, block_size, dev, sampler)
+
+    def save(name, **extra):  # rank 0 writes; the other processes hold the same weights
+        if master:
+            save_weights(os.path.join(out_dir, name), {"model": raw_model.state_dict(), "model_args": model_args,
+                                                       "tokenizer": tok.spec, "config": config,
+                                                       "iter_num": iter_num, **extra})
+
+    def save_run():  # everything --init_from=resume needs
+        save("ckpt.pt", optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+             best_val_loss=best_val_loss, rng=rng_state())
+
+    log_path = os.path.join(out_dir, "log.csv")
+    if master and (init_from == "scratch" or not os.path.exists(log_path)):
+        append_log(log_path, ["iter", "tokens", "train_loss", "val_loss", "train_bpb", "val_bpb", "lr",
+                              "elapsed_s"], new=True)
+    tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
+    say(f"{tokens_per_iter:,} tokens per iteration")
+
+    stop = StopRequest()
+    t_start = t_last = time.time()
+    steps_since_log = skipped = nonfinite_in_a_row = 0
+    stopping = False
+    resumed_at = iter_num if init_from == "resume" else None  # that iteration was evaluated before the stop
+    # micro-batch m of an optimizer step is run by process m // micro_steps: together the processes draw exactly
+    # the batches one process with the same gradient_accumulation_steps would
+    first = rank * micro_steps
+    x, y = batch("train", iter_num, first)
+    while True:
+        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # evaluate both splits, keep the best weights, and save everything needed to resume
+        if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at:
+            losses = estimate_loss(model, batch, iter_num, ctx, dev)
+            bpb = {s: bits_per_byte(losses[s], meta["splits"][s]["tokens"], meta["splits"][s]["bytes"])
+                   for s in losses}
+            say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}, "
+                f"val bpb {bpb['validation']:.4f}")
+            if master:
+                append_log(log_path, [iter_num, iter_num * tokens_per_iter, f"{losses['train']:.5f}",
+                                      f"{losses['validation']:.5f}", f"{bpb['train']:.5f}",
+                                      f"{bpb['validation']:.5f}", f"{lr:.3e}", f"{time.time() - t_start:.1f}"])
+            if losses["validation"] < best_val_loss:
+                best_val_loss = losses["validation"]
+                save("best_model_params.pt", val_loss=best_val_loss)
+            if iter_num > 0:
+                save_run()
+            t_last, steps_since_log = time.time(), 0  # evaluation time is not training time
+        if iter_num >= max_iters:
+            break
+        if stopping:
+            save_run()
+            say(f"stopped at iteration {iter_num}; saved {out_dir}/ckpt.pt. Continue with:\n  {resume_command()}")
+            break
+
+        # forward and backward over the micro-batches: gradients add up across them
+        loss_sum = 0.0
+        for micro_step in range(micro_steps):
+            last = micro_step == micro_steps - 1
+            # DDP averages the gradients across processes during backward: only on the last micro-step
+            with model.no_sync() if ddp and not last else nullcontext():
+                with ctx:
+                    _, loss = model(x, y)
+                    loss = loss / micro_steps  # the average over processes then makes it 1/gradient_accumulation_steps
+                loss_sum = loss_sum + loss.detach()
+                # fetch the next batch while the device works on this one
+                x, y = batch("train", *((iter_num, first + micro_step + 1) if not last else (iter_num + 1, first)))
+                scaler.scale(loss).backward()
+
+        # step: clip the gradient, then update the weights unless the loss or the gradient is not finite
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        loss_sum, finite, stopping = agree_on_step(loss_sum, norm, scaler, stop, ddp, world_size, dev)
+        if finite:
+            scaler.step(optimizer)
+            nonfinite_in_a_row = 0
+        else:
+            skipped += 1
+            nonfinite_in_a_row += 1
+            say(f"iter {iter_num}: loss or gradient is not finite; step skipped ({skipped} so far)")
+            if nonfinite_in_a_row >= max_nonfinite_steps:
+                raise UserError(f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
+                                f"gradient (iteration {iter_num}): lower learning_rate, keep grad_clip on, and "
+                                f"with float16 try --dtype=bfloat16; {out_dir} keeps the last good checkpoint")
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        steps_since_log += 1
+
+        if iter_num % log_interval == 0:
+            lossf = loss_sum.item()  # .item() waits for the device: only when logging
+            dt = (time.time() - t_last) / steps_since_log
+            t_last, steps_since_log = time.time(), 0
+            say(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+                f"{tokens_per_iter / dt:,.0f} tokens/s")
+
+    if ddp:
+        dist.destroy_process_group()
+    if master and iter_num >= max_iters:  # a run stopped early has printed its resume command instead
+        finish(raw_model, best_val_loss, skipped, log_path, meta, dev, ctx)
+
+
+# ==============================================================================================================
+# Plumbing: checks of the settings and the data, processes and devices, resuming, signals, logs and files.
+# Nothing below is needed to follow how a GPT learns; all of it is needed for a run that survives mistakes.
+# ==============================================================================================================
 
 def check_settings():
-    """Reject settings that would fail late or train badly, before any work starts."""
+    """Reject settings that would fail late or train badly, before any work starts. Raises UserError."""
     if min_lr > learning_rate:
         raise UserError(f"min_lr={min_lr} is larger than learning_rate={learning_rate}: the schedule decays "
                         f"from learning_rate down to min_lr, so set min_lr below it (e.g. learning_rate/10)")
@@ -143,6 +298,102 @@ def check_settings():
             raise UserError(f"{k} must be at least 1, got {globals()[k]}")
     if init_from not in ("scratch", "resume"):
         raise UserError(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if gradient_accumulation_steps % world_size:
+        raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} is the global number of "
+                        f"micro-batches and must divide among the {world_size} processes: use a multiple of "
+                        f"{world_size}")
+
+
+def local_rank():
+    """This process's GPU index on its machine under torchrun (LOCAL_RANK), 0 for a single process."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def setup_processes():
+    """Resolve the device and, under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE), join the process
+    group: NCCL on CUDA, gloo on CPU. Returns (ddp, rank, world_size, device, device_type, precision).
+    Raises UserError for an unavailable device or DDP on MPS."""
+    ddp = "RANK" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    dev, device_type, precision = resolve_device(device, dtype)
+    if ddp:
+        if device_type == "cuda":
+            dev = f"cuda:{local_rank()}"
+            torch.cuda.set_device(dev)
+        elif device_type == "mps":
+            raise UserError("DDP runs on CUDA (NCCL) or CPU (gloo), not MPS: use --device=cpu or one process")
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return ddp, rank, world_size, dev, device_type, precision
+
+
+def check_data():
+    """The prepared data in data_dir, checked against the settings. Returns (meta, Tokenizer).
+    Raises UserError: missing or damaged data, a vocabulary other than the config's, or splits too small for
+    one batch."""
+    meta, _ = read_meta(data_dir)
+    if vocab_size and vocab_size != meta["vocab_size"]:
+        command = ("python prepare.py --tokenizer=gpt2" if vocab_size == 50257 else
+                   f"python prepare.py --tokenizer=bpe --vocab_size={vocab_size}")
+        raise UserError(f"this config is for a vocabulary of {vocab_size} ids but {data_dir} has "
+                        f"{meta['vocab_size']}: prepare its data with `{command} --data_dir=DIR` and pass "
+                        f"--data_dir=DIR")
+    for split in ("train", "validation"):
+        n = meta["splits"][split]["tokens"]
+        if n <= block_size:
+            raise UserError(f"the {split} split has {n} tokens, not more than block_size={block_size}: "
+                            f"use a smaller block_size or more data")
+    for split in ("train", "validation"):
+        n = meta["splits"][split]["tokens"]
+        if batch_size * block_size > n:
+            raise UserError(f"a batch of {batch_size} x {block_size} = {batch_size * block_size:,} tokens is "
+                            f"larger than the {split} split ({n:,} tokens): lower batch_size or block_size")
+    return meta, tokenizer_from_meta(meta, data_dir)
+
+
+def check_resume(config, model_args, tok, say):
+    """With init_from="resume": out_dir/ckpt.pt, checked against this run (same tokenizer, same model shape;
+    changed training settings are listed). With "scratch": None, after checking out_dir holds no run.
+    Raises UserError for an out_dir that already holds a run (scratch), or a checkpoint that does not fit."""
+    existing = [f for f in ("ckpt.pt", "best_model_params.pt") if os.path.exists(os.path.join(out_dir, f))]
+    if init_from == "scratch":
+        if existing:
+            raise UserError(f"{out_dir} already holds a run ({', '.join(existing)}): continue it with "
+                            f"--init_from=resume, or start a new one with another --out_dir (or delete {out_dir})")
+        return None
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt["tokenizer"]["sha256"] != tok.spec["sha256"]:
+        raise UserError(f"cannot resume: {ckpt_path} was trained with another tokenizer "
+                        f"({ckpt['tokenizer']['name']}) than the data in {data_dir} "
+                        f"({tok.spec['name']}); resume with the data it was trained on")
+    changed = {k: (ckpt["model_args"][k], v) for k, v in model_args.items()
+               if k != "dropout" and ckpt["model_args"][k] != v}
+    if changed:
+        raise UserError("cannot resume: the model shape differs from the checkpoint's ("
+                        + ", ".join(f"{k}: {a} there, {b} here" for k, (a, b) in changed.items())
+                        + "); use the same settings or a new out_dir")
+    changed = [f"{k} {ckpt['config'].get(k)!r} -> {v!r}" for k, v in config.items()
+               if k != "init_from" and ckpt["config"].get(k) != v]
+    if changed:
+        say("settings changed since the checkpoint: " + ", ".join(changed))
+    return ckpt
+
+
+def agree_on_step(loss_sum, norm, scaler, stop, ddp, world_size, dev):
+    """Decide, with one host sync per optimizer step, whether to apply it and whether to stop after it.
+
+    A step whose loss or gradient norm is not finite is skipped. With float16 loss scaling an overflowing gradient
+    is the scaler's business (it lowers the scale and skips the step itself). Under DDP the processes first sum
+    their losses and stop flags (one all-reduce), so they all take the same decisions.
+    Returns (mean loss as a 0-d tensor, apply the step: bool, stop requested: bool)."""
+    status = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=dev)])
+    if ddp:
+        dist.all_reduce(status)
+    loss_sum = status[0] / world_size
+    finite = torch.isfinite(loss_sum) & (torch.isfinite(norm) | scaler.is_enabled())
+    finite, stopping = torch.stack([finite, status[1] > 0]).tolist()  # the one host sync
+    return loss_sum, bool(finite), bool(stopping)
 
 
 def batch_seed(*key):
@@ -188,250 +439,63 @@ class StopRequest:
               f"(press Ctrl-C again to stop at once)", flush=True)
 
 
-def main():
-    config = configure(globals(), doc=__doc__)
-    check_settings()
-    # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process
-    ddp = "RANK" in os.environ
-    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in
-                                    (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    master = rank == 0
-    say = print if master else (lambda *args, **kwargs: None)
-    if gradient_accumulation_steps % world_size:
-        raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} is the global number of "
-                        f"micro-batches and must divide among the {world_size} processes: use a multiple of "
-                        f"{world_size}")
-    micro_steps = gradient_accumulation_steps // world_size  # this process's share of each optimizer step
-    dev, device_type, precision = resolve_device(device, dtype)
-    if ddp:
-        if device_type == "cuda":
-            dev = f"cuda:{local_rank}"
-            torch.cuda.set_device(dev)
-        elif device_type == "mps":
-            raise UserError("DDP runs on CUDA (NCCL) or CPU (gloo), not MPS: use --device=cpu or one process")
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    meta = read_meta(data_dir)
-    if vocab_size and vocab_size != meta["vocab_size"]:
-        command = ("python prepare.py --tokenizer=gpt2" if vocab_size == 50257 else
-                   f"python prepare.py --tokenizer=bpe --vocab_size={vocab_size}")
-        raise UserError(f"this config is for a vocabulary of {vocab_size} ids but {data_dir} has "
-                        f"{meta['vocab_size']}: prepare its data with `{command} --data_dir=DIR` and pass "
-                        f"--data_dir=DIR")
-    for split in ("train", "validation"):
-        n = meta["splits"][split]["tokens"]
-        if n <= block_size:
-            raise UserError(f"the {split} split has {n} tokens, not more than block_size={block_size}: "
-                            f"use a smaller block_size or more data")
-    for split in ("train", "validation"):
-        n = meta["splits"][split]["tokens"]
-        if batch_size * block_size > n:
-            raise UserError(f"a batch of {batch_size} x {block_size} = {batch_size * block_size:,} tokens is "
-                            f"larger than the {split} split ({n:,} tokens): lower batch_size or block_size")
-    tok = tokenizer_from_meta(meta, data_dir)
-    model_args = dict(vocab_size=math.ceil(meta["vocab_size"] / 64) * 64,  # padded: faster matmuls; never targets
-                      block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout,
-                      bias=bias)
-    GPTConfig(**model_args)  # shape errors now, before anything is loaded or written
-    existing = [f for f in ("ckpt.pt", "best_model_params.pt") if os.path.exists(os.path.join(out_dir, f))]
-    if init_from == "scratch" and existing:
-        raise UserError(f"{out_dir} already holds a run ({', '.join(existing)}): continue it with "
-                        f"--init_from=resume, or start a new one with another --out_dir (or delete {out_dir})")
-    iter_num, best_val_loss, ckpt = 0, float("inf"), None
-    if init_from == "resume":
-        ckpt_path = os.path.join(out_dir, "ckpt.pt")
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt["tokenizer"]["sha256"] != tok.spec["sha256"]:
-            raise UserError(f"cannot resume: {ckpt_path} was trained with another tokenizer "
-                            f"({ckpt['tokenizer']['name']}) than the data in {data_dir} "
-                            f"({tok.spec['name']}); resume with the data it was trained on")
-        changed = {k: (ckpt["model_args"][k], v) for k, v in model_args.items()
-                   if k != "dropout" and ckpt["model_args"][k] != v}
-        if changed:
-            raise UserError("cannot resume: the model shape differs from the checkpoint's ("
-                            + ", ".join(f"{k}: {a} there, {b} here" for k, (a, b) in changed.items())
-                            + "); use the same settings or a new out_dir")
-        changed = [f"{k} {ckpt['config'].get(k)!r} -> {v!r}" for k, v in config.items()
-                   if k != "init_from" and ckpt["config"].get(k) != v]
-        if changed:
-            say("settings changed since the checkpoint: " + ", ".join(changed))
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-    os.makedirs(out_dir, exist_ok=True)
-    say(json.dumps(config, indent=1))
+def restore_training_state(ckpt, optimizer, scaler):
+    """Load the optimizer, loss-scaler and random-generator states of a ckpt.pt, for an exact resume."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler.is_enabled() and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
 
-    if device_type == "cpu":
-        keep_freed_memory()
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**model_args))
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    model.to(dev)
-    say(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M "
-          f"without embeddings); device {dev}, dtype {precision}"
-        + (f"; {world_size} processes x {micro_steps} micro-steps" if ddp else ""))
 
-    optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=precision == "float16" and device_type == "cuda")
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler.is_enabled() and ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        say(f"resuming from iteration {iter_num} (best validation loss {best_val_loss:.4f})")
-        ckpt = None  # free the memory
-    if ddp:  # dropout masks differ between processes; a resumed DDP run reseeds them (exact resume: 1 process)
-        torch.manual_seed(batch_seed(seed, "dropout", rank, iter_num))
-    raw_model = model
-    if compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    ctx = autocast(device_type, precision)
-    bin_dtype = np.dtype(meta["dtype"])
-    paths = {s: os.path.join(data_dir, f"{s}.bin") for s in ("train", "validation")}
-    sampler = torch.Generator()
+def resume_command():
+    """The command line that continues this run: the same arguments with --init_from=resume."""
+    args = " ".join(shlex.quote(a) for a in sys.argv[1:] if not a.startswith("--init_from="))
+    launcher = f"torchrun --nproc_per_node={os.environ['WORLD_SIZE']}" if "RANK" in os.environ else "python"
+    return f"{launcher} train.py {args} --init_from=resume"
 
-    def batch(split, *where):
-        sampler.manual_seed(batch_seed(seed, split, *where))
-        return get_batch(paths[split], bin_dtype, batch_size, block_size, dev, sampler)
 
-    @torch.no_grad()
-    def estimate_loss():
-        """Mean loss over the same eval_iters batches whatever the number of processes (each runs its share)."""
-        model.eval()
-        out = {}
-        for split in paths:
-            total = torch.zeros((), dtype=torch.float64, device=dev)
-            for k in range(rank, eval_iters, world_size):
-                x, y = batch(split, "eval", iter_num, k)
-                with ctx:
-                    total += model(x, y)[1].double()
-            if ddp:
-                dist.all_reduce(total)
-            out[split] = total.item() / eval_iters
-        model.train()
-        return out
+def save_weights(path, state):
+    """save_checkpoint, with a failed write (e.g. a full disk) as a UserError: the previous file is intact."""
+    try:
+        save_checkpoint(state, path)
+    except OSError as e:
+        name = os.path.basename(path)
+        raise UserError(f"could not write {path}: {e.strerror or e}; the previous {name} is intact: free "
+                        f"some space, then continue with --init_from=resume") from None
 
-    def checkpoint(name, **extra):
-        if not master:
-            return
-        path = os.path.join(out_dir, name)
-        state = {"model": raw_model.state_dict(), "model_args": model_args, "tokenizer": tok.spec,
-                 "config": config, "iter_num": iter_num, **extra}
-        try:
-            save_checkpoint(state, path)
-        except OSError as e:
-            raise UserError(f"could not write {path}: {e.strerror or e}; the previous {name} is intact: free "
-                            f"some space, then continue with --init_from=resume") from None
 
-    def save_run():
-        checkpoint("ckpt.pt", optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                   best_val_loss=best_val_loss, rng=rng_state())
+def append_log(path, row, new=False):
+    """Append one row to log.csv (new=True: start the file with this row, the header)."""
+    with open(path, "w" if new else "a", newline="") as f:
+        csv.writer(f).writerow(row)
 
-    log_path = os.path.join(out_dir, "log.csv")
-    if master and (init_from == "scratch" or not os.path.exists(log_path)):
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerow(["iter", "tokens", "train_loss", "val_loss", "train_bpb", "val_bpb", "lr",
-                                    "elapsed_s"])
-    tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
-    say(f"{tokens_per_iter:,} tokens per iteration")
 
-    stop = StopRequest()
-    t_start = t_last = time.time()
-    steps_since_log = skipped = nonfinite_in_a_row = 0
-    stopping = False
-    resumed_at = iter_num if init_from == "resume" else None  # that iteration was evaluated before the stop
-    # micro-batch m of an optimizer step is run by process m // micro_steps: together the processes draw exactly
-    # the batches one process with the same gradient_accumulation_steps would
-    first = rank * micro_steps
-    x, y = batch("train", iter_num, first)
-    while True:
-        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+def keep_freed_memory():
+    """On Linux with glibc, have malloc keep freed memory for reuse instead of returning it to the OS.
 
-        if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at:
-            losses = estimate_loss()
-            bpb = {s: bits_per_byte(losses[s], meta["splits"][s]["tokens"], meta["splits"][s]["bytes"])
-                   for s in losses}
-            say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}, "
-                f"val bpb {bpb['validation']:.4f}")
-            if master:
-                with open(log_path, "a", newline="") as f:
-                    csv.writer(f).writerow([iter_num, iter_num * tokens_per_iter, f"{losses['train']:.5f}",
-                                            f"{losses['validation']:.5f}", f"{bpb['train']:.5f}",
-                                            f"{bpb['validation']:.5f}", f"{lr:.3e}", f"{time.time() - t_start:.1f}"])
-            if losses["validation"] < best_val_loss:
-                best_val_loss = losses["validation"]
-                checkpoint("best_model_params.pt", val_loss=best_val_loss)
-            if iter_num > 0:
-                save_run()
-            t_last, steps_since_log = time.time(), 0  # evaluation time is not training time
-        if iter_num >= max_iters:
-            break
-        if stopping:
-            save_run()
-            args = " ".join(shlex.quote(a) for a in sys.argv[1:] if not a.startswith("--init_from="))
-            launcher = f"torchrun --nproc_per_node={world_size}" if ddp else "python"
-            say(f"stopped at iteration {iter_num}; saved {out_dir}/ckpt.pt. Continue with:\n"
-                f"  {launcher} train.py {args} --init_from=resume")
-            break
+    A CPU training step allocates and frees hundreds of MB (the logits over a 50k vocabulary alone are
+    tokens x 50,304 floats). glibc serves blocks that large with a fresh mmap each time, so every step faults
+    those pages in again: on 2 cores, as much kernel time as the math itself. With mmap off and trimming
+    raised, config/tinystories_cpu.py went from 1,069 to 490 ms/iter in bfloat16 (see README, Performance).
+    The process then keeps its peak resident size. Does nothing where glibc's mallopt is not available."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)            # M_MMAP_MAX = 0: every allocation from the heap
+        libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: keep up to 2 GiB free at the top of the heap
+    except (OSError, AttributeError):
+        pass
 
-        loss_sum = 0.0
-        for micro_step in range(micro_steps):
-            last = micro_step == micro_steps - 1
-            # DDP averages the gradients across processes during backward: only on the last micro-step
-            with model.no_sync() if ddp and not last else nullcontext():
-                with ctx:
-                    _, loss = model(x, y)
-                    loss = loss / micro_steps  # the average over processes then makes it 1/gradient_accumulation_steps
-                loss_sum = loss_sum + loss.detach()
-                # fetch the next batch while the device works on this one
-                x, y = batch("train", *((iter_num, first + micro_step + 1) if not last else (iter_num + 1, first)))
-                scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-        # one host sync per optimizer step: skip a step whose loss or gradient is not finite. With float16 loss
-        # scaling, an overflowing gradient is the scaler's business (it lowers the scale and skips the step).
-        # Under DDP the processes agree on the mean loss and on stopping, so they all take the same decisions.
-        status = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=dev)])
-        if ddp:
-            dist.all_reduce(status)
-        loss_sum = status[0] / world_size
-        finite = torch.isfinite(loss_sum) & (torch.isfinite(norm) | scaler.is_enabled())
-        finite, stopping = torch.stack([finite, status[1] > 0]).tolist()  # the one host sync
-        if finite:
-            scaler.step(optimizer)
-            nonfinite_in_a_row = 0
-        else:
-            skipped += 1
-            nonfinite_in_a_row += 1
-            say(f"iter {iter_num}: loss or gradient is not finite; step skipped ({skipped} so far)")
-            if nonfinite_in_a_row >= max_nonfinite_steps:
-                raise UserError(f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
-                                f"gradient (iteration {iter_num}): lower learning_rate, keep grad_clip on, and "
-                                f"with float16 try --dtype=bfloat16; {out_dir} keeps the last good checkpoint")
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        steps_since_log += 1
 
-        if iter_num % log_interval == 0:
-            lossf = loss_sum.item()  # .item() waits for the device: only when logging
-            dt = (time.time() - t_last) / steps_since_log
-            t_last, steps_since_log = time.time(), 0
-            say(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
-                  f"{tokens_per_iter / dt:,.0f} tokens/s")
-
-    if ddp:
-        dist.destroy_process_group()
-    if not master or iter_num < max_iters:  # stopped early: the resume command is printed
-        return
+def finish(model, best_val_loss, skipped, log_path, meta, dev, ctx):
+    """After the last iteration: plot log.csv to loss.png, with final_eval score every validation token with the
+    best weights (eval.py's exact_loss, written to final_eval.json), and print where the stories are."""
     plot_losses(log_path, os.path.join(out_dir, "loss.png"))
     if final_eval:
         from eval import exact_loss, loss_summary
-        raw_model.load_state_dict(load_checkpoint(os.path.join(out_dir, "best_model_params.pt"), dev)["model"])
-        tokens = np.memmap(paths["validation"], dtype=bin_dtype, mode="r")
-        res = exact_loss(raw_model, tokens, block_size, block_size // 2, batch_size, dev, ctx)
+        model.load_state_dict(load_checkpoint(os.path.join(out_dir, "best_model_params.pt"), dev)["model"])
+        tokens = np.memmap(os.path.join(data_dir, "validation.bin"), dtype=meta["dtype"], mode="r")
+        res = exact_loss(model, tokens, block_size, block_size // 2, batch_size, dev, ctx)
         split = meta["splits"]["validation"]
         summary = {**loss_summary(res, split["tokens"], split["bytes"]), **res}
         write_text_atomic(json.dumps(summary, indent=1), os.path.join(out_dir, "final_eval.json"))

@@ -3,8 +3,11 @@ import json
 
 import pytest
 
-from model import GPT, GPTConfig, save_checkpoint
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig
 from conftest import GPT2_RANKS, TINY, assert_user_error, run_script
+
+pytestmark = pytest.mark.slow  # every test here starts scripts as subprocesses
 
 
 def tiny_checkpoint(path, tokenizer_sha="0" * 64):

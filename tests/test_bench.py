@@ -1,7 +1,11 @@
 """bench.py runs end to end at tiny sizes and reports every figure (its speed is measured, not tested)."""
 import json
 
+import pytest
+
 from conftest import GPT2_RANKS, SAMPLE, run_script
+
+pytestmark = pytest.mark.slow  # every test here starts scripts as subprocesses
 
 
 def test_bench_runs_at_tiny_sizes(tmp_path):

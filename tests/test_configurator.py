@@ -67,6 +67,7 @@ def test_missing_and_failing_config_files(tmp_path):
     assert configure(defaults(), ["--compile"])["compile"] is True  # a bare flag turns a bool on
 
 
+@pytest.mark.slow
 def test_help_lists_keys_with_defaults():
     proc = run_script("train.py", "--help")
     assert "--batch_size=32" in proc.stdout and "--learning_rate=0.0006" in proc.stdout

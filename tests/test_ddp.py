@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, TINY, assert_user_error, run_script
+
+pytestmark = pytest.mark.slow  # every test here starts scripts as subprocesses
 
 # float32, no dropout; every iteration is evaluated so the losses are compared at every step
 ARGS = [*TINY, "--gradient_accumulation_steps=4", "--eval_interval=1", "--eval_iters=4", "--log_interval=1"]

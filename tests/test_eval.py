@@ -14,16 +14,12 @@ import torch
 from conftest import SAMPLE, assert_user_error, run_script
 
 import eval as ev
+import judge
 from configurator import UserError
-from model import (
-    GPT,
-    GPTConfig,
-    Tokenizer,
-    bits_per_byte,
-    load_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
-)
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import GPT, GPTConfig
+from prepare import read_meta
+from tokenizer import Tokenizer, bits_per_byte
 
 CPU = ["--device=cpu", "--dtype=float32"]
 
@@ -243,19 +239,19 @@ def test_train_vocabulary_reads_whole_documents(run_dir):
 # judge
 
 def test_parse_grades():
-    assert ev.parse_grades('{"grammar": 8, "creativity": 6, "consistency": 7, "plot": 5}') == \
+    assert judge.parse_grades('{"grammar": 8, "creativity": 6, "consistency": 7, "plot": 5}') == \
         {"grammar": 8, "creativity": 6, "consistency": 7, "plot": 5}
-    assert ev.parse_grades("Grammar: 8/10\nCreativity: 7/10\nConsistency: 6/10\nPlot: 5/10")["plot"] == 5
+    assert judge.parse_grades("Grammar: 8/10\nCreativity: 7/10\nConsistency: 6/10\nPlot: 5/10")["plot"] == 5
     for bad in ('{"grammar": 11, "creativity": 6, "consistency": 7, "plot": 5}',
                 '{"grammar": 8, "creativity": 6, "consistency": 7}',
                 '{"grammar": true, "creativity": 6, "consistency": 7, "plot": 5}', "eight out of ten", ""):
-        assert ev.parse_grades(bad) is None
+        assert judge.parse_grades(bad) is None
 
 
 def test_judge_means_from_a_local_chat_completions_server(judge_server):
     Judge.requests.clear()
     samples = [{"prompt": "Once upon a time", "text": f" story {i}.", "tokens": 3, "ended": True} for i in range(3)]
-    res = ev.judge_samples(samples, judge_server + "/ok/v1/", "tiny-judge", api_key="sk-test", timeout=10)
+    res = judge.judge_samples(samples, judge_server + "/ok/v1/", "tiny-judge", api_key="sk-test", timeout=10)
     assert res == {"grammar": 8.5, "creativity": 6.5, "consistency": 7.5, "plot": 5.5, "graded": 2,
                    "unparseable": 1, "model": "tiny-judge"}
     assert samples[1]["grades"]["grammar"] == 9 and samples[2]["grades"] is None
@@ -266,17 +262,18 @@ def test_judge_means_from_a_local_chat_completions_server(judge_server):
     Judge.requests.clear()
     Judge.requests.extend([None, None])  # the next answer is the unparseable one
     with pytest.raises(UserError, match="none of the 1 answers .* 'I would rather not"):
-        ev.judge_samples(samples[:1], judge_server + "/ok/v1", "tiny-judge")
+        judge.judge_samples(samples[:1], judge_server + "/ok/v1", "tiny-judge")
     with pytest.raises(UserError, match="did not answer in chat-completions format"):
-        ev.judge_samples(samples[:1], judge_server + "/junk/v1", "tiny-judge")
+        judge.judge_samples(samples[:1], judge_server + "/junk/v1", "tiny-judge")
     with pytest.raises(UserError, match=f"the judge at {judge_server}/slow/v1/chat/completions did not answer "
                                         f"within 0.2 s"):
-        ev.judge_samples(samples[:1], judge_server + "/slow/v1", "tiny-judge", timeout=0.2)
+        judge.judge_samples(samples[:1], judge_server + "/slow/v1", "tiny-judge", timeout=0.2)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # the command line
 
+@pytest.mark.slow
 def test_cli_report_text_file_and_compare(run_dir, judge_server):
     out, data, meta = run_dir["out"], run_dir["data"], run_dir["meta"]
     proc = run_script("eval.py", f"--out_dir={out}", *CPU, "--num_samples=3", "--max_new_tokens=12",
@@ -321,6 +318,7 @@ def test_cli_report_text_file_and_compare(run_dir, judge_server):
         ev.compare_reports([str(run_dir["root"] / "none.json")])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["closed_port", "http_500", "no_checkpoint"])
 def test_cli_bad_input(case, run_dir, judge_server, tmp_path):
     out = run_dir["out"]
@@ -344,19 +342,20 @@ def test_cli_bad_input(case, run_dir, judge_server, tmp_path):
 
 
 def test_prepared_data_problems_name_the_fix(run_dir, tmp_path):
-    meta, problems = ev.read_meta(run_dir["data"])
+    meta, problems = read_meta(run_dir["data"], required=())
     assert meta == run_dir["meta"] and problems == {"train": "", "validation": ""}
-    assert ev.read_meta(tmp_path) == (None, {})
+    assert read_meta(tmp_path, required=()) == (None, {})
     (tmp_path / "meta.json").write_text(json.dumps(run_dir["meta"]))
     (tmp_path / "train.bin").write_bytes(b"12345")
-    _, problems = ev.read_meta(tmp_path)
+    _, problems = read_meta(tmp_path, required=())
     assert "train.bin does not match meta.json: re-run prepare.py with --force" in problems["train"]
     assert "validation.bin is missing: run `python prepare.py --data_dir=" in problems["validation"]
     (tmp_path / "meta.json").write_text("{")
     with pytest.raises(UserError, match="meta.json is damaged"):
-        ev.read_meta(tmp_path)
+        read_meta(tmp_path, required=())
 
 
+@pytest.mark.slow
 def test_train_final_eval_scores_every_validation_token(run_dir, tmp_path):
     from conftest import TINY
     out = tmp_path / "run"

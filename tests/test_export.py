@@ -9,7 +9,9 @@ import torch
 from conftest import GPT2_RANKS, SAMPLE, assert_user_error, run_script
 
 from configurator import UserError
-from model import GPT, GPTConfig, load_tokenizer, save_checkpoint
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig
+from tokenizer import load_tokenizer
 from prepare import train_bpe
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -129,6 +131,7 @@ def test_generates_and_never_produces_padding_ids(case):
         assert out.shape[1] > 4 and out.max().item() < tok.vocab_size
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_without_force(tmp_path, monkeypatch):
     tok = load_tokenizer(str(GPT2_RANKS))
     tiny_checkpoint(tmp_path / "out", tok, bias=True)

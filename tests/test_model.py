@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from configurator import UserError
-from model import GPT, GPTConfig, load_tokenizer, quantize_int8, resolve_device, sample_next
+from configurator import resolve_device
+from model import GPT, GPTConfig, quantize_int8, sample_next
+from tokenizer import load_tokenizer
 from conftest import GPT2_RANKS
 
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from model import load_tokenizer
+from tokenizer import load_tokenizer
 from conftest import GPT2_RANKS, SAMPLE, TINY, assert_user_error, run_script
 
 
@@ -14,6 +14,7 @@ def blocks(path):
     return [b for b in path.read_text(encoding="utf-8").split("\n\n") if b.strip()]
 
 
+@pytest.mark.slow
 def test_meta_json_counts_match_the_bin_files_and_the_text(sample_data):
     meta = json.loads((sample_data / "meta.json").read_text())
     tok = load_tokenizer(str(GPT2_RANKS))
@@ -31,6 +32,7 @@ def test_meta_json_counts_match_the_bin_files_and_the_text(sample_data):
     assert np.fromfile(sample_data / "train.bin", dtype=np.uint16)[:len(first)].tolist() == first
 
 
+@pytest.mark.slow
 def test_rerun_is_a_no_op_and_force_rebuilds(sample_data, hf_home):
     args = [f"--dataset={SAMPLE}", f"--tokenizer={GPT2_RANKS}", f"--data_dir={sample_data}"]
     before = (sample_data / "train.bin").stat().st_mtime_ns
@@ -40,6 +42,7 @@ def test_rerun_is_a_no_op_and_force_rebuilds(sample_data, hf_home):
     assert "train: 4,662 documents" in proc.stdout and (sample_data / "train.bin").stat().st_mtime_ns != before
 
 
+@pytest.mark.slow
 def test_train_resume_and_sample_end_to_end(sample_data, tmp_path):
     out = tmp_path / "out"
     run_script("train.py", *TINY, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=60",
@@ -75,6 +78,7 @@ def test_train_resume_and_sample_end_to_end(sample_data, tmp_path):
     assert proc2.stdout == proc.stdout  # same seed, same stories
 
 
+@pytest.mark.slow
 def test_data_directory_carries_its_tokenizer(tmp_path, hf_home):
     ranks = tmp_path / "gpt2.tiktoken"
     ranks.write_bytes(GPT2_RANKS.read_bytes())
@@ -90,6 +94,7 @@ def test_data_directory_carries_its_tokenizer(tmp_path, hf_home):
                                  check=False), "has changed since", "--force")
 
 
+@pytest.mark.slow
 def test_prepare_validates_settings_and_reads_another_text_column(tmp_path, hf_home):
     env = {"HF_HOME": str(hf_home)}
     for flags, message in ((["--shards=0"], "shards and num_proc must be at least 1"),

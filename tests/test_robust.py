@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from model import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 from conftest import ROOT, SAMPLE, TINY, assert_user_error, run_script
 
 FAST = [*TINY, "--eval_iters=2", "--log_interval=1"]
@@ -22,6 +22,7 @@ def train_proc(*args, **popen):
                             text=True, **popen)
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(sample_data, tmp_path):
     common = [*FAST, f"--data_dir={sample_data}", "--dropout=0.1", "--gradient_accumulation_steps=2",
               "--eval_interval=4", "--warmup_iters=3", "--lr_decay_iters=12"]
@@ -38,6 +39,7 @@ def test_stopped_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(sample
         assert all(torch.equal(v, b["optimizer"]["state"][name][k]) for k, v in state.items())
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_model_or_other_data(sample_data, tmp_path, hf_home):
     out = tmp_path / "o"
     run_script("train.py", *FAST, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=2",
@@ -53,6 +55,7 @@ def test_resume_refuses_a_changed_model_or_other_data(sample_data, tmp_path, hf_
     assert_user_error(proc, "trained with another tokenizer", "resume with the data it was trained on")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_finishes_the_step_saves_and_exits_0(sig, sample_data, tmp_path):
     out = tmp_path / "o"
@@ -72,6 +75,7 @@ def test_ctrl_c_or_sigterm_finishes_the_step_saves_and_exits_0(sig, sample_data,
     assert f"resuming from iteration {ckpt['iter_num']}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_stops_at_once(sample_data, tmp_path):
     proc = train_proc(*FAST, f"--data_dir={sample_data}", f"--out_dir={tmp_path}/o", "--max_iters=100000",
                       "--eval_interval=100000", "--batch_size=32", "--block_size=128")  # steps of about a second
@@ -88,6 +92,7 @@ def test_second_ctrl_c_stops_at_once(sample_data, tmp_path):
     assert "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(sample_data, tmp_path):
     out = tmp_path / "o"
     args = [*FAST, f"--data_dir={sample_data}", f"--out_dir={out}", "--eval_interval=1", "--eval_iters=1"]
@@ -108,6 +113,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(sample_da
     assert tmp.exists(), "no kill landed during a save in 20 attempts"
 
 
+@pytest.mark.slow
 def test_prepare_killed_while_writing_leaves_nothing_that_looks_complete(tmp_path, hf_home):
     data = tmp_path / "d"
     cmd = [sys.executable, str(ROOT / "prepare.py"), f"--dataset={SAMPLE}", "--tokenizer=bpe", "--vocab_size=300",
@@ -126,6 +132,7 @@ def test_prepare_killed_while_writing_leaves_nothing_that_looks_complete(tmp_pat
     assert_user_error(proc, "run `python prepare.py")
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(sample_data, tmp_path):
     out = tmp_path / "o"
     run_script("train.py", *FAST, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=2",
@@ -159,6 +166,7 @@ def test_save_checkpoint_failure_removes_the_partial_file(tmp_path, monkeypatch)
     assert torch.load(path, weights_only=True) == {"x": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+@pytest.mark.slow
 def test_non_finite_losses_skip_steps_then_stop_keeping_the_last_good_checkpoint(sample_data, tmp_path):
     out = tmp_path / "o"
     run_script("train.py", *FAST, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=2",

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from model import EOT, Tokenizer, bits_per_byte, bpe_spec, load_tokenizer
+from tokenizer import EOT, Tokenizer, bits_per_byte, bpe_spec, load_tokenizer
 from prepare import train_bpe
 from conftest import GPT2_RANKS, SAMPLE, TINY, assert_user_error, run_script
 
@@ -48,6 +48,7 @@ def test_bits_per_byte_by_hand():
     assert bits_per_byte(math.log(2), tokens=4, n_bytes=1) == pytest.approx(4.0)
 
 
+@pytest.mark.slow
 def test_bpe_pipeline_end_to_end(tmp_path, hf_home):
     data = tmp_path / "bpe"
     run_script("prepare.py", f"--dataset={SAMPLE}", "--tokenizer=bpe", "--vocab_size=512", f"--data_dir={data}",
@@ -74,6 +75,7 @@ def test_bpe_pipeline_end_to_end(tmp_path, hf_home):
     assert proc.stdout.startswith("Once upon a time")
 
 
+@pytest.mark.slow
 def test_config_that_pins_a_vocabulary_refuses_other_data(sample_data, tmp_path):
     proc = run_script("train.py", "config/tinystories_1m_bpe.py", f"--data_dir={sample_data}",
                       f"--out_dir={tmp_path}", "--max_iters=1", check=False)
@@ -81,6 +83,7 @@ def test_config_that_pins_a_vocabulary_refuses_other_data(sample_data, tmp_path)
                       "python prepare.py --tokenizer=bpe --vocab_size=4096")
 
 
+@pytest.mark.slow
 def test_vocabulary_over_65536_ids_is_stored_as_uint32(tmp_path, hf_home):
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
     alphabet = pre_tokenizers.ByteLevel.alphabet()

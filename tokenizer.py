@@ -1,0 +1,173 @@
+"""Tokenizers: text <-> token ids, described by a plain dict (a "spec") so that a tokenizer travels inside
+meta.json and checkpoints and can be rebuilt without the data directory.
+
+Two kinds, both byte-level BPE (Sennrich et al. 2016, on bytes as in GPT-2):
+- "tiktoken": GPT-2's vocabulary (tiktoken's gpt2 encoding, or a local .tiktoken ranks file);
+- "bpe": a vocabulary trained on the corpus by prepare.py with Hugging Face `tokenizers` (a tokenizer.json).
+"""
+
+import base64
+import hashlib
+import math
+import os
+
+from configurator import UserError
+
+EOT = "<|endoftext|>"
+
+
+class Tokenizer:
+    """Byte-level BPE (Sennrich et al. 2016, on bytes as in GPT-2): text <-> token ids.
+
+    Built from a `spec` dict that holds everything needed to rebuild it, so a checkpoint that stores the spec
+    decodes without the data directory. Two kinds:
+        {"kind": "tiktoken", "name", "source": "gpt2" or the ranks file, "pat_str",
+         "ranks": the mergeable ranks in .tiktoken format ("base64(token bytes) rank" per line), "sha256"}
+            GPT-2's vocabulary through tiktoken; <|endoftext|> is the id after the last rank.
+        {"kind": "bpe", "name", "source": "tokenizer.json" (in the data directory), "json": that file's text,
+         "sha256"}
+            a vocabulary trained on the corpus by prepare.py with Hugging Face `tokenizers`.
+    "sha256" is the fingerprint of the vocabulary (of "ranks" or "json"). `eot_token` (<|endoftext|>) ends
+    every document. Text is encoded without special tokens: a story containing the string "<|endoftext|>"
+    gets ordinary tokens for it, and decode(encode(s)) == s for any str s.
+    Raises UserError for a spec of unknown kind.
+    """
+
+    def __init__(self, spec):
+        self.spec = spec
+        if spec["kind"] == "tiktoken":
+            import tiktoken
+            ranks = parse_ranks(spec["ranks"])
+            self.eot_token = len(ranks)
+            enc = tiktoken.Encoding(spec["name"], pat_str=spec["pat_str"], mergeable_ranks=ranks,
+                                    special_tokens={EOT: self.eot_token})
+            self.vocab_size = enc.n_vocab
+            self._encode_batch = enc.encode_ordinary_batch
+            self._decode = enc.decode
+        elif spec["kind"] == "bpe":
+            from tokenizers import Tokenizer as HFTokenizer
+            hf = HFTokenizer.from_str(spec["json"])
+            hf.encode_special_tokens = True  # "<|endoftext|>" typed in a story is text, not the separator
+            self.eot_token = hf.token_to_id(EOT)
+            self.vocab_size = hf.get_vocab_size()
+            self._encode_batch = lambda texts: [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+            self._decode = lambda ids: hf.decode(ids, skip_special_tokens=False)
+        else:
+            raise UserError(f"unknown tokenizer kind {spec['kind']!r} (expected tiktoken or bpe)")
+
+    def __getstate__(self):  # pickled as its spec (datasets.map sends it to worker processes)
+        return self.spec
+
+    def __setstate__(self, spec):
+        self.__init__(spec)
+
+    def encode(self, text):
+        """str -> list of token ids (int), without end-of-text."""
+        return self._encode_batch([text])[0]
+
+    def encode_batch(self, texts):
+        """list of str -> list of lists of token ids, encoded in parallel by the library's threads."""
+        return self._encode_batch(list(texts))
+
+    def decode(self, ids):
+        """Token ids -> str. Ids that end inside a multi-byte character decode to U+FFFD."""
+        return self._decode(list(ids))
+
+    def describe(self):
+        """The spec without its bulky content, for meta.json and logs."""
+        return {k: v for k, v in self.spec.items() if k not in ("ranks", "json")}
+
+
+def parse_ranks(text):
+    """The mergeable ranks of a .tiktoken file's text ("base64(token bytes) rank" per line): dict bytes -> int."""
+    ranks = {}
+    for line in text.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def bpe_spec(json_text, source):
+    """Spec of a Hugging Face tokenizer.json (see Tokenizer). Raises UserError if it has no <|endoftext|>."""
+    from tokenizers import Tokenizer as HFTokenizer
+    try:
+        hf = HFTokenizer.from_str(json_text)
+    except Exception as e:
+        raise UserError(f"{source} is not a tokenizer.json file ({type(e).__name__}: {e})") from None
+    if hf.token_to_id(EOT) is None:
+        raise UserError(f"{source} has no {EOT} token; prepare.py needs it to separate documents")
+    return {"kind": "bpe", "name": f"bpe-{hf.get_vocab_size()}", "source": source, "json": json_text,
+            "sha256": hashlib.sha256(json_text.encode()).hexdigest()}
+
+
+def _tiktoken_spec(name, source, ranks):
+    from tiktoken_ext.openai_public import r50k_pat_str
+    text = "".join(f"{base64.b64encode(token).decode()} {rank}\n"
+                   for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise UserError(f"{source}: token ranks are not 0..{len(ranks) - 1}; is this a .tiktoken ranks file?")
+    return {"kind": "tiktoken", "name": name, "source": source, "pat_str": r50k_pat_str, "ranks": text,
+            "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def load_tokenizer(name):
+    """The tokenizer named on the command line.
+
+    Args:
+        name: "gpt2" for tiktoken's GPT-2 encoding (downloaded on first use, then cached), the path of a
+            .tiktoken ranks file (loaded with GPT-2's split pattern and <|endoftext|> after the last rank), or
+            the path of a Hugging Face tokenizer.json such as prepare.py --tokenizer=bpe writes.
+    Returns:
+        Tokenizer.
+    Raises:
+        UserError: the file is missing or not a ranks file, or the gpt2 download fails (e.g. offline).
+    """
+    if name == "gpt2":
+        import tiktoken
+        try:
+            enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise UserError(f"could not load tiktoken's gpt2 encoding, which is downloaded on first use "
+                            f"({type(e).__name__}); offline, pass --tokenizer=path/to/gpt2.tiktoken") from None
+        ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.eot_token)}
+        return Tokenizer(_tiktoken_spec("gpt2", "gpt2", ranks))
+    if not os.path.isfile(name):
+        raise UserError(f"tokenizer {name!r} not found: use gpt2, bpe (prepare.py trains one), or the path "
+                        f"of a .tiktoken ranks file or a tokenizer.json")
+    if name.endswith(".json"):
+        with open(name, encoding="utf-8") as f:
+            return Tokenizer(bpe_spec(f.read(), name))
+    from tiktoken.load import load_tiktoken_bpe
+    try:
+        ranks = load_tiktoken_bpe(name)
+    except Exception as e:
+        raise UserError(f"{name} is not a .tiktoken ranks file ({type(e).__name__}: {e})") from None
+    stem = os.path.splitext(os.path.basename(name))[0]
+    return Tokenizer(_tiktoken_spec(stem, os.path.abspath(name), ranks))
+
+
+def tokenizer_from_meta(meta, data_dir):
+    """The tokenizer that prepare.py wrote into `data_dir` (meta["tokenizer"]["file"]), checked against the
+    fingerprint in `meta` (a loaded meta.json). Returns Tokenizer.
+    Raises UserError if the file is missing or has changed since the data was prepared."""
+    desc = meta["tokenizer"]
+    if "file" not in desc:
+        raise UserError(f"{data_dir} was prepared by an older prepare.py: re-run it with --force")
+    path = os.path.join(data_dir, desc["file"])
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        raise UserError(f"{path} is missing: re-run prepare.py with --force") from None
+    if hashlib.sha256(text.encode()).hexdigest() != desc["sha256"]:
+        raise UserError(f"{path} has changed since {data_dir} was prepared: re-run prepare.py with --force")
+    return Tokenizer({**desc, "ranks" if desc["kind"] == "tiktoken" else "json": text})
+
+
+def bits_per_byte(loss, tokens, n_bytes):
+    """Convert a mean cross-entropy in nats per token into bits per UTF-8 byte of text:
+    loss / ln 2 * tokens / bytes, with the token and byte counts of the same text (meta.json has them per split).
+    Unlike loss per token it does not depend on how the tokenizer cuts the text, so runs with different
+    vocabularies compare (the measure used for the Pile, Gao et al. 2020)."""
+    return loss / math.log(2) * tokens / n_bytes
