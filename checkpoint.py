@@ -8,12 +8,14 @@ settings), "iter_num" and, in ckpt.pt only, the optimizer, loss-scaler and rando
 
 import contextlib
 import os
+import sys
+import tempfile
 
 import torch
 
 from configurator import UserError
 from model import GPT, GPTConfig
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, check_spec
 
 
 class _WriteRecorder:
@@ -36,29 +38,109 @@ class _WriteRecorder:
 
 @contextlib.contextmanager
 def atomic_file(path, mode="w"):
-    """Open `path`.tmp (same directory) for writing in `mode` ("w": UTF-8 text, "wb": bytes) and yield it; when the
-    block ends without an error, flush and fsync it, rename it over `path` and fsync the directory, so `path` is
-    always either the old file or the complete new one. Creates missing folders. On any error (OSError from a
-    full disk, Ctrl-C, ...) the temporary file is removed and the error re-raised."""
+    """Write `path` whole or not at all: yield a new temporary file beside it, opened in `mode` ("w": UTF-8 text,
+    "wb": bytes); when the block ends without an error, flush and fsync it, rename it over `path` and fsync the
+    directory, so `path` is always either the old file or the complete new one. Creates missing folders.
+
+    The temporary file gets a unique name (`.NAME.XXXXXXXX.tmp`) and is created exclusively (tempfile.mkstemp:
+    O_CREAT | O_EXCL, which never follows a symbolic link), and the rename replaces a link at `path` rather than
+    writing through it; the file gets the permissions the umask gives new files. On any error (OSError from a full
+    disk, Ctrl-C, ...) the temporary file is removed and the error re-raised."""
     path = str(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+    fsync_dir(folder)
+
+
+def fsync_dir(folder):
+    """fsync a directory, so the renames in it survive a power cut."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def append_line(path, line):
+    """Append the str `line` (UTF-8) to `path`, creating it if needed. Opened with O_NOFOLLOW: a symbolic link
+    planted at `path` is refused (OSError) instead of written through."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "a", encoding="utf-8", newline="") as f:
+        f.write(line)
+
+
+_held_locks = {}  # real path of a locked folder -> its open lock file: a lock lasts as long as the file is open
+
+
+def lock_dir(folder, owner, shared=False):
+    """Lock `folder` for this process's lifetime with an OS file lock on folder/.lock (flock): one writer at a time,
+    or (shared=True) any number of readers while no writer holds it. The kernel releases the lock when the process
+    ends, however it ends, so a killed run never leaves a stale lock. An exclusive holder writes its pid and
+    command line into the file so that the next one can name it.
+
+    train.py locks its out_dir exclusively and its data_dir shared; prepare.py locks its data_dir exclusively, so
+    data cannot be rewritten under a running train.py. Where the OS has no flock (Windows), nothing is locked.
+
+    Args:
+        folder: the directory (created if missing). owner: the script's name, for messages ("train.py").
+    Raises:
+        UserError: the folder cannot be written (read-only, permissions), or another process holds the lock
+            (naming it when it can).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    if os.path.realpath(folder) in _held_locks:
+        return  # this process holds it already (e.g. out_dir and data_dir are one folder)
+    lock_path = os.path.join(folder, ".lock")
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(lock_path, flags, 0o666)
+    except PermissionError:
+        if shared and os.path.isdir(folder) and not os.access(folder, os.W_OK):
+            return  # a read-only data directory: nobody without write access can rewrite it either
+        raise UserError(f"cannot write in {folder} (read-only or not yours): choose a folder you can write to, "
+                        f"or fix its permissions") from None
+    except OSError as e:
+        raise UserError(f"cannot lock {folder}: {lock_path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:  # whoever holds it exclusively left its pid; if a shared lock can be had, only readers hold it
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            writer = None
+        except BlockingIOError:
+            writer = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "pid unknown"
+        os.close(fd)
+        if writer is None:
+            raise UserError(f"{folder} is in use by a running train.py, which reads the data there: wait for it "
+                            f"to end or stop it, or use another folder") from None
+        raise UserError(f"{folder} is in use by another process ({writer}): wait for it to end or stop it, or "
+                        f"use another folder; only one {owner} may work on a folder at a time") from None
+    if not shared:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)}".encode()[:4000], 0)
+    _held_locks[os.path.realpath(folder)] = fd
 
 
 def save_checkpoint(obj, path):
@@ -100,6 +182,13 @@ def load_checkpoint(path, device="cpu"):
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if not isinstance(ckpt, dict) or not {"model", "model_args", "tokenizer"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint written by this project's train.py")
+    try:
+        if not isinstance(ckpt["model_args"], dict):
+            raise UserError(f"model_args is a {type(ckpt['model_args']).__name__}, not a dict")
+        GPTConfig(**ckpt["model_args"])
+        check_spec(ckpt["tokenizer"])
+    except (UserError, TypeError) as e:
+        raise UserError(f"{path} is damaged or not from this project: {e}") from None
     return ckpt
 
 

@@ -20,6 +20,7 @@ It also turns the settings every script shares into concrete choices: `resolve_d
 
 import ast
 import difflib
+import math
 import os
 import sys
 import traceback
@@ -138,6 +139,27 @@ def configure(defaults, argv=None, doc=None):
     return dict(known)
 
 
+# The kinds of values that settings hold, each checked in one place: check_values(settings, {name: kind}).
+VALUE_KINDS = {
+    "count": (lambda v: v >= 1, "at least 1"),
+    "count0": (lambda v: v >= 0, "0 or more"),
+    "seed": (lambda v: 0 <= v < 2 ** 64, "a seed from 0 to 2**64 - 1 (64 bits)"),
+    "rate": (lambda v: math.isfinite(v) and v > 0, "a finite number above 0"),
+    "rate0": (lambda v: math.isfinite(v) and v >= 0, "a finite number, 0 or more"),
+    "fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),  # NaN fails every comparison
+}
+
+
+def check_values(settings, kinds):
+    """Check settings whose type is right but whose value makes no sense (a negative seed, beta1 = 1, a NaN
+    learning rate, ...). `kinds` maps a setting's name to one of VALUE_KINDS. Raises UserError naming the
+    setting, its value and what it must be."""
+    for name, kind in kinds.items():
+        ok, expected = VALUE_KINDS[kind]
+        if not ok(settings[name]):
+            raise UserError(f"{name} must be {expected}, got {settings[name]!r}")
+
+
 def read_text(path, what="file"):
     """The content of the UTF-8 text file `path` that the user named, as str (universal newlines); `what` names it
     in messages ("prompt file", "text file"). Raises UserError: missing or unreadable, or not UTF-8 (with the
@@ -210,6 +232,18 @@ def resolve_device(device="auto", dtype="auto", cuda=None, mps=None, cuda_bf16=N
         raise UserError("this GPU does not support bfloat16: use --dtype=float16 (with loss scaling) or float32")
     return device, device_type, dtype
 
+
+
+def available_memory(device):
+    """Bytes of memory free for new tensors on `device`: free GPU memory on CUDA, else the machine's available
+    RAM (MPS shares it); None where the OS does not say."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES") if "SC_AVPHYS_PAGES" in os.sysconf_names else os.sysconf("SC_PHYS_PAGES")
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
 
 
 def autocast(device_type, dtype):

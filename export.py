@@ -18,7 +18,8 @@ embedding rows past the tokenizer's vocabulary (padding to a multiple of 64) are
 generation_config.json's suppress_tokens, so generation never produces them (like sample.py's vocab_limit).
 Like GPT-2, the exported model reads at most block_size tokens (n_positions); sample.py slides a window past it.
 The export_dir is built in a temporary folder beside it and renamed into place when complete. An existing,
-non-empty export_dir is only replaced with --force.
+non-empty export_dir is only replaced with --force, and only if export.py wrote it (it holds a .tinystories-export
+file): --force never deletes a training run or any other folder.
 """
 
 import json
@@ -194,19 +195,26 @@ def tokenizer_files(tok, block_size):
     return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
 
 
+MARKER = ".tinystories-export"  # written into every export folder: --force replaces only folders that hold it
+
+
 def _check_destination(path, ckpt_path):
-    """Raise UserError if `path` cannot be (re)written: a file, a non-empty folder without --force, or a folder
-    that holds the checkpoint itself."""
+    """Raise UserError if `path` cannot be (re)written: a file; a non-empty folder without --force; with --force,
+    a folder that export.py did not write (no MARKER file: a training run, the current directory, ...) or one that
+    holds the checkpoint itself. Paths are compared after resolving symbolic links."""
     if os.path.isfile(path):
         raise UserError(f"export_dir {path} is a file: choose a folder name")
     if os.path.isdir(path) and os.listdir(path):
         if not force:
             raise UserError(f"export_dir {path} already exists and is not empty: pass --force to replace it, "
                             f"or choose another --export_dir")
-        inside = os.path.commonpath([os.path.abspath(path), os.path.abspath(ckpt_path)]) == os.path.abspath(path)
-        if inside:
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, os.path.realpath(ckpt_path)]) == real:
             raise UserError(f"export_dir {path} holds the checkpoint {ckpt_path}: --force would delete it; "
                             f"choose another --export_dir")
+        if not os.path.isfile(os.path.join(path, MARKER)):
+            raise UserError(f"export_dir {path} was not written by export.py (it has no {MARKER} file), so --force "
+                            f"will not delete it: choose another --export_dir")
 
 
 def _replace_dir(tmp, path):
@@ -251,8 +259,8 @@ def main():
     try:
         weights = os.path.join(tmp, "model.safetensors")
         save_file(gpt2_state_dict(model), weights, metadata={"format": "pt"})
-        for name, text in files.items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+        for name, text in {**files, MARKER: json.dumps({"checkpoint": ckpt_path}) + "\n"}.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:  # tmp is new and ours alone (mkdtemp)
                 f.write(text)
         os.chmod(weights, 0o666 & ~umask)  # mkdtemp and safetensors create owner-only; make it like the rest
         os.chmod(tmp, 0o777 & ~umask)

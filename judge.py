@@ -14,6 +14,7 @@ only if none parse. Only the standard library is used (urllib).
 import http.client
 import json
 import re
+import threading
 import urllib.error
 import urllib.request
 
@@ -69,8 +70,33 @@ def parse_grades(reply):
     return grades
 
 
+def _post(request, timeout):
+    """Send `request` and read the whole answer within `timeout` seconds in all. urllib's own timeout bounds each
+    socket operation, so a server that trickles a byte at a time could hold one request for hours; here the
+    request runs in a daemon thread, and a deadline on joining it bounds the total. Returns the body (bytes);
+    raises what urlopen raises, or TimeoutError."""
+    result = {}
+
+    def send():
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                result["body"] = response.read()
+        except BaseException as e:  # handed to the caller's thread
+            result["error"] = e
+
+    worker = threading.Thread(target=send, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise TimeoutError
+    if "error" in result:
+        raise result["error"]
+    return result["body"]
+
+
 def chat(url, model_name, messages, api_key=None, timeout=120.0, temperature=0.0):
-    """One OpenAI chat-completions request: POST {url}/chat/completions. Returns the answer's text.
+    """One OpenAI chat-completions request: POST {url}/chat/completions, answered within `timeout` seconds in all
+    (connecting and reading the whole answer). Returns the answer's text.
     temperature < 0 is not sent. Raises UserError naming the endpoint: not an http(s) URL, connection refused
     or unknown host, timeout, HTTP error (with the start of the server's message), or an answer that is not
     chat-completions JSON."""
@@ -83,8 +109,7 @@ def chat(url, model_name, messages, api_key=None, timeout=120.0, temperature=0.0
         headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw = response.read()
+        raw = _post(request, timeout)
     except urllib.error.HTTPError as e:
         try:
             detail = " ".join(e.read().decode("utf-8", "replace").split())[:200]

@@ -11,7 +11,7 @@ Vaswani et al. 2017 with LayerNorm moved before each sub-block):
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,10 @@ class GPTConfig:
     bias: bool = True
 
     def __post_init__(self):
+        for f in fields(self):  # a checkpoint from elsewhere may hold anything
+            value = getattr(self, f.name)
+            if not (type(value) is f.type or (f.type is float and type(value) is int)):
+                raise UserError(f"{f.name} must be {f.type.__name__}, got {type(value).__name__} {value!r}")
         for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, k) < 1:
                 raise UserError(f"{k} must be a positive integer, got {getattr(self, k)}")
@@ -60,6 +64,13 @@ class KVCache:
         self.n_layer, self.block_size = config.n_layer, config.block_size
         self.k = self.v = None
         self.pos = 0
+
+    @staticmethod
+    def bytes_needed(config, batch, itemsize):
+        """Bytes that generating `batch` rows at once takes beyond the weights: the cache's k and v
+        (2 x n_layer x batch x block_size x n_embd values of `itemsize` bytes) and the sampler's float64
+        probabilities and cumulative sums (about 3 x batch x vocab_size x 8 bytes)."""
+        return 2 * config.n_layer * batch * config.block_size * config.n_embd * itemsize + 24 * batch * config.vocab_size
 
     def update(self, layer, k, v):
         """Store k, v of shape (B, n_head, T, head_dim) at the next T positions of `layer`; return the keys
@@ -271,15 +282,19 @@ class GPT(nn.Module):
 
 
 MAX_NEW_TOKENS = 100_000  # a story is a few hundred tokens; far more is a typo, not a wish
+MAX_TEMPERATURE = 100.0  # already at 10 nearly every token is as likely as any other; far above, logits overflow
 
 
 def check_sampling(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=1):
     """The one check of the sampling settings that sample.py, eval.py and generation share (see GPT.generate).
     Raises UserError (a ValueError) unless temperature >= 0, top_k >= 0, 0 < top_p <= 1 and
-    1 <= max_new_tokens <= MAX_NEW_TOKENS."""
+    1 <= max_new_tokens <= MAX_NEW_TOKENS, and temperature <= MAX_TEMPERATURE."""
     if not (temperature >= 0 and top_k >= 0 and 0 < top_p <= 1):  # "not >=" also catches NaN
         raise UserError(f"temperature and top_k must be >= 0 and top_p in (0, 1]; got temperature={temperature}, "
                         f"top_k={top_k}, top_p={top_p}")
+    if temperature > MAX_TEMPERATURE:
+        raise UserError(f"temperature={temperature:g} is beyond reason: at 10 nearly every token is already as likely "
+                        f"as any other; use at most {MAX_TEMPERATURE:g}")
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if max_new_tokens > MAX_NEW_TOKENS:

@@ -18,6 +18,7 @@ documents. When there is no validation split, a fixed val_fraction of train (cho
 Re-running with the same inputs does nothing; --force rebuilds.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -25,8 +26,8 @@ import time
 import numpy as np
 import pyarrow.compute as pc
 
-from checkpoint import write_text_atomic
-from configurator import UserError, configure, run
+from checkpoint import atomic_file, lock_dir, write_text_atomic
+from configurator import UserError, check_values, configure, run
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -141,7 +142,12 @@ def read_meta(data_dir, required=SPLITS):
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        meta["splits"]["train"], meta["splits"]["validation"], meta["tokenizer"]["sha256"], meta["vocab_size"]
+        for name, value in [("vocab_size", meta["vocab_size"]),
+                            *((f"{s}.{k}", meta["splits"][s][k]) for s in SPLITS for k in ("documents", "tokens", "bytes"))]:
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} is {value!r}, not a positive whole number")
+        if not isinstance(meta["tokenizer"]["sha256"], str):
+            raise TypeError("tokenizer.sha256 is not text")
         itemsize = np.dtype(meta["dtype"]).itemsize
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{meta_path} is damaged ({type(e).__name__}: {e}): re-run prepare.py with --force") from None
@@ -191,38 +197,23 @@ def fingerprint(source):
     return [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths]
 
 
-def write_split(ds, path, dtype, n_shards):
-    """Write the "ids" column of a tokenized split back to back into `path` through np.memmap, one contiguous
-    slice of rows at a time. Writes `path`.tmp and renames it when complete. Returns the number of tokens.
-    Raises UserError if an id does not fit `dtype`."""
+def write_split(ds, f, dtype, n_shards, desc="writing"):
+    """Write the "ids" column of a tokenized split back to back into the binary file object `f` as `dtype`, one
+    contiguous slice of rows at a time, so memory stays bounded. Plain writes rather than a memmap: a full disk
+    is then an OSError, not a SIGBUS that kills the process. Returns the number of tokens.
+    Raises UserError if an id does not fit `dtype`, OSError if the write fails."""
     from tqdm import tqdm
     table = ds.with_format("arrow")
-    n_tokens = int(pc.sum(table[:]["len"]).as_py())
-    tmp = path + ".tmp"
-    out = np.memmap(tmp, dtype=dtype, mode="w+", shape=(n_tokens,))
     limit = np.iinfo(dtype).max
-    written = False
-    try:
-        pos = 0
-        bounds = np.linspace(0, len(ds), min(n_shards, len(ds)) + 1).astype(int)
-        for lo, hi in tqdm(list(zip(bounds[:-1], bounds[1:])), desc=f"writing {os.path.basename(path)}"):
-            ids = pc.list_flatten(table[lo:hi]["ids"]).to_numpy()
-            if ids.size and ids.max() > limit:
-                raise UserError(f"token id {ids.max()} does not fit {np.dtype(dtype).name} (max {limit}): "
-                                f"the tokenizer's ids exceed what this data type can hold")
-            out[pos:pos + ids.size] = ids
-            pos += ids.size
-        assert pos == n_tokens, f"wrote {pos} of {n_tokens} tokens"
-        out.flush()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        written = True
-    finally:
-        del out  # unmap before renaming or removing
-        if written:
-            os.replace(tmp, path)
-        else:
-            os.remove(tmp)
+    n_tokens = 0
+    bounds = np.linspace(0, len(ds), min(n_shards, len(ds)) + 1).astype(int)
+    for lo, hi in tqdm(list(zip(bounds[:-1], bounds[1:])), desc=desc):
+        ids = pc.list_flatten(table[lo:hi]["ids"]).to_numpy()
+        if ids.size and ids.max() > limit:
+            raise UserError(f"token id {ids.max()} does not fit {np.dtype(dtype).name} (max {limit}): "
+                            f"the tokenizer's ids exceed what this data type can hold")
+        f.write(np.ascontiguousarray(ids, dtype=dtype))
+        n_tokens += ids.size
     return n_tokens
 
 
@@ -232,6 +223,7 @@ def main():
 
     if shards < 1 or num_proc < 1:
         raise UserError(f"shards and num_proc must be at least 1, got {shards} and {num_proc}")
+    check_values(globals(), {"seed": "seed"})
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1 (a share of train), got {val_fraction}")
     is_local(dataset)
@@ -246,6 +238,7 @@ def main():
     inputs = {"dataset": fingerprint(dataset), **tok_id, "text_column": text_column,
               "val_fraction": val_fraction, "seed": seed}
     meta_path = os.path.join(data_dir, "meta.json")
+    lock_dir(data_dir, "prepare.py")  # one writer, and no train.py reading it meanwhile
     if not force:
         try:
             meta, problems = read_meta(data_dir, required=())
@@ -290,19 +283,30 @@ def main():
                                  desc=f"tokenizing {name}")
         if len(tokenized[name]) == 0:
             raise UserError(f"the {name} split of {dataset} is empty: it holds only blank documents")
-    # nothing is written before every split has been read and tokenized without error
-    os.makedirs(data_dir, exist_ok=True)
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # until the new meta.json is written, the directory does not look complete
-    # the data directory carries its tokenizer, so training and sampling need nothing else
-    write_text_atomic(tok.spec["json" if tok.spec["kind"] == "bpe" else "ranks"], os.path.join(data_dir, tok_file))
-    for name, ds in tokenized.items():
-        n_tokens = write_split(ds, os.path.join(data_dir, f"{name}.bin"), dtype, shards)
-        n_bytes = int(pc.sum(ds.with_format("arrow")[:]["n_bytes"]).as_py())
-        meta["splits"][name] = {"documents": len(ds), "tokens": n_tokens, "bytes": n_bytes}
-        print(f"{name}: {len(ds):,} documents, {n_tokens:,} tokens, {n_bytes:,} bytes "
-              f"({n_bytes / n_tokens:.2f} bytes/token)")
-    write_text_atomic(json.dumps(meta, indent=2), meta_path)
+    # Nothing is written before every split has been read and tokenized without error. Then every file is written
+    # beside its final name and synced to disk, and only then swapped in: a full disk or a kill while writing
+    # leaves the previous data as it was. The data directory carries its tokenizer, so training and sampling
+    # need nothing else.
+    try:
+        with contextlib.ExitStack() as files:
+            staged = [files.enter_context(atomic_file(os.path.join(data_dir, tok_file)))]
+            staged[0].write(tok.spec["json" if tok.spec["kind"] == "bpe" else "ranks"])
+            for name, ds in tokenized.items():
+                staged.append(files.enter_context(atomic_file(os.path.join(data_dir, f"{name}.bin"), "wb")))
+                n_tokens = write_split(ds, staged[-1], dtype, shards, f"writing {name}.bin")
+                n_bytes = int(pc.sum(ds.with_format("arrow")[:]["n_bytes"]).as_py())
+                meta["splits"][name] = {"documents": len(ds), "tokens": n_tokens, "bytes": n_bytes}
+                print(f"{name}: {len(ds):,} documents, {n_tokens:,} tokens, {n_bytes:,} bytes "
+                      f"({n_bytes / n_tokens:.2f} bytes/token)")
+            for f in staged:  # a full disk shows here, before anything is replaced
+                f.flush()
+                os.fsync(f.fileno())
+            if os.path.exists(meta_path):
+                os.remove(meta_path)  # the swap: until the new meta.json is written, the directory looks incomplete
+        write_text_atomic(json.dumps(meta, indent=2), meta_path)
+    except OSError as e:
+        raise UserError(f"could not write the prepared data in {data_dir}: {e.strerror or e}; the previous data "
+                        f"there is unchanged: free some space and run prepare.py again") from None
     print(f"wrote {data_dir} in {time.time() - t0:.1f}s")
 
 

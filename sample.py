@@ -14,8 +14,9 @@ import sys
 import torch
 
 from checkpoint import load_model
-from configurator import DTYPES, UserError, configure, read_text, resolve_device, run
-from model import check_sampling, continuations, quantize_int8
+from configurator import (DTYPES, UserError, available_memory, check_values, configure, read_text, resolve_device,
+                          run)
+from model import KVCache, check_sampling, continuations, quantize_int8
 
 # -----------------------------------------------------------------------------
 out_dir = "out"                         # directory that holds the checkpoint
@@ -36,8 +37,7 @@ quantize = ""                           # "int8": dynamic int8 quantization of t
 def main():
     config = configure(globals(), doc=__doc__)
     print(json.dumps(config), file=sys.stderr)  # stdout holds only the stories
-    if num_samples < 1:
-        raise UserError(f"num_samples must be at least 1, got {num_samples}")
+    check_values(globals(), {"num_samples": "count", "seed": "seed"})
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     dev, _, precision = resolve_device(device, dtype, quantize=quantize)
     prompt = read_text(start[5:], "prompt file") if start.startswith("FILE:") else start
@@ -48,6 +48,10 @@ def main():
                         f"pass UTF-8 text") from None
 
     model, tok, _ = load_model(f"{out_dir}/{checkpoint}", device=dev)
+    need, free = KVCache.bytes_needed(model.config, num_samples, 4), available_memory(dev)
+    if free is not None and need > free:
+        raise UserError(f"num_samples={num_samples:,} stories at once need about {need / 1e9:,.1f} GB for the key/value "
+                        f"cache, more than the {free / 1e9:,.1f} GB free on {dev}: lower num_samples")
     if quantize:
         model = quantize_int8(model)
     else:  # weights stored in the sampling precision: each new token reads half the bytes of float32 weights

@@ -34,6 +34,7 @@ class Tokenizer:
     """
 
     def __init__(self, spec):
+        check_spec(spec)
         self.spec = spec
         if spec["kind"] == "tiktoken":
             import tiktoken
@@ -52,8 +53,6 @@ class Tokenizer:
             self.vocab_size = hf.get_vocab_size()
             self._encode_batch = lambda texts: [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
             self._decode = lambda ids: hf.decode(ids, skip_special_tokens=False)
-        else:
-            raise UserError(f"unknown tokenizer kind {spec['kind']!r} (expected tiktoken or bpe)")
 
     def __getstate__(self):  # pickled as its spec (datasets.map sends it to worker processes)
         return self.spec
@@ -76,6 +75,21 @@ class Tokenizer:
     def describe(self):
         """The spec without its bulky content, for meta.json and logs."""
         return {k: v for k, v in self.spec.items() if k not in ("ranks", "json")}
+
+
+_SPEC_FIELDS = {"tiktoken": ("name", "pat_str", "ranks", "sha256"), "bpe": ("name", "json", "sha256")}
+
+
+def check_spec(spec):
+    """Raise UserError unless `spec` has the form Tokenizer takes (a dict of a known kind whose fields are str):
+    what a checkpoint or meta.json from elsewhere must hold before anything is built from it."""
+    if not isinstance(spec, dict):
+        raise UserError(f"the tokenizer is a {type(spec).__name__}, not a tokenizer description (a dict)")
+    if spec.get("kind") not in _SPEC_FIELDS:
+        raise UserError(f"unknown tokenizer kind {spec.get('kind')!r} (expected tiktoken or bpe)")
+    bad = [k for k in _SPEC_FIELDS[spec["kind"]] if not isinstance(spec.get(k), str)]
+    if bad:
+        raise UserError(f"the {spec['kind']} tokenizer description lacks text fields {', '.join(bad)}")
 
 
 def parse_ranks(text):

@@ -17,6 +17,7 @@ prints, writes files and saves checkpoints.
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -32,8 +33,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
-from configurator import UserError, autocast, configure, resolve_device, run
+from checkpoint import (append_line, atomic_file, load_checkpoint, lock_dir, save_checkpoint,
+                        write_text_atomic)
+from configurator import UserError, autocast, check_values, configure, resolve_device, run
 from model import GPT, GPTConfig, padded_vocab_size
 from prepare import read_meta
 from tokenizer import bits_per_byte, tokenizer_from_meta
@@ -137,7 +139,9 @@ def main():
     master = rank == 0
     say = print if master else (lambda *args, **kwargs: None)
     micro_steps = gradient_accumulation_steps // world_size  # this process's share of each optimizer step
-    meta, tok = check_data()
+    meta, tok = check_data()  # holds a shared lock on data_dir: prepare.py cannot rewrite it under this run
+    if master:
+        lock_dir(out_dir, "train.py")  # one run per out_dir
     model_args = dict(vocab_size=padded_vocab_size(meta["vocab_size"]), block_size=block_size, n_layer=n_layer,
                       n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias)
     GPTConfig(**model_args)  # shape errors now, before anything is loaded or written
@@ -179,6 +183,7 @@ def main():
         return get_batch(paths[split], meta["dtype"], batch_size, block_size, dev, sampler)
 
     def save(name, **extra):  # rank 0 writes; the other processes hold the same weights
+        check_finite(raw_model, iter_num)
         if master:
             save_weights(os.path.join(out_dir, name), {"model": raw_model.state_dict(), "model_args": model_args,
                                                        "tokenizer": tok.spec, "config": config,
@@ -189,9 +194,8 @@ def main():
              best_val_loss=best_val_loss, rng=rng_state())
 
     log_path = os.path.join(out_dir, "log.csv")
-    if master and (init_from == "scratch" or not os.path.exists(log_path)):
-        append_log(log_path, ["iter", "tokens", "train_loss", "val_loss", "train_bpb", "val_bpb", "lr",
-                              "elapsed_s"], new=True)
+    if master:
+        start_log(log_path, iter_num)
     tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
     say(f"{tokens_per_iter:,} tokens per iteration")
 
@@ -286,16 +290,19 @@ def main():
 # ==============================================================================================================
 
 def check_settings():
-    """Reject settings that would fail late or train badly, before any work starts. Raises UserError."""
+    """Reject settings that would fail late or train badly, before any work starts: each value against its kind
+    (configurator.check_values), then the settings that must agree with each other. Raises UserError."""
+    check_values(globals(), {
+        **dict.fromkeys(("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
+                         "eval_iters", "log_interval", "max_nonfinite_steps", "n_layer", "n_head", "n_embd"), "count"),
+        **dict.fromkeys(("warmup_iters", "vocab_size"), "count0"),
+        "learning_rate": "rate", **dict.fromkeys(("min_lr", "weight_decay", "grad_clip"), "rate0"),
+        **dict.fromkeys(("beta1", "beta2", "dropout"), "fraction"), "seed": "seed"})
     if min_lr > learning_rate:
         raise UserError(f"min_lr={min_lr} is larger than learning_rate={learning_rate}: the schedule decays "
                         f"from learning_rate down to min_lr, so set min_lr below it (e.g. learning_rate/10)")
     if lr_decay_iters <= warmup_iters:
         raise UserError(f"lr_decay_iters={lr_decay_iters} must be larger than warmup_iters={warmup_iters}")
-    for k in ("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
-              "eval_iters", "log_interval", "max_nonfinite_steps"):
-        if globals()[k] < 1:
-            raise UserError(f"{k} must be at least 1, got {globals()[k]}")
     if init_from not in ("scratch", "resume"):
         raise UserError(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -331,6 +338,7 @@ def check_data():
     """The prepared data in data_dir, checked against the settings. Returns (meta, Tokenizer).
     Raises UserError: missing or damaged data, a vocabulary other than the config's, or splits too small for
     one batch."""
+    lock_dir(data_dir, "train.py", shared=True)
     meta, _ = read_meta(data_dir)
     if vocab_size and vocab_size != meta["vocab_size"]:
         command = ("python prepare.py --tokenizer=gpt2" if vocab_size == 50257 else
@@ -464,10 +472,39 @@ def save_weights(path, state):
                         f"some space, then continue with --init_from=resume") from None
 
 
-def append_log(path, row, new=False):
-    """Append one row to log.csv (new=True: start the file with this row, the header)."""
-    with open(path, "w" if new else "a", newline="") as f:
-        csv.writer(f).writerow(row)
+LOG_COLUMNS = ["iter", "tokens", "train_loss", "val_loss", "train_bpb", "val_bpb", "lr", "elapsed_s"]
+
+
+def start_log(path, iter_num):
+    """Start log.csv for a new run (its header), or continue one: a resumed run drops the rows logged after its
+    checkpoint's iteration (a run killed between a row and its checkpoint would repeat them)."""
+    rows = []
+    if init_from == "resume" and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f)][1:]
+        kept = [r for r in rows if r and r[0].isdigit() and int(r[0]) <= iter_num]
+        if kept == rows:
+            return
+        rows = kept
+    lines = io.StringIO()
+    csv.writer(lines).writerows([LOG_COLUMNS, *rows])
+    write_text_atomic(lines.getvalue(), path)
+
+
+def append_log(path, row):
+    """Append one row (LOG_COLUMNS) to log.csv, never through a planted link (checkpoint.append_line)."""
+    line = io.StringIO()
+    csv.writer(line).writerow(row)
+    append_line(path, line.getvalue())
+
+
+def check_finite(model, iter_num):
+    """Raise UserError if any weight is NaN or infinite: such weights are never saved, so out_dir keeps the last
+    good checkpoint. (Steps with a non-finite loss or gradient are skipped, but a huge learning rate can still
+    step finite gradients into infinite weights.)"""
+    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+        raise UserError(f"the weights are no longer finite at iteration {iter_num}, so they were not saved: "
+                        f"lower learning_rate (now {learning_rate}); {out_dir} keeps the last good checkpoint")
 
 
 def keep_freed_memory():
@@ -524,7 +561,8 @@ def plot_losses(log_path, png_path):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    with atomic_file(png_path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 

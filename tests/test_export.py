@@ -65,9 +65,10 @@ def case(request, tmp_path_factory):
     ours = tiny_checkpoint(root / "out", tok, bias)
     export = root / "hf_model"
     force = []
-    if not bias:  # also: --force replaces an existing folder, and nothing is left beside it
+    if not bias:  # also: --force replaces an earlier export, and nothing is left beside it
         export.mkdir()
         (export / "old.txt").write_text("replaced")
+        (export / ".tinystories-export").write_text("{}")
         force = ["--force"]
     run_script("export.py", f"--out_dir={root / 'out'}", f"--export_dir={export}", *force, env=OFFLINE)
     assert sorted(os.listdir(root)) == ["hf_model", "out"]
@@ -77,8 +78,8 @@ def case(request, tmp_path_factory):
 
 def test_folder_is_a_standard_gpt2_model(case):
     export, ours, tok, hf, _ = case
-    assert sorted(os.listdir(export)) == ["config.json", "generation_config.json", "model.safetensors",
-                                          "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(os.listdir(export)) == [".tinystories-export", "config.json", "generation_config.json",
+                                          "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     config = json.loads((export / "config.json").read_text())
     assert config["architectures"] == ["GPT2LMHeadModel"] and config["activation_function"] == "gelu"
     assert config["vocab_size"] == ours.config.vocab_size and config["n_positions"] == config["n_ctx"] == 32
@@ -150,4 +151,5 @@ def test_refuses_to_overwrite_without_force(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "force", True)
     with pytest.raises(UserError, match="holds the checkpoint"):
         export._check_destination(str(tmp_path), str(tmp_path / "out" / "best_model_params.pt"))
-    export._check_destination(str(dest), str(tmp_path / "out" / "best_model_params.pt"))  # elsewhere: allowed
+    (dest / export.MARKER).write_text("{}")  # an earlier export elsewhere: --force may replace it
+    export._check_destination(str(dest), str(tmp_path / "out" / "best_model_params.pt"))
