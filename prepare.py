@@ -54,6 +54,7 @@ EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "pa
 COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # what `datasets` also decompresses
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip", ".7z")
 SPLITS = ("train", "validation")
+CHUNK = 1 << 24  # bytes read at a time when checking a file
 EOT_LINE = re.compile(r"^\s*<\|endoftext\|>\s*$", re.MULTILINE)  # a line holding only <|endoftext|>
 
 
@@ -139,7 +140,7 @@ def check_text(path, split):
     """Read a .txt, .json or .jsonl file once, decompressed as its name says, before `datasets` does: return True
     when it has a line holding only <|endoftext|> (then those lines, and only those, separate its documents).
     Raises UserError naming the file when it is not UTF-8 (with the byte offset), is not the compressed file
-    its name says, or holds no text. Reads 16 MB at a time, so any file size fits in memory."""
+    its name says, or holds no text. Reads CHUNK bytes at a time, so any file size fits in memory."""
     compression = file_kind(path)[1]
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, has_text, separated, tail = 0, False, False, ""
@@ -147,21 +148,22 @@ def check_text(path, split):
     try:
         with COMPRESSIONS.get(compression, open)(path, "rb") as f:
             while True:
-                chunk = f.read(1 << 24)
+                chunk = f.read(CHUNK)
                 pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk
                 try:
                     text = decoder.decode(chunk, final=not chunk)
                 except UnicodeDecodeError as e:
                     where = " of the uncompressed text" if compression else ""
-                    hint = f"; it looks gzip-compressed: name it {os.path.basename(path)}.gz" if offset == 0 and chunk[:2] == b"\x1f\x8b" else ""
-                    raise UserError(f"{path} is not UTF-8 text: the byte at offset {offset - pending + e.start:,}{where} "
-                                    f"({chunk[e.start:e.start + 1]!r}) cannot be decoded; save the file as "
-                                    f"UTF-8{hint}") from None
+                    gzipped = offset == 0 and chunk[:2] == b"\x1f\x8b"
+                    hint = f"; it looks gzip-compressed: name it {os.path.basename(path)}.gz" if gzipped else ""
+                    raise UserError(f"{path} is not UTF-8 text: the byte at offset {offset - pending + e.start:,}"
+                                    f"{where} ({e.object[e.start:e.start + 1]!r}) cannot be decoded; save the file "
+                                    f"as UTF-8{hint}") from None
                 if not chunk:
                     break
                 offset += len(chunk)
                 has_text = has_text or bool(text.strip(blank))
-                if not separated and path.lower().endswith((".txt", *(f".txt{c}" for c in COMPRESSIONS))):
+                if not separated and blank is None:  # a .txt file
                     text = tail + text  # a separator line cut by the chunk boundary is found whole
                     separated = "<|endoftext|>" in text and EOT_LINE.search(text) is not None
                     tail = text[text.rfind("\n") + 1:]
@@ -223,8 +225,8 @@ def read_local(split, paths, builder):
         print(f"{split}: {names(separated)}: documents split on lines holding only <|endoftext|>")
         stamp = json.dumps(["eot_documents v1", fingerprint(separated)])  # reread when a file changes
         parts.append(datasets.Dataset.from_generator(
-            eot_documents, gen_kwargs={"paths": separated}, features=datasets.Features({"text": datasets.Value("string")}),
-            fingerprint=hashlib.sha256(stamp.encode()).hexdigest()[:32]))
+            eot_documents, gen_kwargs={"paths": separated}, fingerprint=hashlib.sha256(stamp.encode()).hexdigest()[:32],
+            features=datasets.Features({"text": datasets.Value("string")})))
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
@@ -242,7 +244,7 @@ def choose_column(splits, requested, source, files=None):
         column = strings[0] if len(strings) == 1 else "story" if "story" in strings else requested
         if column != requested:
             print(f"no 'text' column: reading {column!r} ("
-                  f"{'the only text column' if len(strings) == 1 else 'of ' + ', '.join(strings)})")
+                  f"{'the only text column' if len(strings) == 1 else 'out of ' + ', '.join(strings)})")
     for name, ds in splits.items():
         where = f" ({names(files[name])})" if files else ""
         if column not in ds.column_names:

@@ -57,6 +57,20 @@ def test_endoftext_rule_edges_and_compressed_text(tmp_path, cache, capsys):
     assert read_local("train", [str(tmp_path / "plain.txt")], "text")["text"] == [
         "One.\nStill one.", "Two <|endoftext|> inline.\n"]
     assert "plain.txt: documents split on blank lines" in capsys.readouterr().out
+    # each file by its own rule, within one split
+    both = read_local("train", [str(tmp_path / "plain.txt"), str(tmp_path / "train.txt.gz")], "text")["text"]
+    assert both == ["One.\nStill one.", "Two <|endoftext|> inline.\n", "A.\n\nA, part 2.", "B.", "C, no separator after."]
+
+
+def test_checks_read_in_chunks_find_what_a_chunk_boundary_cuts(tmp_path, monkeypatch):
+    import prepare
+    monkeypatch.setattr(prepare, "CHUNK", 4)
+    path = tmp_path / "train.txt"
+    path.write_bytes("Once.\n<|endoftext|>\nTwice.\n".encode())  # the separator line spans five reads
+    assert prepare.check_text(str(path), "train")
+    path.write_bytes("aaa\u00e9".encode() + b"\xff")  # the first read cuts the 2-byte \u00e9 (bytes 3-4)
+    with pytest.raises(UserError, match="the byte at offset 5 "):
+        prepare.check_text(str(path), "train")
 
 
 def test_plain_text_keeps_the_blank_line_rule(cache):
