@@ -121,8 +121,7 @@ def local_files(path):
     files = {split: found[split] for split in SPLITS if found.get(split)}
     unused = sorted(set(data_files(path)) - {f for paths in files.values() for f in paths})
     if unused:
-        print(f"not read (a test split, or no split in the name: name files train.* and validation.*): "
-              f"{names(unused, path)}")
+        print(f"not read (test files, or not train/validation files in the layout found): {names(unused, path)}")
     return files, builders[0]
 
 
