@@ -12,16 +12,26 @@ Writes into data_dir:
     meta.json                   tokenizer, vocab_size, eot_token, dtype, and per split the number of documents,
                                 tokens and UTF-8 bytes of text
 
-A local --dataset is a file or a directory of .txt, .json, .jsonl or .parquet files; in a directory the split
-comes from each file's name (train..., validation... / val... / dev...), and a single file is the train split. In .txt files, blocks separated by a blank line are
-documents. When there is no validation split, a fixed val_fraction of train (chosen with `seed`) becomes one.
+A local --dataset is a file (the train split) or a directory of .txt, .json, .jsonl or .parquet files (.txt and
+JSON also compressed as .gz, .bz2, .xz), found as `datasets` finds them: hub shards data/train-00000-of-00004.parquet,
+split names in file or folder names (train, validation/valid/val/dev; test is not read), or else all train.
+A .txt file with lines holding only <|endoftext|> (TinyStoriesV2-GPT4-train.txt) is split on those lines; other
+.txt files on blank lines. Without a "text" column the only string column, or "story", is read.
+When there is no validation split, a fixed val_fraction of train (chosen with `seed`) becomes one.
 Re-running with the same inputs does nothing; --force rebuilds.
 """
 
+import bz2
+import codecs
 import contextlib
+import gzip
+import hashlib
 import json
+import lzma
 import os
+import re
 import time
+import zlib
 
 import numpy as np
 import pyarrow.compute as pc
@@ -35,7 +45,7 @@ dataset = "roneneldan/TinyStories"  # hub id, or a local file or directory
 data_dir = "data/tinystories"       # where train.bin, validation.bin and meta.json go
 tokenizer = "gpt2"                  # gpt2 (tiktoken), bpe (train one on the train split), or a tokenizer file
 vocab_size = 4096                   # --tokenizer=bpe only: ids including <|endoftext|> (256 gives the 256 bytes + <|endoftext|>)
-text_column = "text"                # the column that holds each document's text
+text_column = "text"                # the column holding the text (if missing: the only string column, or "story")
 val_fraction = 0.005                # share of train held out when the source has no validation split
 seed = 1337                         # chooses that held-out share
 num_proc = max(1, (os.cpu_count() or 1) // 2)  # tokenizer processes
@@ -44,39 +54,78 @@ force = False                       # rebuild even if meta.json says the data is
 # -----------------------------------------------------------------------------
 
 EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # what `datasets` also decompresses
+ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip", ".7z")
 SPLITS = ("train", "validation")
+CHUNK = 1 << 24  # bytes read at a time when checking a file
+EOT_LINE = re.compile(r"^\s*<\|endoftext\|>\s*$", re.MULTILINE)  # a line holding only <|endoftext|>
+
+
+def file_kind(path):
+    """The `datasets` builder for a file, from its name: ("text" | "json" | "parquet" | None, compression), where
+    compression is ".gz", ".bz2", ".xz" or "" (train.txt.gz -> ("text", ".gz"); a compressed .parquet -> None)."""
+    stem, compression = os.path.splitext(path.lower())
+    if compression not in COMPRESSIONS:
+        stem, compression = path.lower(), ""
+    builder = EXTENSIONS.get(os.path.splitext(stem)[1])
+    return (None if builder == "parquet" and compression else builder), compression
+
+
+def names(paths, root=None):
+    """A short list of file names for messages: "a.txt" or "a.json, b.json and 48 more"."""
+    shown = [os.path.relpath(p, root) if root else p for p in paths[:2]]
+    return ", ".join(shown) + (f" and {len(paths) - 2} more" if len(paths) > 2 else "")
+
+
+def data_files(path):
+    """Every readable file (by file_kind) at a local path: the file itself, or the files under a directory
+    (hidden ones skipped), listed by `datasets`."""
+    if os.path.isfile(path):
+        return [path]
+    from datasets.data_files import resolve_pattern
+    try:
+        return sorted(f for f in resolve_pattern("**", base_path=path) if file_kind(f)[0])
+    except FileNotFoundError:
+        return []
 
 
 def local_files(path):
     """Map split name -> list of files for a local file or directory, and the `datasets` builder to read them.
-    Raises UserError for an unknown file type, mixed types, or files whose split cannot be told."""
+
+    A single file is the train split. In a directory, `datasets` finds the files and their splits by its own
+    data-files conventions (https://huggingface.co/docs/datasets/repository_structure): hub shards such as
+    data/train-00000-of-00004.parquet; else split names in file or folder names (train/training,
+    validation/valid/val/dev; test files are not read); else every file is train. Raises UserError for an
+    unknown file type, an archive, mixed types, or no train file."""
+    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
     if os.path.isfile(path):
-        paths = [path]
+        found = {"train": [path]}
     else:
-        paths = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if os.path.splitext(f)[1].lower() in EXTENSIONS)
-        if not paths:
-            raise UserError(f"{path} holds no {', '.join(EXTENSIONS)} files")
-    builders = {EXTENSIONS.get(os.path.splitext(p)[1].lower()) for p in paths}
-    if None in builders:
-        raise UserError(f"{path}: unsupported file type; use {', '.join(EXTENSIONS)}")
+        try:
+            found = DataFilesDict.from_patterns(get_data_patterns(path), base_path=path)
+        except (EmptyDatasetError, FileNotFoundError):
+            found = {}
+    found = {str(split): [f for f in paths if file_kind(f)[0]] for split, paths in found.items()}
+    if not any(found.values()):
+        archive = next((p for p in ([path] if os.path.isfile(path) else os.listdir(path))
+                        if p.lower().endswith(ARCHIVES)), None)
+        if archive:
+            raise UserError(f"{archive} is an archive: unpack it (tar -xzf, unzip) and give the folder it unpacks "
+                            f"to as --dataset")
+        kinds = f"{', '.join(EXTENSIONS)} files (or .txt/.json/.jsonl compressed as {', '.join(COMPRESSIONS)})"
+        if os.path.isfile(path):
+            raise UserError(f"{path}: unsupported file type; use {kinds}")
+        raise UserError(f"{path} holds no {kinds}")
+    builders = sorted({file_kind(f)[0] for paths in found.values() for f in paths})
     if len(builders) > 1:
-        raise UserError(f"{path} mixes file types ({', '.join(sorted(builders))}); keep one type per dataset")
-    files = {}
-    for p in paths:
-        stem = os.path.basename(p).split(".")[0].lower()
-        if len(paths) == 1 or stem.startswith("train"):
-            split = "train"  # a single file is the training text; validation is carved from it
-        elif stem.startswith(("val", "dev")):
-            split = "validation"
-        elif stem.startswith("test"):
-            continue
-        else:
-            raise UserError(f"cannot tell the split of {p}: name files train.* and validation.*")
-        files.setdefault(split, []).append(p)
-    if "train" not in files:
-        raise UserError(f"{path} has no train file: name one train.*")
-    return files, builders.pop()
+        raise UserError(f"{path} mixes file types ({', '.join(builders)}); keep one type per dataset")
+    if not found.get("train"):
+        raise UserError(f"{path} has no train file: name one train.* (and the validation files validation.*)")
+    files = {split: found[split] for split in SPLITS if found.get(split)}
+    unused = sorted(set(data_files(path)) - {f for paths in files.values() for f in paths})
+    if unused:
+        print(f"not read (test files, or not train/validation files in the layout found): {names(unused, path)}")
+    return files, builders[0]
 
 
 def is_local(source):
@@ -89,16 +138,141 @@ def is_local(source):
     return False
 
 
-def load_splits(source):
+def check_text(path, split):
+    """Read a .txt, .json or .jsonl file once, decompressed as its name says, before `datasets` does: return True
+    when it has a line holding only <|endoftext|> (then those lines, and only those, separate its documents).
+    Raises UserError naming the file when it is not UTF-8 (with the byte offset), is not the compressed file
+    its name says, or holds no text. Reads CHUNK bytes at a time, so any file size fits in memory."""
+    compression = file_kind(path)[1]
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, has_text, separated, tail = 0, False, False, ""
+    blank = None if file_kind(path)[0] == "text" else " \t\r\n[]{},"  # JSON of nothing: [], [{}], ...
+    try:
+        with COMPRESSIONS.get(compression, open)(path, "rb") as f:
+            while True:
+                chunk = f.read(CHUNK)
+                pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk
+                try:
+                    text = decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as e:
+                    where = " of the uncompressed text" if compression else ""
+                    gzipped = offset == 0 and chunk[:2] == b"\x1f\x8b"
+                    hint = f"; it looks gzip-compressed: name it {os.path.basename(path)}.gz" if gzipped else ""
+                    raise UserError(f"{path} is not UTF-8 text: the byte at offset {offset - pending + e.start:,}"
+                                    f"{where} ({e.object[e.start:e.start + 1]!r}) cannot be decoded; save the file "
+                                    f"as UTF-8{hint}") from None
+                if not chunk:
+                    break
+                offset += len(chunk)
+                has_text = has_text or bool(text.strip(blank))
+                if not separated and blank is None:  # a .txt file
+                    text = tail + text  # a separator line cut by the chunk boundary is found whole
+                    separated = "<|endoftext|>" in text and EOT_LINE.search(text) is not None
+                    tail = text[text.rfind("\n") + 1:]
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+        if compression:
+            raise UserError(f"{path} is not a valid {compression} file, as its name says "
+                            f"(truncated, corrupt or not compressed?): {e}") from None
+        raise UserError(f"could not read {path}: {e}") from None
+    if not has_text:
+        raise UserError(f"{path} (the {split} split) is empty: it holds no text; fill it or remove it")
+    return separated
+
+
+def check_parquet(path, split):
+    """Raise UserError naming the file when it is not a Parquet file or has no rows (reads only its footer)."""
+    import pyarrow.parquet as pq
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise UserError(f"{path} is not a Parquet file, as its name says (truncated or corrupt?): {e}") from None
+    if rows == 0:
+        raise UserError(f"{path} (the {split} split) is empty: it has no rows; fill it or remove it")
+
+
+def eot_documents(paths):
+    """Yield {"text": document} for each run of lines between lines holding only <|endoftext|> (the layout of
+    TinyStoriesV2-GPT4-*.txt), stripped of surrounding whitespace; blank runs are skipped. Reads line by line."""
+    for path in paths:
+        with COMPRESSIONS.get(file_kind(path)[1], open)(path, "rt", encoding="utf-8") as f:
+            lines = []
+            for line in f:
+                if line.strip() != "<|endoftext|>":
+                    lines.append(line)
+                    continue
+                if text := "".join(lines).strip():
+                    yield {"text": text}
+                lines = []
+            if text := "".join(lines).strip():
+                yield {"text": text}
+
+
+def read_local(split, paths, builder):
+    """Read one split's local files (all of one builder) into a `datasets.Dataset`. In .txt files the documents
+    are split on lines holding only <|endoftext|> where a file has such lines, else on blank lines; says which."""
+    import datasets
+    if builder == "parquet":
+        for path in paths:
+            check_parquet(path, split)
+        return datasets.load_dataset("parquet", data_files=paths, split="train")
+    separated = [p for p in paths if check_text(p, split)]
+    if builder == "json":
+        return datasets.load_dataset("json", data_files=paths, split="train")
+    blank = [p for p in paths if p not in separated]
+    parts = []
+    if blank:
+        print(f"{split}: {names(blank)}: documents split on blank lines (no <|endoftext|> lines)")
+        parts.append(datasets.load_dataset("text", data_files=blank, sample_by="paragraph", split="train"))
+    if separated:
+        print(f"{split}: {names(separated)}: documents split on lines holding only <|endoftext|>")
+        stamp = json.dumps(["eot_documents v1", fingerprint(separated)])  # reread when a file changes
+        parts.append(datasets.Dataset.from_generator(
+            eot_documents, gen_kwargs={"paths": separated}, fingerprint=hashlib.sha256(stamp.encode()).hexdigest()[:32],
+            features=datasets.Features({"text": datasets.Value("string")})))
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def choose_column(splits, requested, source, files=None):
+    """The column holding each document's text: `requested`; or, when the default "text" is missing, the only
+    string column, or else "story" (TinyStories' JSON archive). Raises UserError, naming the split's files
+    (`files`: split -> paths, for local data), when a split lacks the column or it holds no strings."""
+    import datasets
+    def is_text(feature):
+        return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    column = requested
+    train = splits["train"]
+    if requested == "text" and "text" not in train.column_names:
+        strings = [c for c, f in train.features.items() if is_text(f)]
+        column = strings[0] if len(strings) == 1 else "story" if "story" in strings else requested
+        if column != requested:
+            print(f"no 'text' column: reading {column!r} ("
+                  f"{'the only text column' if len(strings) == 1 else 'out of ' + ', '.join(strings)})")
+    for name, ds in splits.items():
+        where = f" ({names(files[name])})" if files else ""
+        if column not in ds.column_names:
+            raise UserError(f"{source} has no column {column!r} in its {name} split"
+                            f"{where if files and files[name] != [source] else ''} (columns: "
+                            f"{', '.join(ds.column_names)}); choose one with --text_column=NAME")
+        feature = ds.features[column]
+        if not is_text(feature):
+            held = (feature.dtype if isinstance(feature, datasets.Value) else
+                    "mixed JSON" if isinstance(feature, datasets.Json) else type(feature).__name__.lower())
+            raise UserError(f"column {column!r} of the {name} split{where} holds {held} values, not text; "
+                            f"choose another with --text_column=NAME")
+    return column
+
+
+def load_splits(source, requested_column):
     """Load the train and validation splits as `datasets.Dataset`s (a validation split is carved from train
-    when the source has none). Raises UserError when the source cannot be found or read."""
+    when the source has none) and choose the text column. Returns (splits, column).
+    Raises UserError when the source cannot be found or read."""
     import datasets
     local = is_local(source)
+    files = None
     try:
         if local:
             files, builder = local_files(source)
-            kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=files, **kwargs)
+            ds = {split: read_local(split, paths, builder) for split, paths in files.items()}
         else:
             ds = datasets.load_dataset(source)
     except UserError:
@@ -107,6 +281,7 @@ def load_splits(source):
         where = "the file" if local else "the Hugging Face hub (offline? give a local path instead)"
         raise UserError(f"could not load {source!r} from {where}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    column = choose_column({split: ds[split] for split in SPLITS if split in ds}, requested_column, source, files)
     if "validation" not in ds:
         n = len(ds["train"])
         n_val = max(1, round(n * val_fraction))
@@ -115,7 +290,7 @@ def load_splits(source):
         parts = ds["train"].train_test_split(test_size=n_val, seed=seed, shuffle=True)
         ds = {"train": parts["train"], "validation": parts["test"]}
         print(f"no validation split in {source}: holding out {n_val} of {n} training documents (seed {seed})")
-    return {split: ds[split] for split in SPLITS}
+    return {split: ds[split] for split in SPLITS}, column
 
 
 def read_meta(data_dir, required=SPLITS):
@@ -189,11 +364,11 @@ def train_bpe(texts, vocab_size, length=None):
 
 
 def fingerprint(source):
-    """What identifies the input: the hub id, or each local file's path, size and modification time."""
-    if not os.path.exists(source):
+    """What identifies the input: the hub id, or each local file's path, size and modification time (a list of
+    paths is taken as those files)."""
+    if isinstance(source, str) and not os.path.exists(source):
         return source
-    paths = [source] if os.path.isfile(source) else sorted(
-        os.path.join(source, f) for f in os.listdir(source) if os.path.splitext(f)[1].lower() in EXTENSIONS)
+    paths = source if isinstance(source, list) else data_files(source)
     return [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths]
 
 
@@ -221,9 +396,7 @@ def main():
     config = configure(globals(), doc=__doc__)
     print(json.dumps(config, indent=1))
 
-    if shards < 1 or num_proc < 1:
-        raise UserError(f"shards and num_proc must be at least 1, got {shards} and {num_proc}")
-    check_values(globals(), {"seed": "seed"})
+    check_values(globals(), {"shards": "count", "num_proc": "count", "seed": "seed"})
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1 (a share of train), got {val_fraction}")
     is_local(dataset)
@@ -238,7 +411,8 @@ def main():
     inputs = {"dataset": fingerprint(dataset), **tok_id, "text_column": text_column,
               "val_fraction": val_fraction, "seed": seed}
     meta_path = os.path.join(data_dir, "meta.json")
-    lock_dir(data_dir, "prepare.py")  # one writer, and no train.py reading it meanwhile
+    if os.path.isdir(data_dir):
+        lock_dir(data_dir, "prepare.py")  # one writer, and no train.py reading it meanwhile
     if not force:
         try:
             meta, problems = read_meta(data_dir, required=())
@@ -250,25 +424,20 @@ def main():
             return
 
     t0 = time.time()
-    splits = load_splits(dataset)
+    splits, column = load_splits(dataset, text_column)
     for name, ds in splits.items():
-        if text_column not in ds.column_names:
-            raise UserError(f"{dataset} has no column {text_column!r} in its {name} split (columns: "
-                            f"{', '.join(ds.column_names)}); choose one with --text_column=NAME")
         if len(ds) == 0:
             raise UserError(f"the {name} split of {dataset} is empty")
     if tok is None:
         train = splits["train"]
-        batches = (train[i:i + 1000][text_column] for i in range(0, len(train), 1000))
+        batches = (train[i:i + 1000][column] for i in range(0, len(train), 1000))
         tok = train_bpe(batches, vocab_size, length=len(train))
         print(f"trained a {tok.vocab_size:,}-id BPE vocabulary on {len(train):,} training documents")
     dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32
     tok_file = "tokenizer.json" if tok.spec["kind"] == "bpe" else "tokenizer.tiktoken"
 
     def tokenize(batch):
-        texts = [t for t in batch[text_column] if t and not t.isspace()]
-        if not all(isinstance(t, str) for t in texts):
-            raise UserError(f"column {text_column!r} does not hold text; choose another with --text_column=NAME")
+        texts = [t for t in batch[column] if t and not t.isspace()]  # choose_column checked they are strings
         ids = [doc + [tok.eot_token] for doc in tok.encode_batch(texts)]
         return {"ids": ids, "len": [len(d) for d in ids], "n_bytes": [len(t.encode("utf-8")) for t in texts]}
 
@@ -287,6 +456,7 @@ def main():
     # beside its final name and synced to disk, and only then swapped in: a full disk or a kill while writing
     # leaves the previous data as it was. The data directory carries its tokenizer, so training and sampling
     # need nothing else.
+    lock_dir(data_dir, "prepare.py")  # creates a new data_dir (held already if it existed)
     try:
         with contextlib.ExitStack() as files:
             staged = [files.enter_context(atomic_file(os.path.join(data_dir, tok_file)))]

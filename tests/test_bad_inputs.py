@@ -23,8 +23,8 @@ def setup_files(row, tmp):
         (tmp / "bad.py").write_text("batch_size = 8\nlearning_rate = 1 / 0\n")
     elif row == "no_text_column":
         (tmp / "stories").mkdir()
-        (tmp / "stories" / "train.jsonl").write_text("".join(json.dumps({"story": f"Story {i}."}) + "\n"
-                                                             for i in range(10)))
+        (tmp / "stories" / "train.jsonl").write_text("".join(json.dumps({"title": f"{i}", "body": f"Story {i}."})
+                                                             + "\n" for i in range(10)))
     elif row == "empty_split":
         (tmp / "stories").mkdir()
         (tmp / "stories" / "train.txt").write_text("A story.\n\nAnother story.\n")
@@ -53,7 +53,7 @@ ROWS = [
     ("failing_config", "train.py", ["{tmp}/bad.py"], ["bad.py failed at line 2: ZeroDivisionError"]),
     ("dataset_not_found", "prepare.py", ["--dataset=./no/such/dir"], ["dataset './no/such/dir' not found"]),
     ("no_text_column", "prepare.py", ["--dataset={tmp}/stories", f"--tokenizer={GPT2_RANKS}", "--data_dir={tmp}/d"],
-     ["no column 'text'", "--text_column=NAME"]),
+     ["no column 'text'", "(columns: title, body)", "--text_column=NAME"]),
     ("empty_split", "prepare.py", ["--dataset={tmp}/stories", f"--tokenizer={GPT2_RANKS}", "--data_dir={tmp}/d"],
      ["the validation split", "is empty"]),
     ("missing_data", "train.py", ["--data_dir={tmp}/none"], ["no prepared data", "run `python prepare.py"]),

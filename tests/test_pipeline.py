@@ -97,7 +97,7 @@ def test_data_directory_carries_its_tokenizer(tmp_path, hf_home):
 @pytest.mark.slow
 def test_prepare_validates_settings_and_reads_another_text_column(tmp_path, hf_home):
     env = {"HF_HOME": str(hf_home)}
-    for flags, message in ((["--shards=0"], "shards and num_proc must be at least 1"),
+    for flags, message in ((["--shards=0"], "shards must be at least 1"),
                            (["--val_fraction=1.0"], "val_fraction must be between 0 and 1"),
                            (["--tokenizer=bpe", "--vocab_size=100"], "use 256 to 1,000,000")):
         proc = run_script("prepare.py", f"--dataset={SAMPLE}", *flags, f"--data_dir={tmp_path}/v", check=False,
