@@ -97,10 +97,12 @@ def lock_dir(folder, owner, shared=False):
     command line into the file so that the next one can name it.
 
     train.py locks its out_dir exclusively and its data_dir shared; prepare.py locks its data_dir exclusively, so
-    data cannot be rewritten under a running train.py. Where the OS has no flock (Windows), nothing is locked.
+    data cannot be rewritten under a running train.py. An exclusive holder also removes the temporary files
+    (atomic_file's .NAME.XXXXXXXX.tmp) that a killed process left. Where the OS has no flock (Windows), nothing
+    is locked.
 
     Args:
-        folder: the directory (created if missing). owner: the script's name, for messages ("train.py").
+        folder: the directory (created if missing, for an exclusive lock). owner: the script's name, for messages.
     Raises:
         UserError: the folder cannot be written (read-only, permissions), or another process holds the lock
             (naming it when it can).
@@ -113,6 +115,8 @@ def lock_dir(folder, owner, shared=False):
         return  # this process holds it already (e.g. out_dir and data_dir are one folder)
     lock_path = os.path.join(folder, ".lock")
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    if shared and not os.path.isdir(folder):
+        return  # nothing to read there: the caller's own check says so
     try:
         os.makedirs(folder, exist_ok=True)
         fd = os.open(lock_path, flags, 0o666)
@@ -140,6 +144,10 @@ def lock_dir(folder, owner, shared=False):
     if not shared:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)}".encode()[:4000], 0)
+        for name in os.listdir(folder):  # no one else writes here now: these were left by a killed process
+            if name.startswith(".") and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
     _held_locks[os.path.realpath(folder)] = fd
 
 

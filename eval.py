@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from checkpoint import load_model, write_text_atomic
-from configurator import UserError, autocast, configure, read_text, resolve_device, run
+from configurator import UserError, autocast, check_values, configure, read_text, resolve_device, run
 from judge import CRITERIA, judge_samples
 from model import check_sampling, continuations, quantize_int8
 from prepare import read_meta
@@ -431,11 +431,9 @@ def compare_reports(paths):
 # --------------------------------------------------------------------------------------------------------------
 
 def check_settings():
-    """Reject impossible settings before anything is loaded."""
-    for k in ("block_size", "batch_size", "num_samples", "max_tokens", "vocab_tokens", "top_k"):
-        low = 1 if k == "batch_size" else 0
-        if globals()[k] < low:
-            raise UserError(f"{k} must be at least {low}, got {globals()[k]}")
+    """Reject impossible settings before anything is loaded (each value against its kind, then the rest)."""
+    check_values(globals(), {**dict.fromkeys(("block_size", "num_samples", "max_tokens", "vocab_tokens"), "count0"),
+                             "batch_size": "count", "seed": "seed", "judge_timeout": "rate"})
     if overlap < -1:
         raise UserError(f"overlap must be -1 (block_size // 2) or 0 and more, got {overlap}")
     if max_tokens == 1:
@@ -448,8 +446,6 @@ def check_settings():
             raise UserError("the judge needs --judge_model=NAME (the model name its server expects)")
         if num_samples < 1:
             raise UserError("the judge grades the samples: use num_samples of 1 or more")
-        if judge_timeout <= 0:
-            raise UserError(f"judge_timeout must be positive, got {judge_timeout}")
 
 
 def main():

@@ -30,29 +30,35 @@ class Tokenizer:
     "sha256" is the fingerprint of the vocabulary (of "ranks" or "json"). `eot_token` (<|endoftext|>) ends
     every document. Text is encoded without special tokens: a story containing the string "<|endoftext|>"
     gets ordinary tokens for it, and decode(encode(s)) == s for any str s.
-    Raises UserError for a spec of unknown kind.
+    Raises UserError for a spec of unknown kind or one the libraries cannot build (e.g. a damaged checkpoint).
     """
 
     def __init__(self, spec):
         check_spec(spec)
         self.spec = spec
-        if spec["kind"] == "tiktoken":
-            import tiktoken
-            ranks = parse_ranks(spec["ranks"])
-            self.eot_token = len(ranks)
-            enc = tiktoken.Encoding(spec["name"], pat_str=spec["pat_str"], mergeable_ranks=ranks,
-                                    special_tokens={EOT: self.eot_token})
-            self.vocab_size = enc.n_vocab
-            self._encode_batch = enc.encode_ordinary_batch
-            self._decode = enc.decode
-        elif spec["kind"] == "bpe":
-            from tokenizers import Tokenizer as HFTokenizer
-            hf = HFTokenizer.from_str(spec["json"])
-            hf.encode_special_tokens = True  # "<|endoftext|>" typed in a story is text, not the separator
-            self.eot_token = hf.token_to_id(EOT)
-            self.vocab_size = hf.get_vocab_size()
-            self._encode_batch = lambda texts: [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
-            self._decode = lambda ids: hf.decode(ids, skip_special_tokens=False)
+        try:
+            if spec["kind"] == "tiktoken":
+                import tiktoken
+                ranks = parse_ranks(spec["ranks"])
+                self.eot_token = len(ranks)
+                enc = tiktoken.Encoding(spec["name"], pat_str=spec["pat_str"], mergeable_ranks=ranks,
+                                        special_tokens={EOT: self.eot_token})
+                self.vocab_size = enc.n_vocab
+                self._encode_batch = enc.encode_ordinary_batch
+                self._decode = enc.decode
+            else:
+                from tokenizers import Tokenizer as HFTokenizer
+                hf = HFTokenizer.from_str(spec["json"])
+                hf.encode_special_tokens = True  # "<|endoftext|>" typed in a story is text, not the separator
+                self.eot_token = hf.token_to_id(EOT)
+                self.vocab_size = hf.get_vocab_size()
+                self._encode_batch = lambda texts: [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+                self._decode = lambda ids: hf.decode(ids, skip_special_tokens=False)
+        except Exception as e:  # a damaged description from a checkpoint or meta.json: the libraries' own errors
+            raise UserError(f"the {spec['kind']} tokenizer {spec['name']!r} cannot be built from its description "
+                            f"(damaged?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if self.eot_token is None:
+            raise UserError(f"the tokenizer {spec['name']!r} has no {EOT} token")
 
     def __getstate__(self):  # pickled as its spec (datasets.map sends it to worker processes)
         return self.spec

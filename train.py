@@ -140,12 +140,12 @@ def main():
     say = print if master else (lambda *args, **kwargs: None)
     micro_steps = gradient_accumulation_steps // world_size  # this process's share of each optimizer step
     meta, tok = check_data()  # holds a shared lock on data_dir: prepare.py cannot rewrite it under this run
-    if master:
-        lock_dir(out_dir, "train.py")  # one run per out_dir
     model_args = dict(vocab_size=padded_vocab_size(meta["vocab_size"]), block_size=block_size, n_layer=n_layer,
                       n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias)
     GPTConfig(**model_args)  # shape errors now, before anything is loaded or written
     ckpt = check_resume(config, model_args, tok, say)  # None when starting from scratch
+    if master:
+        lock_dir(out_dir, "train.py")  # one run per out_dir: a second one stops here
     iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
     os.makedirs(out_dir, exist_ok=True)
     say(json.dumps(config, indent=1))
@@ -183,7 +183,6 @@ def main():
         return get_batch(paths[split], meta["dtype"], batch_size, block_size, dev, sampler)
 
     def save(name, **extra):  # rank 0 writes; the other processes hold the same weights
-        check_finite(raw_model, iter_num)
         if master:
             save_weights(os.path.join(out_dir, name), {"model": raw_model.state_dict(), "model_args": model_args,
                                                        "tokenizer": tok.spec, "config": config,
@@ -220,6 +219,7 @@ def main():
                    for s in losses}
             say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}, "
                 f"val bpb {bpb['validation']:.4f}")
+            check_finite(raw_model, losses, iter_num)
             if master:
                 append_log(log_path, [iter_num, iter_num * tokens_per_iter, f"{losses['train']:.5f}",
                                       f"{losses['validation']:.5f}", f"{bpb['train']:.5f}",
@@ -476,35 +476,39 @@ LOG_COLUMNS = ["iter", "tokens", "train_loss", "val_loss", "train_bpb", "val_bpb
 
 
 def start_log(path, iter_num):
-    """Start log.csv for a new run (its header), or continue one: a resumed run drops the rows logged after its
-    checkpoint's iteration (a run killed between a row and its checkpoint would repeat them)."""
+    """Start log.csv for a new run (its header), or continue one: a resumed run keeps only the rows up to its
+    checkpoint's iteration (a run killed between a row and its checkpoint would repeat them). The file is
+    rewritten whole (checkpoint.atomic_file), which also replaces a symbolic link planted at its name."""
     rows = []
-    if init_from == "resume" and os.path.exists(path):
+    if init_from == "resume" and os.path.isfile(path):
         with open(path, newline="") as f:
-            rows = [r for r in csv.reader(f)][1:]
-        kept = [r for r in rows if r and r[0].isdigit() and int(r[0]) <= iter_num]
-        if kept == rows:
-            return
-        rows = kept
+            rows = [r for r in list(csv.reader(f))[1:] if r and r[0].isdigit() and int(r[0]) <= iter_num]
     lines = io.StringIO()
     csv.writer(lines).writerows([LOG_COLUMNS, *rows])
     write_text_atomic(lines.getvalue(), path)
 
 
 def append_log(path, row):
-    """Append one row (LOG_COLUMNS) to log.csv, never through a planted link (checkpoint.append_line)."""
+    """Append one row (LOG_COLUMNS) to log.csv, never through a symbolic link (checkpoint.append_line).
+    Raises UserError if it cannot be written."""
     line = io.StringIO()
     csv.writer(line).writerow(row)
-    append_line(path, line.getvalue())
+    try:
+        append_line(path, line.getvalue())
+    except OSError as e:
+        raise UserError(f"could not append to {path}: {e.strerror or e} (a symbolic link there is refused); "
+                        f"the checkpoints are intact: fix it, then continue with --init_from=resume") from None
 
 
-def check_finite(model, iter_num):
-    """Raise UserError if any weight is NaN or infinite: such weights are never saved, so out_dir keeps the last
-    good checkpoint. (Steps with a non-finite loss or gradient are skipped, but a huge learning rate can still
-    step finite gradients into infinite weights.)"""
-    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
-        raise UserError(f"the weights are no longer finite at iteration {iter_num}, so they were not saved: "
-                        f"lower learning_rate (now {learning_rate}); {out_dir} keeps the last good checkpoint")
+def check_finite(model, losses, iter_num):
+    """Raise UserError if the evaluation's losses or any weight are NaN or infinite: such weights are never
+    saved, so out_dir keeps the last good checkpoint. (Steps with a non-finite loss or gradient are skipped,
+    but a huge learning rate can still step finite gradients into weights that overflow.)"""
+    finite = all(math.isfinite(v) for v in losses.values())
+    if not finite or not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+        raise UserError(f"the {'weights' if finite else 'losses'} are no longer finite at iteration {iter_num}, so "
+                        f"nothing was saved: lower learning_rate (now {learning_rate}) and continue from the last "
+                        f"good checkpoint in {out_dir} with --init_from=resume")
 
 
 def keep_freed_memory():

@@ -5,14 +5,15 @@ import pytest
 
 from checkpoint import save_checkpoint
 from model import GPT, GPTConfig
+from tokenizer import load_tokenizer
 from conftest import GPT2_RANKS, TINY, assert_user_error, run_script
 
 pytestmark = pytest.mark.slow  # every test here starts scripts as subprocesses
 
 
-def tiny_checkpoint(path, tokenizer_sha="0" * 64):
+def tiny_checkpoint(path, tokenizer_sha="0" * 64, spec=None):
     args = dict(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8, dropout=0.0, bias=True)
-    spec = {"kind": "bpe", "name": "bpe-64", "sha256": tokenizer_sha, "json": "{}"}
+    spec = spec or {"kind": "bpe", "name": "bpe-64", "sha256": tokenizer_sha, "json": "{}"}
     save_checkpoint({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "tokenizer": spec,
                      "config": {}, "iter_num": 1, "best_val_loss": 9.0}, path)
 
@@ -40,6 +41,9 @@ def setup_files(row, tmp):
     elif row == "other_vocabulary":
         (tmp / "ck").mkdir()
         tiny_checkpoint(tmp / "ck" / "ckpt.pt")
+    elif row == "kv_cache_beyond_memory":
+        (tmp / "ck").mkdir()
+        tiny_checkpoint(tmp / "ck" / "best_model_params.pt", spec=load_tokenizer(str(GPT2_RANKS)).spec)
     elif row == "run_exists":
         (tmp / "ck").mkdir()
         tiny_checkpoint(tmp / "ck" / "ckpt.pt")
@@ -80,6 +84,12 @@ ROWS = [
     ("prompt_not_unicode", "sample.py", ["--start=Once \udcff"], ["not valid Unicode text (at position 5)"]),
     ("negative_temperature", "sample.py", ["--temperature=-1"], ["temperature and top_k must be >= 0"]),
     ("int8_off_cpu", "sample.py", ["--quantize=int8", "--device=cuda"], ["--quantize=int8 runs on the CPU"]),
+    ("temperature_overflow", "sample.py", ["--temperature=1e300"], ["temperature=1e+300 is beyond reason"]),
+    ("kv_cache_beyond_memory", "sample.py", ["--out_dir={tmp}/ck", "--num_samples=100000000000"],
+     ["num_samples=100,000,000,000 stories at once need about", "lower num_samples"]),
+    ("seed_beyond_64_bits", "train.py", ["--data_dir={data}", "--seed=18446744073709551616"],
+     ["seed must be a seed from 0 to 2**64 - 1"]),
+    ("beta_of_one", "train.py", ["--data_dir={data}", "--beta2=1.0"], ["beta2 must be in [0, 1), got 1.0"]),
 ]
 
 
