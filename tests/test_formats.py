@@ -197,7 +197,7 @@ def prepared(tmp_path_factory, hf_home):
 
 @pytest.mark.slow
 def test_every_layout_gives_the_stories_and_the_same_tokens(prepared):
-    from model import load_tokenizer
+    from tokenizer import load_tokenizer
     tok = load_tokenizer(str(GPT2_RANKS))
     meta = {layout: json.loads((d / "meta.json").read_text()) for layout, (d, _) in prepared.items()}
     for split, n in (("train", 1000), ("validation", 97)):
