@@ -51,7 +51,7 @@ def parse_request(query, n_models):
         raise UserError("the query string is not UTF-8: percent-encode the UTF-8 bytes of the text") from None
     req = {"prompt": params.get("prompt", "")}
     for name, kind, default in (("model", int, 0), ("temperature", float, 0.8), ("top_k", int, 0),
-                                ("top_p", float, 0.95), ("max_new_tokens", int, 256)):
+                                ("top_p", float, 0.95), ("max_new_tokens", int, min(256, max_new_tokens))):
         try:
             req[name] = kind(params.get(name, default))
         except ValueError:

@@ -132,10 +132,11 @@ def test_the_page_streams_stories_in_chromium(server, tmp_path):
     assert chromium, "needs Debian's chromium package: apt-get install chromium (Playwright's download is not used)"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1100, "height": 720})
+        page = browser.new_page(viewport={"width": 1000, "height": 480})
         page.goto(server)
         assert page.locator(".story").count() == len(os.environ.get("SERVE_OUT_DIR", "a,b").split(","))
-        page.fill("#prompt", "Once upon a time, Lily found a shiny shell")
+        prompt = "Once upon a time, there was a little girl named Lily. One day,"
+        page.fill("#prompt", prompt)
         page.fill("#max_new_tokens", "1000")
         # Record the story's text and status each time the page changes, to see it grow while being written.
         page.evaluate("""() => {
@@ -152,7 +153,7 @@ def test_the_page_streams_stories_in_chromium(server, tmp_path):
         final = seen[-1][0]
         partial = [text for text, stats in seen if stats == "writing…" and 0 < len(text) < len(final)]
         assert len(partial) >= 2 and all(final.startswith(t) for t in partial)  # it streamed in pieces
-        assert page.locator(".prompt").first.text_content() == "Once upon a time, Lily found a shiny shell"
+        assert page.locator(".prompt").first.text_content() == prompt
         for path in (tmp_path / "serve.png", os.environ.get("SAVE_SCREENSHOT")):
             if path:
                 page.screenshot(path=str(path), full_page=True)
