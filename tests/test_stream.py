@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -62,11 +63,43 @@ def test_sample_streams_the_same_stories_as_before(runs):
     assert re.search(rf"^{tokens} tokens in [\d.]+ s: [\d.]+ tokens/s$", proc.stderr, re.M), proc.stderr
 
 
+def test_sample_prints_each_story_while_it_is_written(runs, monkeypatch, capsys):
+    import sample
+    from model import GPT
+    printed = []  # what sample.py printed between two steps of generation
+    stream = GPT.generate_stream
+
+    def recording(self, *args, **kwargs):
+        for step in stream(self, *args, **kwargs):
+            printed.append(capsys.readouterr().out)
+            yield step
+
+    monkeypatch.setattr(GPT, "generate_stream", recording)
+    args = {"out_dir": str(runs["bpe"]), "start": "Tom saw a café 🙂 and", "num_samples": 4, "max_new_tokens": 60,
+            "seed": 4, "device": "cpu", "dtype": "float32"}
+    for k in args:
+        monkeypatch.setattr(sample, k, getattr(sample, k))  # sample.main sets its settings; undo that afterwards
+    monkeypatch.setattr(sys, "argv", ["sample.py", *(f"--{k}={v}" for k, v in args.items())])
+    sample.main()
+    printed.append(capsys.readouterr().out)
+    stories = "".join(printed).split("-" * 80 + "\n")
+    assert len(stories) == 5 and printed[0] == args["start"]  # the prompt, before the first token
+    first = stories[0]  # it ends after a few tokens (see the test above): then the second story goes on live
+    during = [p for p in printed[1:-1] if p]
+    assert len(during) > 20 and "".join(printed[1:-1]).startswith(first[len(args["start"]):])
+
+
 @pytest.fixture(scope="module")
-def server(runs, tmp_path_factory):
-    """serve.py on a free port of 127.0.0.1 with both models (or SERVE_OUT_DIR's); yields its base URL."""
+def serve_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("serve") / "stderr.txt"
+
+
+@pytest.fixture(scope="module")
+def server(runs, serve_log):
+    """serve.py on a free port of 127.0.0.1 with both models (or SERVE_OUT_DIR's); yields its base URL.
+    Its stderr is in serve_log."""
     out_dirs = os.environ.get("SERVE_OUT_DIR") or f"{runs['bpe']},{runs['gpt2']}"
-    log = tmp_path_factory.mktemp("serve") / "stderr.txt"
+    log = serve_log
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"--out_dir={out_dirs}", "--port=0",
                                  "--device=cpu", "--dtype=float32"], cwd=ROOT, stderr=f)
@@ -119,11 +152,20 @@ def test_bad_requests_get_400_and_the_server_goes_on(server, query, message):
     assert status == 200 and '"done": true' in body
 
 
-def test_a_reader_who_leaves_mid_story_frees_the_model(server):
+def test_a_reader_who_leaves_mid_story_frees_the_model(server, serve_log):
     with urllib.request.urlopen(f"{server}/generate?model=1&prompt=Once&max_new_tokens=1000", timeout=60) as r:
         assert r.readline().startswith(b"data: ")  # the story has started; now hang up
     status, body = get(f"{server}/generate?model=1&prompt=Once&max_new_tokens=3")
     assert status == 200 and '"done": true' in body  # the lock was released
+    assert "Traceback" not in serve_log.read_text()  # a reader leaving is no error
+
+
+def test_raw_bytes_in_the_url_get_400(server):
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(b"GET /generate?prompt=caf\xe9 HTTP/1.0\r\n\r\n")  # not percent-encoded
+        reply = s.makefile("rb").read().decode()
+    assert reply.startswith("HTTP/1.0 400") and "percent-encode the text as UTF-8" in reply
 
 
 def test_the_page_streams_stories_in_chromium(server, tmp_path):
