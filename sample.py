@@ -6,6 +6,7 @@
 
 Loads out_dir/checkpoint (train.py's best_model_params.pt by default) and decodes with the tokenizer stored in
 it, so the data directory is not needed. Each sample stops at <|endoftext|> or after max_new_tokens tokens.
+Stories are printed as they are written, token by token; the speed in tokens/s goes to stderr at the end.
 """
 
 import json
@@ -91,7 +92,7 @@ def main():
                 new[r].append(t)
         print_ready()
     seconds = time.perf_counter() - t0
-    ended[:] = [True] * num_samples  # max_new_tokens reached: the rest of every story is printed
+    ended[:] = [True] * num_samples  # generation is over: print what is left of every story
     print_ready()
     n = sum(map(len, new))
     print(f"{n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s", file=sys.stderr)

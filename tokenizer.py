@@ -89,9 +89,9 @@ class StreamDecoder:
 
     push() decodes the ids since the last complete character and holds back trailing U+FFFD; once the text
     ends cleanly those ids are dropped, so each step decodes a token or two and a long story costs linear time.
-    This relies on decoding being per byte, as for both kinds of Tokenizer (byte-level BPE): the text of
-    a + b is the text of a followed by that of b whenever a's bytes end with a complete character.
-    (The same idea as llama2.c's run.c and transformers' TextStreamer, which print only complete text.)
+    This relies on byte-level decoding, which both kinds of Tokenizer have: the text of ids a + b is the text of
+    a followed by that of b whenever a's bytes end with a complete character. (transformers' TextStreamer also
+    decodes its pending tokens again at each step and prints only the part that can no longer change.)
     """
 
     def __init__(self, tok):
