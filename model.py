@@ -231,7 +231,28 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_token=None,
                  vocab_limit=None, use_cache=True, generator=None):
-        """Continue each row of `idx` by sampling one token at a time.
+        """Continue each row of `idx` by sampling one token at a time: generate_stream's tokens collected.
+
+        Args:
+            idx: prompt token ids, (B, T) int64, T >= 1.
+            max_new_tokens, temperature, top_k, top_p, eos_token, vocab_limit, use_cache, generator:
+                see generate_stream.
+        Returns:
+            (B, T + n) int64 with n <= max_new_tokens (fewer when every row ended with eos_token); see
+            `continuations` for the new tokens of each row cut at eos_token.
+        Raises:
+            UserError (a ValueError): see check_sampling.
+        Call model.eval() first: in training mode dropout stays on.
+        """
+        steps = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token, vocab_limit,
+                                          use_cache, generator))
+        return torch.cat([idx, torch.stack(steps, dim=1)], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_token=None,
+                        vocab_limit=None, use_cache=True, generator=None):
+        """Sample a continuation of each row of `idx` one token at a time, yielding each step's tokens as soon as
+        they are drawn (for printing stories while they are written; `generate` collects them).
 
         Args:
             idx: prompt token ids, (B, T) int64, T >= 1.
@@ -245,12 +266,10 @@ class GPT(nn.Module):
             use_cache: keep keys and values of past positions (KVCache) so each step runs one position.
                 Without it, each step re-runs the whole context; the result is the same.
             generator: torch.Generator for reproducible sampling.
-        Returns:
-            (B, T + n) int64 with n <= max_new_tokens (fewer when every row ended with eos_token); see
-            `continuations` for the new tokens of each row cut at eos_token.
+        Yields:
+            (B,) int64 on idx's device: the next token of every row, at most max_new_tokens times.
         Raises:
-            UserError (a ValueError): see check_sampling.
-        Call model.eval() first: in training mode dropout stays on.
+            UserError (a ValueError), at the first step: see check_sampling.
 
         Contexts longer than block_size: when the window is full, generation continues from its last
         block_size // 2 tokens (the cache is rebuilt from them with one forward pass), so a cached step
@@ -276,9 +295,9 @@ class GPT(nn.Module):
                 next_id = next_id.masked_fill(done, eos_token)
                 done |= next_id == eos_token
             idx = torch.cat([idx, next_id[:, None]], dim=1)
+            yield next_id
             if eos_token is not None and bool(done.all()):
                 break
-        return idx
 
 
 MAX_NEW_TOKENS = 100_000  # a story is a few hundred tokens; far more is a typo, not a wish
@@ -319,7 +338,7 @@ def continuations(out, prompt_len, eos_token):
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, vocab_limit=None, generator=None):
-    """Draw one token id per row from logits (B, V) -> (B,) int64. See GPT.generate for the arguments.
+    """Draw one token id per row from logits (B, V) -> (B,) int64. See GPT.generate_stream for the arguments.
     Raises UserError (a ValueError) for temperature < 0, top_k < 0 or top_p outside (0, 1]."""
     check_sampling(temperature, top_k, top_p)
     logits = logits.float()

@@ -6,17 +6,20 @@
 
 Loads out_dir/checkpoint (train.py's best_model_params.pt by default) and decodes with the tokenizer stored in
 it, so the data directory is not needed. Each sample stops at <|endoftext|> or after max_new_tokens tokens.
+Stories are printed as they are written, token by token; the speed in tokens/s goes to stderr at the end.
 """
 
 import json
 import sys
+import time
 
 import torch
 
 from checkpoint import load_model
 from configurator import (DTYPES, UserError, available_memory, check_values, configure, read_text, resolve_device,
                           run)
-from model import KVCache, check_sampling, continuations, quantize_int8
+from model import KVCache, check_sampling, quantize_int8
+from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
 out_dir = "out"                         # directory that holds the checkpoint
@@ -59,11 +62,44 @@ def main():
     ids = tok.encode(prompt) or [tok.eot_token]  # an empty prompt starts a new document
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
     generator = torch.Generator(device=dev).manual_seed(seed)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         eos_token=tok.eot_token, vocab_limit=tok.vocab_size, generator=generator)
-    for new, _ in continuations(out, len(ids), tok.eot_token):
-        print(prompt + tok.decode(new))
-        print("-" * 80)
+    steps = model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  eos_token=tok.eot_token, vocab_limit=tok.vocab_size, generator=generator)
+    # All rows are sampled together as one batch (one forward pass per token for every story), so the random
+    # draws, and the stories, are those of generating them at once. The story on screen is printed as its tokens
+    # arrive; the ones after it collect tokens meanwhile and, when their turn comes, print what they have so far
+    # at once and then go on live.
+    new = [[] for _ in range(num_samples)]  # each row's tokens, up to its end-of-text
+    ended = [False] * num_samples
+    row, shown, dec = 0, 0, StreamDecoder(tok)  # the row on screen, and how many of its tokens are printed
+
+    def print_ready():
+        """Print the row on screen's tokens not printed yet; when it has ended, finish it and show the next."""
+        nonlocal row, shown
+        while row < num_samples:
+            print(dec.push(new[row][shown:]), end="", flush=True)
+            shown = len(new[row])
+            if not ended[row]:
+                return
+            print(dec.flush())
+            print("-" * 80)
+            row, shown = row + 1, 0
+            if row < num_samples:
+                print(prompt, end="", flush=True)
+
+    print(prompt, end="", flush=True)
+    t0 = time.perf_counter()
+    for step in steps:
+        for r, t in enumerate(step.tolist()):
+            if t == tok.eot_token:
+                ended[r] = True
+            elif not ended[r]:
+                new[r].append(t)
+        print_ready()
+    seconds = time.perf_counter() - t0
+    ended[:] = [True] * num_samples  # generation is over: print what is left of every story
+    print_ready()
+    n = sum(map(len, new))
+    print(f"{n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s", file=sys.stderr)
 
 
 if __name__ == "__main__":

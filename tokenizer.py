@@ -83,6 +83,46 @@ class Tokenizer:
         return {k: v for k, v in self.spec.items() if k not in ("ranks", "json")}
 
 
+class StreamDecoder:
+    """Text of token ids that arrive a few at a time (a story being written), without ever showing half a
+    character: a token may end in the middle of a multi-byte UTF-8 character (é, emoji, CJK), which decodes
+    to U+FFFD until the token with its remaining bytes arrives.
+
+        dec = StreamDecoder(tok)
+        for t in ids: print(dec.push([t]), end="")
+        print(dec.flush())      # the pieces joined == tok.decode(ids)
+
+    push() decodes the ids since the last complete character and holds back trailing U+FFFD; once the text
+    ends cleanly those ids are dropped, so each step decodes a token or two and a long story costs linear time.
+    This relies on byte-level decoding, which both kinds of Tokenizer have: the text of ids a + b is the text of
+    a followed by that of b whenever a's bytes end with a complete character. (transformers' TextStreamer also
+    decodes its pending tokens again at each step and prints only the part that can no longer change.)
+    """
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.ids = []    # ids whose text is not yet fully returned
+        self.sent = ""   # what push() has already returned of decode(self.ids)
+
+    def push(self, ids):
+        """Add token ids (a list of int); return the new complete text (str, maybe empty)."""
+        self.ids.extend(ids)
+        text = self.tok.decode(self.ids)
+        stable = text.rstrip("\ufffd")
+        piece = stable[len(self.sent):]
+        if len(stable) == len(text):  # nothing pending: start afresh from the next token
+            self.ids, self.sent = [], ""
+        else:
+            self.sent = stable
+        return piece
+
+    def flush(self):
+        """The text still held back (U+FFFD of bytes that never completed a character); then start afresh."""
+        piece = self.tok.decode(self.ids)[len(self.sent):]
+        self.ids, self.sent = [], ""
+        return piece
+
+
 _SPEC_FIELDS = {"tiktoken": ("name", "pat_str", "ranks", "sha256"), "bpe": ("name", "json", "sha256")}
 
 

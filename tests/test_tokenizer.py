@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from tokenizer import EOT, Tokenizer, bits_per_byte, bpe_spec, load_tokenizer
+from tokenizer import EOT, StreamDecoder, Tokenizer, bits_per_byte, bpe_spec, load_tokenizer
 from prepare import train_bpe
 from conftest import GPT2_RANKS, SAMPLE, TINY, assert_user_error, run_script
 
@@ -31,6 +31,29 @@ def test_round_trip_is_exact(text, bpe):
         ids = tok.encode(text)
         assert tok.decode(ids) == text
         assert tok.eot_token not in ids  # the literal string is text, never the document separator
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_stream_decoder_never_shows_half_a_character(text, bpe):
+    for tok in (bpe, load_tokenizer(str(GPT2_RANKS))):
+        ids = tok.encode(text)
+        if "🙂" in text or "中" in text:  # tokens end inside characters: a naive decode would print U+FFFD
+            assert any("\ufffd" in tok.decode(ids[:i]) for i in range(len(ids)))
+        dec = StreamDecoder(tok)
+        pieces = [dec.push([t]) for t in ids] + [dec.flush()]
+        assert "".join(pieces) == text
+        assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stream_decoder_keeps_bytes_that_never_complete_a_character(bpe):
+    rng = np.random.default_rng(0)
+    for tok in (bpe, load_tokenizer(str(GPT2_RANKS))):
+        byte_ids = tok.encode("é🙂中")  # cut anywhere: a character's bytes never completed
+        for _ in range(20):
+            ids = rng.integers(0, tok.vocab_size - 1, 30).tolist() + byte_ids[:rng.integers(0, len(byte_ids))]
+            dec = StreamDecoder(tok)
+            chunks = np.split(ids, np.sort(rng.integers(0, len(ids), 5)))  # pieces of 0 or more ids
+            assert "".join([dec.push(c.tolist()) for c in chunks] + [dec.flush()]) == tok.decode(ids)
 
 
 def test_trained_vocabulary_on_the_sample(bpe):
