@@ -3,6 +3,8 @@
     python prepare.py                                  # roneneldan/TinyStories from the Hugging Face hub
     python prepare.py --dataset=../shared/data/tinystories-sample --tokenizer=../shared/tokenizers/gpt2.tiktoken \\
                       --data_dir=data/sample           # offline, from local files
+    python prepare.py --dataset=my_tales.txt --tokenizer=out/best_model_params.pt --data_dir=data/my_tales
+                                                       # your own text, in a trained model's tokens, to fine-tune it
 
 Writes into data_dir:
     train.bin, validation.bin   every document's tokens followed by <|endoftext|>, back to back, as one flat
@@ -43,7 +45,7 @@ from tokenizer import load_tokenizer
 # -----------------------------------------------------------------------------
 dataset = "roneneldan/TinyStories"  # hub id, or a local file or directory
 data_dir = "data/tinystories"       # where train.bin, validation.bin and meta.json go
-tokenizer = "gpt2"                  # gpt2 (tiktoken), bpe (train one on the train split), or a tokenizer file
+tokenizer = "gpt2"                  # gpt2 (tiktoken), bpe (train one on the train split), a tokenizer file or a checkpoint.pt
 vocab_size = 4096                   # --tokenizer=bpe only: ids including <|endoftext|> (256 gives the 256 bytes + <|endoftext|>)
 text_column = "text"                # the column holding the text (if missing: the only string column, or "story")
 val_fraction = 0.005                # share of train held out when the source has no validation split

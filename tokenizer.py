@@ -177,11 +177,13 @@ def load_tokenizer(name):
     Args:
         name: "gpt2" for tiktoken's GPT-2 encoding (downloaded on first use, then cached), the path of a
             .tiktoken ranks file (loaded with GPT-2's split pattern and <|endoftext|> after the last rank), or
-            the path of a Hugging Face tokenizer.json such as prepare.py --tokenizer=bpe writes.
+            the path of a Hugging Face tokenizer.json such as prepare.py --tokenizer=bpe writes, or the path of a
+            checkpoint (.pt) from train.py, whose own tokenizer it returns: text for fine-tuning that model.
     Returns:
         Tokenizer.
     Raises:
-        UserError: the file is missing or not a ranks file, or the gpt2 download fails (e.g. offline).
+        UserError: the file is missing, not a ranks file or not a checkpoint, or the gpt2 download fails
+        (e.g. offline).
     """
     if name == "gpt2":
         import tiktoken
@@ -194,7 +196,10 @@ def load_tokenizer(name):
         return Tokenizer(_tiktoken_spec("gpt2", "gpt2", ranks))
     if not os.path.isfile(name):
         raise UserError(f"tokenizer {name!r} not found: use gpt2, bpe (prepare.py trains one), or the path "
-                        f"of a .tiktoken ranks file or a tokenizer.json")
+                        f"of a .tiktoken ranks file, a tokenizer.json or a checkpoint (.pt)")
+    if name.endswith(".pt"):
+        from checkpoint import load_checkpoint  # here, not at the top: checkpoint.py imports this module
+        return Tokenizer(load_checkpoint(name)["tokenizer"])
     if name.endswith(".json"):
         with open(name, encoding="utf-8") as f:
             return Tokenizer(bpe_spec(f.read(), name))

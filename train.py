@@ -44,11 +44,15 @@ from tokenizer import bits_per_byte, tokenizer_from_meta
 # I/O
 out_dir = "out"                 # checkpoints, log.csv and loss.png
 data_dir = "data/tinystories"   # train.bin, validation.bin and meta.json from prepare.py
-init_from = "scratch"           # "scratch", or "resume" from out_dir/ckpt.pt
+init_from = "scratch"           # "scratch", "resume" (out_dir/ckpt.pt), or a checkpoint's path to fine-tune it
 eval_interval = 250             # iterations between evaluations and checkpoints
 eval_iters = 50                 # batches per split in each evaluation
 log_interval = 10               # iterations between log lines
 final_eval = False              # at the end, score every validation token with the best weights (eval.py)
+wandb_log = False               # also log the evaluations to Weights & Biases (pip install wandb)
+wandb_project = "tinystories-gpt"
+wandb_run_name = ""             # "": a name chosen by wandb
+tensorboard_log = False         # also log them to TensorBoard event files in out_dir/tb (pip install tensorboard)
 # data
 batch_size = 32                 # sequences per micro-step
 block_size = 256                # tokens per sequence (the context length)
@@ -139,14 +143,16 @@ def main():
     master = rank == 0
     say = print if master else (lambda *args, **kwargs: None)
     micro_steps = gradient_accumulation_steps // world_size  # this process's share of each optimizer step
+    ckpt = load_start_checkpoint(config, say)  # None from scratch; a fine-tuned model takes its shape from it
     meta, tok = check_data()  # holds a shared lock on data_dir: prepare.py cannot rewrite it under this run
     model_args = dict(vocab_size=padded_vocab_size(meta["vocab_size"]), block_size=block_size, n_layer=n_layer,
                       n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias)
     GPTConfig(**model_args)  # shape errors now, before anything is loaded or written
-    ckpt = check_resume(config, model_args, tok, say)  # None when starting from scratch
+    check_resume(config, model_args, tok, say, ckpt)
+    track = Trackers(config, master)  # refuses a tracker that is not installed
     if master:
         lock_dir(out_dir, "train.py")  # one run per out_dir: a second one stops here
-    iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
+    iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if init_from == "resume" else (0, float("inf"))
     os.makedirs(out_dir, exist_ok=True)
     say(json.dumps(config, indent=1))
 
@@ -163,10 +169,12 @@ def main():
         + (f"; {world_size} processes x {micro_steps} micro-steps" if ddp else ""))
     optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "float16" and device_type == "cuda")
-    if ckpt is not None:
+    if init_from == "resume":
         restore_training_state(ckpt, optimizer, scaler)
         say(f"resuming from iteration {iter_num} (best validation loss {best_val_loss:.4f})")
-        ckpt = None  # free the memory
+    elif ckpt is not None:
+        say(f"fine-tuning {init_from} (iteration {ckpt['iter_num']} of its run) with a fresh optimizer")
+    ckpt = None  # free the memory
     if ddp:  # dropout masks differ between processes; a resumed DDP run reseeds them (exact resume: 1 process)
         torch.manual_seed(batch_seed(seed, "dropout", rank, iter_num))
     raw_model = model
@@ -224,6 +232,9 @@ def main():
                 append_log(log_path, [iter_num, iter_num * tokens_per_iter, f"{losses['train']:.5f}",
                                       f"{losses['validation']:.5f}", f"{bpb['train']:.5f}",
                                       f"{bpb['validation']:.5f}", f"{lr:.3e}", f"{time.time() - t_start:.1f}"])
+                track(iter_num, {"tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
+                                 "val_loss": losses["validation"], "train_bpb": bpb["train"],
+                                 "val_bpb": bpb["validation"], "lr": lr, "elapsed_s": time.time() - t_start})
             if losses["validation"] < best_val_loss:
                 best_val_loss = losses["validation"]
                 save("best_model_params.pt", val_loss=best_val_loss)
@@ -277,7 +288,9 @@ def main():
             t_last, steps_since_log = time.time(), 0
             say(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                 f"{tokens_per_iter / dt:,.0f} tokens/s")
+            track(iter_num, {"step_loss": lossf, "tokens_per_s": tokens_per_iter / dt})
 
+    track.close()
     if ddp:
         dist.destroy_process_group()
     if master and iter_num >= max_iters:  # a run stopped early has printed its resume command instead
@@ -303,8 +316,10 @@ def check_settings():
                         f"from learning_rate down to min_lr, so set min_lr below it (e.g. learning_rate/10)")
     if lr_decay_iters <= warmup_iters:
         raise UserError(f"lr_decay_iters={lr_decay_iters} must be larger than warmup_iters={warmup_iters}")
-    if init_from not in ("scratch", "resume"):
-        raise UserError(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+    if init_from not in ("scratch", "resume") and not os.path.isfile(init_from):
+        hint = (f"; name a file in that directory, e.g. {os.path.join(init_from, 'best_model_params.pt')}"
+                if os.path.isdir(init_from) else ": no such file")
+        raise UserError(f"init_from={init_from!r} is not 'scratch', 'resume' or a checkpoint file{hint}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if gradient_accumulation_steps % world_size:
         raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} is the global number of "
@@ -359,33 +374,55 @@ def check_data():
     return meta, tokenizer_from_meta(meta, data_dir)
 
 
-def check_resume(config, model_args, tok, say):
-    """With init_from="resume": out_dir/ckpt.pt, checked against this run (same tokenizer, same model shape;
-    changed training settings are listed). With "scratch": None, after checking out_dir holds no run.
-    Raises UserError for an out_dir that already holds a run (scratch), or a checkpoint that does not fit."""
-    existing = [f for f in ("ckpt.pt", "best_model_params.pt") if os.path.exists(os.path.join(out_dir, f))]
+def load_start_checkpoint(config, say):
+    """The checkpoint this run starts from: None from scratch, out_dir/ckpt.pt to resume, the file init_from names
+    to fine-tune. Loaded before the data is checked, because a fine-tuned model keeps the shape of the checkpoint:
+    the settings n_layer, n_head, n_embd, block_size and bias become the checkpoint's (a printed line lists those
+    that differ; dropout is the setting's, and `config` keeps the settings as given). Learned positions leave no
+    choice for block_size. Resuming a fine-tuned run takes the shape from ckpt.pt the same way, except for the
+    settings changed since the run started (check_resume refuses those).
+    Raises UserError for a missing or unreadable checkpoint."""
     if init_from == "scratch":
-        if existing:
-            raise UserError(f"{out_dir} already holds a run ({', '.join(existing)}): continue it with "
-                            f"--init_from=resume, or start a new one with another --out_dir (or delete {out_dir})")
         return None
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from)
+    shape = {k: v for k, v in ckpt["model_args"].items() if k in config and k not in ("vocab_size", "dropout")
+             and (init_from != "resume" or ckpt["config"].get(k) == config[k])}  # changed since: check_resume refuses
+    changed = [f"{k}={v!r} (not {config[k]!r})" for k, v in shape.items() if config[k] != v]
+    if changed:
+        say("the model shape is the checkpoint's: " + ", ".join(changed))
+    globals().update(shape)
+    return ckpt
+
+
+def check_resume(config, model_args, tok, say, ckpt):
+    """Check the checkpoint from load_start_checkpoint against this run: the same tokenizer and model shape;
+    resuming, changed training settings are listed. A new run (from scratch or fine-tuning) needs an out_dir
+    that holds no run. Raises UserError for an out_dir that already holds a run, or a checkpoint that does not
+    fit."""
+    existing = [f for f in ("ckpt.pt", "best_model_params.pt") if os.path.exists(os.path.join(out_dir, f))]
+    if init_from != "resume" and existing:
+        raise UserError(f"{out_dir} already holds a run ({', '.join(existing)}): continue it with "
+                        f"--init_from=resume, or start a new one with another --out_dir (or delete {out_dir})")
+    if ckpt is None:
+        return
+    resume = init_from == "resume"
+    verb, path = ("resume", os.path.join(out_dir, "ckpt.pt")) if resume else ("fine-tune", init_from)
     if ckpt["tokenizer"]["sha256"] != tok.spec["sha256"]:
-        raise UserError(f"cannot resume: {ckpt_path} was trained with another tokenizer "
-                        f"({ckpt['tokenizer']['name']}) than the data in {data_dir} "
-                        f"({tok.spec['name']}); resume with the data it was trained on")
+        fix = ("resume with the data it was trained on" if resume else f"prepare your text with its tokenizer, "
+               f"`python prepare.py --tokenizer={path} --dataset=YOUR_TEXT --data_dir=DIR`, and pass --data_dir=DIR")
+        raise UserError(f"cannot {verb}: {path} was trained with another tokenizer ({ckpt['tokenizer']['name']}) "
+                        f"than the data in {data_dir} ({tok.spec['name']}); {fix}")
     changed = {k: (ckpt["model_args"][k], v) for k, v in model_args.items()
                if k != "dropout" and ckpt["model_args"][k] != v}
     if changed:
-        raise UserError("cannot resume: the model shape differs from the checkpoint's ("
+        raise UserError(f"cannot {verb}: the model shape differs from the checkpoint's ("
                         + ", ".join(f"{k}: {a} there, {b} here" for k, (a, b) in changed.items())
                         + "); use the same settings or a new out_dir")
-    changed = [f"{k} {ckpt['config'].get(k)!r} -> {v!r}" for k, v in config.items()
-               if k != "init_from" and ckpt["config"].get(k) != v]
-    if changed:
-        say("settings changed since the checkpoint: " + ", ".join(changed))
-    return ckpt
+    if resume:
+        changed = [f"{k} {ckpt['config'].get(k)!r} -> {v!r}" for k, v in config.items()
+                   if k != "init_from" and ckpt["config"].get(k) != v]
+        if changed:
+            say("settings changed since the checkpoint: " + ", ".join(changed))
 
 
 def agree_on_step(loss_sum, norm, scaler, stop, ddp, world_size, dev):
@@ -509,6 +546,61 @@ def check_finite(model, losses, iter_num):
         raise UserError(f"the {'weights' if finite else 'losses'} are no longer finite at iteration {iter_num}, so "
                         f"nothing was saved: lower learning_rate (now {learning_rate}) and continue from the last "
                         f"good checkpoint in {out_dir} with --init_from=resume")
+
+
+class Trackers:
+    """The optional experiment trackers, on rank 0: Weights & Biases (wandb_log) and TensorBoard (tensorboard_log,
+    event files in out_dir/tb). Each gets the numbers of log.csv's rows (losses in nats/token, bits per byte, lr,
+    tokens, elapsed seconds) at every evaluation, and the training loss and tokens/s every log_interval, against
+    the iteration. The packages are imported only when asked for, here, so that a missing one is refused before
+    anything is written; the trackers open at the first call, once the run holds out_dir. The wandb run lives
+    under out_dir/wandb (with WANDB_MODE=offline it stays there, to upload later with `wandb sync`).
+    Raises UserError when an asked-for package is not installed, or wandb cannot start a run."""
+
+    def __init__(self, config, master):
+        self.config, self.unopened, self.run, self.writer = config, master, None, None
+        if wandb_log:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("wandb_log=True needs Weights & Biases: pip install wandb") from None
+        if tensorboard_log:
+            try:
+                import torch.utils.tensorboard
+            except ImportError:  # torch ships the writer; the tensorboard package is separate
+                raise UserError("tensorboard_log=True needs TensorBoard: pip install tensorboard") from None
+
+    def _open(self):
+        if wandb_log:
+            import wandb
+            try:
+                self.run = wandb.init(project=wandb_project, name=wandb_run_name or None, config=self.config,
+                                      dir=out_dir)
+            except Exception as e:  # not logged in, no network, ...: wandb's own message says which
+                why = (str(e).splitlines() or [""])[0]
+                raise UserError(f"wandb could not start a run ({type(e).__name__}: {why}): run `wandb login`, "
+                                f"or log offline with WANDB_MODE=offline") from None
+        if tensorboard_log:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(out_dir, "tb"))
+
+    def __call__(self, step, values):
+        """Log the dict `values` (name -> number) at iteration `step`; on other ranks than 0, nothing."""
+        if self.unopened:
+            self.unopened = False
+            self._open()
+        if self.run is not None:
+            self.run.log(values, step=step)
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def close(self):
+        """Write out what is buffered and end the wandb run."""
+        if self.run is not None:
+            self.run.finish()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def keep_freed_memory():
