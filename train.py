@@ -3,6 +3,8 @@
     python train.py config/tinystories_15m.py --device=mps
     python train.py config/tinystories_cpu.py --data_dir=data/sample --max_iters=100
     torchrun --standalone --nproc_per_node=4 train.py config/tinystories_30m.py   # DDP on 4 GPUs of one machine
+    python train.py config/tinystories_cpu.py --init_from=out/best_model_params.pt --data_dir=data/my_tales \\
+                    --out_dir=out-tales --learning_rate=2e-4   # fine-tune: a new run from a model's weights
 
 Every eval_interval iterations it measures the mean loss over eval_iters batches of each split and writes
 out_dir/ckpt.pt (everything needed to resume: --init_from=resume) and, when the validation loss improved,
