@@ -563,12 +563,12 @@ class Trackers:
         self.config, self.unopened, self.run, self.writer = config, master, None, None
         if wandb_log:
             try:
-                import wandb  # noqa: F401  (only: is it installed?)
+                import wandb  # noqa: F401 (importable: installed and not broken)
             except ImportError:
                 raise UserError("wandb_log=True needs Weights & Biases: pip install wandb") from None
         if tensorboard_log:
             try:
-                import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
+                import torch.utils.tensorboard  # noqa: F401 (needs the tensorboard package)
             except ImportError:  # torch ships the writer; the tensorboard package is separate
                 raise UserError("tensorboard_log=True needs TensorBoard: pip install tensorboard") from None
 
