@@ -46,7 +46,7 @@ def test_resume_refuses_a_changed_model_or_other_data(sample_data, tmp_path, hf_
                "--eval_interval=2")
     proc = run_script("train.py", *FAST, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=4",
                       "--init_from=resume", "--n_layer=3", check=False)
-    assert_user_error(proc, "model shape differs", "n_layer: 2 there, 3 here")
+    assert_user_error(proc, "model shape or recipe differs", "n_layer: 2 there, 3 here")
     bpe = tmp_path / "bpe"
     run_script("prepare.py", f"--dataset={SAMPLE}", "--tokenizer=bpe", "--vocab_size=300", f"--data_dir={bpe}",
                env={"HF_HOME": str(hf_home)})
