@@ -320,11 +320,11 @@ def main():
         raise UserError(f"{ckpt_path} is inconsistent: its tokenizer has {tok.vocab_size} ids but the model only "
                         f"{args['vocab_size']} embedding rows")
 
-    name = architecture(args)
-    if name == "GPT2LMHeadModel":
+    arch = architecture(args)
+    if arch == "GPT2LMHeadModel":
         config, state = gpt2_config(args, tok.eot_token), gpt2_state_dict(model)
     else:
-        config, state = llama_config(args, tok.eot_token, name), llama_state_dict(model)
+        config, state = llama_config(args, tok.eot_token, arch), llama_state_dict(model)
     files = tokenizer_files(tok, args["block_size"])
     files["config.json"] = json.dumps(config, indent=2) + "\n"
     files["generation_config.json"] = json.dumps(
@@ -348,7 +348,7 @@ def main():
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
-    print(f"exported {ckpt_path} as {name} ({model.num_params() / 1e6:.2f}M parameters, tokenizer {tok.spec['name']}) "
+    print(f"exported {ckpt_path} as {arch} ({model.num_params() / 1e6:.2f}M parameters, tokenizer {tok.spec['name']}) "
           f"to {dest}/: {', '.join(sorted(['model.safetensors', *files]))}")
     print(f'load it with transformers.AutoModelForCausalLM.from_pretrained("{dest}") and '
           f'AutoTokenizer.from_pretrained("{dest}")')
