@@ -82,8 +82,8 @@ def rope_tables(head_dim, n_positions, theta=ROPE_THETA):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate queries or keys x (B, n_head, T, head_dim) by the angles of their positions, cos and sin
-    (T, head_dim // 2). Channel i is paired with channel i + head_dim/2 (the "rotate half" layout of Llama and
+    """Rotate queries or keys x (B, T, n_head, head_dim) by the angles of their positions, cos and sin
+    (T, 1, head_dim // 2). Channel i is paired with channel i + head_dim/2 (the "rotate half" layout of Llama and
     Hugging Face transformers, so an exported model needs no permutation). The dot product of a rotated query
     and key then depends on their distance only, not on their absolute positions."""
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -140,14 +140,16 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cache=None, layer=0, rope=None):
-        """x (B, T, n_embd); rope: (cos, sin) of the T positions (see apply_rope), or None."""
+        """x (B, T, n_embd); rope: (cos, sin) of the T positions, (T, 1, head_dim // 2) (see apply_rope), or None."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))
+        # per-head norm and rotation on the contiguous (B, T, n_head, head_dim) layout: cheaper than on the transpose
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # With a cache, one query row looks at every cached key: no mask is needed. A first pass over a
@@ -305,7 +307,7 @@ class GPT(nn.Module):
         if self.config.pos_embedding == "learned":
             x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
         else:  # rotary: positions enter each attention layer's queries and keys instead of the residual stream
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            rope = (self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None])
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, rope)

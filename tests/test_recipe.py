@@ -51,8 +51,8 @@ def test_rope_has_no_position_table_and_saves_no_buffers():
 
 def test_rope_scores_depend_on_distance_only():
     cos, sin = rope_tables(8, 40)
-    q, k = torch.randn(1, 1, 1, 8).expand(1, 1, 40, 8), torch.randn(1, 1, 1, 8).expand(1, 1, 40, 8)
-    q, k = apply_rope(q, cos, sin)[0, 0], apply_rope(k, cos, sin)[0, 0]
+    q, k = torch.randn(1, 1, 1, 8).expand(1, 40, 1, 8), torch.randn(1, 1, 1, 8).expand(1, 40, 1, 8)
+    q, k = apply_rope(q, cos[:, None], sin[:, None])[0, :, 0], apply_rope(k, cos[:, None], sin[:, None])[0, :, 0]
     assert torch.allclose(q[10] @ k[7], q[33] @ k[30], atol=1e-5)  # both 3 apart
     assert not torch.allclose(q[10] @ k[7], q[10] @ k[3], atol=1e-3)
     assert torch.allclose(q.norm(dim=-1), q[0].norm().expand(40), atol=1e-5)  # rotations keep lengths
