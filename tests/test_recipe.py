@@ -184,3 +184,29 @@ def test_resume_refuses_other_switches_or_another_optimizer(sample_data, tmp_pat
         proc = run_script("train.py", *fast[:-2], f"--out_dir={tmp_path / 'new'}", bad, check=False)
         assert_user_error(proc, message)
     assert not (tmp_path / "new").exists()  # nothing written
+
+
+def test_grad_scaler_unscales_and_skips_both_optimizers():
+    """float16 loss scaling (GradScaler) sees Muon's and AdamW's parameters through Optimizers."""
+    model = tiny(**MODERN)
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
+    idx = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(idx, idx)[1].backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    opt.zero_grad()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(model(idx, idx)[1]).backward()
+    scaler.unscale_(opt)
+    assert all(torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7) for p, g in zip(model.parameters(), plain))
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # both stepped
+    opt.zero_grad()
+    scaler.scale(model(idx, idx)[1]).backward()
+    model.transformer.h[0].attn.c_attn.weight.grad[0, 0] = float("inf")  # an overflow in a Muon matrix
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # both skipped
+    assert scaler.get_scale() == 512.0
