@@ -1,22 +1,31 @@
-"""Export a trained model as a Hugging Face `transformers` GPT-2 model folder.
+"""Export a trained model as a Hugging Face `transformers` model folder: GPT-2, Llama or Qwen3.
 
     python export.py --out_dir=out --export_dir=hf_model
     python export.py --out_dir=out --checkpoint=ckpt.pt --export_dir=hf_model --force
 
 Loads out_dir/checkpoint (train.py's best_model_params.pt by default) and writes export_dir with
 config.json, generation_config.json, model.safetensors (float32), tokenizer.json and tokenizer_config.json.
-Our GPT is GPT-2's architecture, so the folder loads as a GPT2LMHeadModel without this repository:
+The model's recipe (model.GPTConfig's switches) decides the architecture, and the folder loads without this
+repository:
+
+    GPT-2's recipe (learned positions, LayerNorm, GELU)                 -> GPT2LMHeadModel
+    pos_embedding=rope, norm=rmsnorm, mlp=swiglu, bias=False           -> LlamaForCausalLM
+    the same with qk_norm=True                                          -> Qwen3ForCausalLM
+
+Every other combination (e.g. relu2, or rope with LayerNorm) has no transformers class and is refused.
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
     model = AutoModelForCausalLM.from_pretrained("hf_model")
     tokenizer = AutoTokenizer.from_pretrained("hf_model")
     print(pipeline("text-generation", model="hf_model")("Once upon a time", max_new_tokens=50)[0]["generated_text"])
 
-Differences from GPT-2 that the files record: exact GELU (activation_function "gelu", not GPT-2's tanh
+For GPT-2, differences that the files record: exact GELU (activation_function "gelu", not GPT-2's tanh
 approximation "gelu_new"); a model trained with bias=False gets zero biases (GPT-2 always has them); the
 embedding rows past the tokenizer's vocabulary (padding to a multiple of 64) are kept and listed in
 generation_config.json's suppress_tokens, so generation never produces them (like sample.py's vocab_limit).
 Like GPT-2, the exported model reads at most block_size tokens (n_positions); sample.py slides a window past it.
+Llama and Qwen3 use the same rotary convention as model.apply_rope (rope_theta 10000, channel i paired with
+i + head_size/2), so their weights need no permutation; max_position_embeddings is block_size, the length trained on.
 The export_dir is built in a temporary folder beside it and renamed into place when complete. An existing,
 non-empty export_dir is only replaced with --force, and only if export.py wrote it (it holds a .tinystories-export
 file): --force never deletes a training run or any other folder.
@@ -49,19 +58,91 @@ def gpt2_state_dict(model):
 
     Our parameter names are GPT-2's already (transformer.wte, .wpe, .h.{i}.ln_1, .attn.c_attn, .attn.c_proj,
     .ln_2, .mlp.c_fc, .mlp.c_proj, .ln_f). The four matmul weights are transposed into Conv1D's (in, out) layout;
-    a bias=False model gets zero biases, which GPT-2 always has; lm_head.weight is left out because it is tied
-    to transformer.wte.weight (transformers restores the tie from tie_word_embeddings).
+    a bias=False model gets zero biases, which GPT-2 always has; a tied lm_head.weight is left out
+    (transformers restores the tie to transformer.wte.weight from tie_word_embeddings).
     Returns dict name -> contiguous float32 CPU tensor (vocab_size x n_embd for wte, block_size x n_embd for wpe).
     """
-    params = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    params = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()
+              if k != "lm_head.weight" or not model.config.tie_embeddings}
     out = {}
     for name, w in params.items():
         out[name] = (w.t() if name.endswith(_CONV1D) else w).contiguous()
-        if name.endswith(".weight") and not name.endswith((".wte.weight", ".wpe.weight")):
+        if name.endswith(".weight") and not name.endswith((".wte.weight", ".wpe.weight", "lm_head.weight")):
             bias = name[:-len("weight")] + "bias"
             if bias not in params:  # bias=False: the same function with a zero bias
                 out[bias] = torch.zeros(out[name].shape[-1] if name.endswith(_CONV1D) else w.shape[0])
     return out
+
+
+# The recipes that have a transformers class: architecture -> the switch values it needs (model.GPTConfig).
+ARCHITECTURES = {
+    "GPT2LMHeadModel": {"pos_embedding": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False},
+    "LlamaForCausalLM": {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False, "bias": False},
+    "Qwen3ForCausalLM": {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True, "bias": False},
+}
+
+
+def architecture(model_args):
+    """The transformers class that computes the same function as a model with these GPTConfig fields.
+    Raises UserError for a recipe with none, naming the nearest one that exports and the switches to change."""
+    from model import GPTConfig
+    args = {**vars(GPTConfig()), **model_args}
+    diffs = {name: {k: v for k, v in need.items() if args[k] != v} for name, need in ARCHITECTURES.items()}
+    for name, diff in diffs.items():
+        if not diff:
+            return name
+    nearest = min(diffs, key=lambda name: len(diffs[name]))
+    raise UserError(f"no transformers class computes this model's recipe; the nearest that exports is {nearest}, "
+                    f"trained with " + " ".join(f"--{k}={v}" for k, v in diffs[nearest].items()))
+
+
+def llama_state_dict(model):
+    """The weights of our GPT under LlamaForCausalLM's (or Qwen3ForCausalLM's) names: c_attn split into q_proj,
+    k_proj and v_proj; c_fc into gate_proj (its first half of rows) and up_proj; c_proj into o_proj and
+    down_proj; ln_1, ln_2, ln_f into input_layernorm, post_attention_layernorm and norm; q_norm and k_norm keep
+    their names. nn.Linear's (out, in) layout is the same on both sides. lm_head.weight only when untied.
+    Returns dict name -> contiguous float32 CPU tensor."""
+    sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    out = {"model.embed_tokens.weight": sd.pop("transformer.wte.weight"),
+           "model.norm.weight": sd.pop("transformer.ln_f.weight")}
+    lm_head = sd.pop("lm_head.weight")
+    if not model.config.tie_embeddings:
+        out["lm_head.weight"] = lm_head
+    for i in range(model.config.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        q, k, v = sd.pop(ours + "attn.c_attn.weight").chunk(3)
+        gate, up = sd.pop(ours + "mlp.c_fc.weight").chunk(2)
+        out.update({theirs + "self_attn.q_proj.weight": q, theirs + "self_attn.k_proj.weight": k,
+                    theirs + "self_attn.v_proj.weight": v, theirs + "self_attn.o_proj.weight": sd.pop(ours + "attn.c_proj.weight"),
+                    theirs + "mlp.gate_proj.weight": gate, theirs + "mlp.up_proj.weight": up,
+                    theirs + "mlp.down_proj.weight": sd.pop(ours + "mlp.c_proj.weight"),
+                    theirs + "input_layernorm.weight": sd.pop(ours + "ln_1.weight"),
+                    theirs + "post_attention_layernorm.weight": sd.pop(ours + "ln_2.weight")})
+        for name in ("q_norm", "k_norm"):
+            if ours + f"attn.{name}.weight" in sd:
+                out[theirs + f"self_attn.{name}.weight"] = sd.pop(ours + f"attn.{name}.weight")
+    assert not sd, f"weights without a Llama name: {sorted(sd)}"  # a bug, not a user error
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def llama_config(model_args, eot, name):
+    """config.json for LlamaForCausalLM or Qwen3ForCausalLM (`name`) from our GPTConfig fields (`model_args`) and
+    the end-of-text id `eot`. rope_theta is written both as transformers 5 reads it (rope_parameters) and as 4.x
+    does."""
+    from model import NORM_EPS, ROPE_THETA, swiglu_hidden
+    n_embd, n_head = model_args["n_embd"], model_args["n_head"]
+    return {
+        "architectures": [name], "model_type": "qwen3" if name.startswith("Qwen3") else "llama",
+        "vocab_size": model_args["vocab_size"], "hidden_size": n_embd, "intermediate_size": swiglu_hidden(n_embd),
+        "num_hidden_layers": model_args["n_layer"], "num_attention_heads": n_head, "num_key_value_heads": n_head,
+        "head_dim": n_embd // n_head, "hidden_act": "silu", "max_position_embeddings": model_args["block_size"],
+        "rms_norm_eps": NORM_EPS, "rope_theta": ROPE_THETA,
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": model_args["dropout"],
+        "use_sliding_window": False, "initializer_range": 0.02,
+        "tie_word_embeddings": model_args.get("tie_embeddings", True), "use_cache": True,
+        "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": "float32",
+    }
 
 
 def gpt2_config(model_args, eot):
@@ -77,7 +158,7 @@ def gpt2_config(model_args, eot):
         "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default
         "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout, "initializer_range": 0.02,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True, "use_cache": True, "bos_token_id": eot, "eos_token_id": eot,
+        "tie_word_embeddings": model_args.get("tie_embeddings", True), "use_cache": True, "bos_token_id": eot, "eos_token_id": eot,
         "torch_dtype": "float32",
     }
 
@@ -247,8 +328,13 @@ def main():
         raise UserError(f"{ckpt_path} is inconsistent: its tokenizer has {tok.vocab_size} ids but the model only "
                         f"{args['vocab_size']} embedding rows")
 
+    arch = architecture(args)
+    if arch == "GPT2LMHeadModel":
+        config, state = gpt2_config(args, tok.eot_token), gpt2_state_dict(model)
+    else:
+        config, state = llama_config(args, tok.eot_token, arch), llama_state_dict(model)
     files = tokenizer_files(tok, args["block_size"])
-    files["config.json"] = json.dumps(gpt2_config(args, tok.eot_token), indent=2) + "\n"
+    files["config.json"] = json.dumps(config, indent=2) + "\n"
     files["generation_config.json"] = json.dumps(
         generation_config(tok.eot_token, tok.vocab_size, args["vocab_size"]), indent=2) + "\n"
     parent = os.path.dirname(os.path.abspath(dest))
@@ -258,7 +344,7 @@ def main():
     os.umask(umask)
     try:
         weights = os.path.join(tmp, "model.safetensors")
-        save_file(gpt2_state_dict(model), weights, metadata={"format": "pt"})
+        save_file(state, weights, metadata={"format": "pt"})
         for name, text in {**files, MARKER: json.dumps({"checkpoint": ckpt_path}) + "\n"}.items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:  # tmp is new and ours alone (mkdtemp)
                 f.write(text)
@@ -270,7 +356,7 @@ def main():
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
-    print(f"exported {ckpt_path} ({model.num_params() / 1e6:.2f}M parameters, tokenizer {tok.spec['name']}) "
+    print(f"exported {ckpt_path} as {arch} ({model.num_params() / 1e6:.2f}M parameters, tokenizer {tok.spec['name']}) "
           f"to {dest}/: {', '.join(sorted(['model.safetensors', *files]))}")
     print(f'load it with transformers.AutoModelForCausalLM.from_pretrained("{dest}") and '
           f'AutoTokenizer.from_pretrained("{dest}")')

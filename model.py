@@ -7,6 +7,10 @@ Vaswani et al. 2017 with LayerNorm moved before each sub-block):
     tokens (B, T) -> token embedding + learned position embedding -> dropout
                   -> n_layer x [x + Attention(LayerNorm(x)); x + MLP(LayerNorm(x))]
                   -> LayerNorm -> linear head tied to the token embedding -> logits (B, T, vocab_size)
+
+GPTConfig's switches swap single parts for their modern replacements (README, "A modern recipe"): rotary
+position embeddings instead of the learned table, RMSNorm instead of LayerNorm, a SwiGLU or squared-ReLU MLP,
+RMSNorm on queries and keys, an untied head. Their defaults are the GPT-2 model above.
 """
 
 import inspect
@@ -30,7 +34,12 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
-    bias: bool = True
+    bias: bool = True             # biases in Linear layers and LayerNorms
+    pos_embedding: str = "learned"  # "learned" table (GPT-2) or "rope" (rotary, Su et al. 2021)
+    norm: str = "layernorm"       # "layernorm" (Ba et al. 2016) or "rmsnorm" (Zhang & Sennrich 2019)
+    mlp: str = "gelu"             # "gelu" (GPT-2), "swiglu" (Shazeer 2020) or "relu2" (So et al. 2021)
+    qk_norm: bool = False         # RMSNorm on each head's queries and keys (Henry et al. 2020; Qwen3)
+    tie_embeddings: bool = True   # the head reuses the token embedding (Press & Wolf 2017)
 
     def __post_init__(self):
         for f in fields(self):  # a checkpoint from elsewhere may hold anything
@@ -45,6 +54,44 @@ class GPTConfig:
                             f"each head gets n_embd/n_head channels, so choose n_head among the divisors of n_embd")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        for k, allowed in SWITCHES.items():
+            if getattr(self, k) not in allowed:
+                raise UserError(f"{k}={getattr(self, k)!r} is not one of {', '.join(map(repr, allowed))}")
+        if self.pos_embedding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise UserError(f"pos_embedding='rope' rotates pairs of channels, so the head size n_embd/n_head must be "
+                            f"even; got {self.n_embd}/{self.n_head} = {self.n_embd // self.n_head}: change n_head")
+
+
+SWITCHES = {"pos_embedding": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
+            "mlp": ("gelu", "swiglu", "relu2")}  # the text switches; qk_norm and tie_embeddings are bools
+ROPE_THETA = 10000.0  # the base of the rotary frequencies (Su et al. 2021; Llama's default)
+NORM_EPS = 1e-5       # epsilon of every LayerNorm and RMSNorm (nn.LayerNorm's default; Llama's rms_norm_eps)
+
+
+def make_norm(config, dim):
+    """The normalisation layer of `config` over the last `dim` channels: LayerNorm (subtract the mean, divide by
+    the standard deviation, then gain and optional bias) or RMSNorm (divide by the root mean square, then gain;
+    Zhang & Sennrich 2019), which skips the mean and the bias and works as well in transformers."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=NORM_EPS)
+    return nn.LayerNorm(dim, eps=NORM_EPS, bias=config.bias)
+
+
+def rope_tables(head_dim, n_positions, theta=ROPE_THETA):
+    """Rotary position embedding angles (Su et al. 2021, "RoFormer"): channel pair i of a head at position t
+    is rotated by t * theta^(-2i/head_dim). Returns (cos, sin), each (n_positions, head_dim // 2) float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(n_positions, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate queries or keys x (B, T, n_head, head_dim) by the angles of their positions, cos and sin
+    (T, 1, head_dim // 2). Channel i is paired with channel i + head_dim/2 (the "rotate half" layout of Llama and
+    Hugging Face transformers, so an exported model needs no permutation). The dot product of a rotated query
+    and key then depends on their distance only, not on their absolute positions."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
 def padded_vocab_size(n, multiple=64):
@@ -96,14 +143,24 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        if config.qk_norm:  # bounds the attention logits, which lets higher learning rates train stably
+            self.q_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=NORM_EPS)
+            self.k_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=NORM_EPS)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x, cache=None, layer=0, rope=None):
+        """x (B, T, n_embd); rope: (cos, sin) of the T positions, (T, 1, head_dim // 2) (see apply_rope), or None."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))
+        # per-head norm and rotation on the contiguous (B, T, n_head, head_dim) layout: cheaper than on the transpose
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # With a cache, one query row looks at every cached key: no mask is needed. A first pass over a
@@ -117,34 +174,79 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def swiglu_hidden(n_embd):
+    """SwiGLU's hidden width: its three matrices hold 3 x n_embd x hidden weights, so hidden = 8/3 n_embd matches
+    the 2 x n_embd x 4 n_embd of GPT-2's MLP; rounded to a multiple of 8 (e.g. 128 -> 344, 384 -> 1024)."""
+    return 8 * round(n_embd / 3)
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward: Linear(n_embd -> 4 n_embd), exact GELU (Hendrycks & Gimpel 2016), Linear back.
-    (B, T, n_embd) -> (B, T, n_embd)."""
+    """Position-wise feed-forward, (B, T, n_embd) -> (B, T, n_embd), one of (config.mlp):
+    "gelu": Linear(n_embd -> 4 n_embd), exact GELU (Hendrycks & Gimpel 2016), Linear back (GPT-2).
+    "relu2": the same with ReLU(x)^2 (So et al. 2021, "Primer"): sparse and cheap, and it trains faster.
+    "swiglu": silu(x W_gate) * (x W_up), then Linear back (Shazeer 2020, "GLU Variants Improve Transformer");
+    gate and up are one matmul, c_fc, whose first half of rows is the gate."""
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind = config.mlp
+        hidden = swiglu_hidden(config.n_embd) if self.kind == "swiglu" else 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). (B, T, n_embd) in and out."""
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). (B, T, n_embd) in and out."""
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache=None, layer=0, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
+
+
+class Optimizers:
+    """Several torch optimizers over disjoint parameters, used as one: param_groups (all of them, in order),
+    step, zero_grad, state_dict and load_state_dict. torch.amp.GradScaler's unscale_ and step accept it."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state):
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
 
 
 class GPT(nn.Module):
@@ -153,23 +255,31 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        learned = config.pos_embedding == "learned"
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if learned else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config, config.n_embd),
         ))
+        if not learned:  # the angles of every position, recomputed rather than saved (non-persistent buffers)
+            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017): the output layer reuses the input embedding matrix.
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tie_embeddings:  # weight tying (Press & Wolf 2017): the head reuses the input embedding matrix
+            self.lm_head.weight = self.transformer.wte.weight
 
         # GPT-2 initialisation: N(0, 0.02) everywhere, zero biases, and the projections that write into the
         # residual stream scaled by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth.
+        # An untied head starts at zero (as in the modded-nanogpt speedrun): every token starts equally likely.
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if not config.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
 
     @staticmethod
     def _init_weights(module):
@@ -179,10 +289,11 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=False):
-        """Number of parameters (the tied head counted once). With non_embedding, without both embeddings."""
+        """Number of parameters (a tied head counted once). With non_embedding, without the token and (learned)
+        position embeddings; an untied head is counted."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            n -= sum(e.weight.numel() for k, e in self.transformer.items() if k in ("wte", "wpe"))
         return n
 
     def forward(self, idx, targets=None, cache=None):
@@ -202,10 +313,15 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.pos_embedding == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+        else:  # rotary: positions enter each attention layer's queries and keys instead of the residual stream
+            rope = (self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None])
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, rope)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
@@ -215,18 +331,41 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW (Loshchilov & Hutter 2019) with decoupled weight decay on the matmul and embedding weights
-        (every parameter with 2 or more dimensions) and none on biases and LayerNorm gains.
-        Uses the fused kernel where this PyTorch has one for the device, else the multi-tensor (foreach) one."""
-        params = [p for p in self.parameters() if p.requires_grad]
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
+                            muon_lr=0.02, muon_momentum=0.95):
+        """The optimizer of this model's parameters.
+
+        "adamw": AdamW (Loshchilov & Hutter 2019) with decoupled weight decay on the matmul and embedding weights
+        (every parameter with 2 or more dimensions) and none on biases and norm gains.
+        "muon": Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers"; PyTorch's torch.optim.Muon) for
+        the 2-D weight matrices inside the blocks, at muon_lr with muon_momentum and the same weight decay: it
+        orthogonalises each matrix's momentum (Newton-Schulz iterations), so every direction of the update moves
+        by the same amount. AdamW, as above, for the rest: embeddings, head, norm gains, biases.
+        Each group's "lr" starts at its peak learning rate; train.py scales it by the schedule.
+        AdamW uses the fused kernel where this PyTorch has one for the device, else the multi-tensor (foreach) one.
+
+        Returns torch.optim.AdamW, or for "muon" an Optimizers(Muon, AdamW).
+        Raises UserError: an unknown optimizer, or "muon" for a model without 2-D weights in its blocks.
+        """
+        if optimizer not in ("adamw", "muon"):
+            raise UserError(f"optimizer={optimizer!r} is not one of 'adamw', 'muon'")
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        hidden = [p for n, p in named if optimizer == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
+        if optimizer == "muon" and not hidden:
+            raise UserError("optimizer='muon' needs 2-D weight matrices inside the blocks and this model has none: "
+                            "use --optimizer=adamw")
+        rest = [p for _, p in named if not any(p is h for h in hidden)]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
         ]
         fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu", "mps")
         kw = {"fused": True} if fused else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **kw)
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **kw)
+        if optimizer == "adamw":
+            return adamw
+        return Optimizers(torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay),
+                          adamw)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_token=None,

@@ -29,6 +29,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -66,6 +67,16 @@ n_head = 6
 n_embd = 384
 dropout = 0.0
 bias = True                     # biases in Linear layers and LayerNorms
+# the recipe (README, "A modern recipe"); the defaults are GPT-2's
+pos_embedding = "learned"       # "learned" position table, or "rope" (rotary)
+norm = "layernorm"              # "layernorm" or "rmsnorm"
+mlp = "gelu"                    # "gelu", "swiglu" or "relu2"
+qk_norm = False                 # RMSNorm on queries and keys
+tie_embeddings = True           # the head reuses the token embedding
+# optimizer: "adamw" for everything, or "muon" for the blocks' weight matrices and AdamW for the rest
+optimizer = "adamw"
+muon_lr = 0.02                  # Muon's peak learning rate (the schedule scales it like learning_rate)
+muon_momentum = 0.95
 # AdamW
 learning_rate = 6e-4            # peak learning rate, reached after warmup_iters
 max_iters = 5000                # optimizer steps in total
@@ -74,10 +85,13 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                 # clip the gradient's global norm to this; 0 turns clipping off
 max_nonfinite_steps = 8         # stop after this many optimizer steps in a row with a non-finite loss/gradient
-# learning-rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
+# learning-rate schedule: linear warmup, then "cosine" decay to min_lr at lr_decay_iters, or "wsd": constant,
+# then a linear decay to min_lr over the last decay_frac of lr_decay_iters
+lr_schedule = "cosine"
 warmup_iters = 200
 lr_decay_iters = 5000
 min_lr = 6e-5
+decay_frac = 0.2
 # system
 device = "auto"                 # auto, cpu, mps, cuda, cuda:N
 dtype = "auto"                  # auto, float32, bfloat16, float16 (autocast precision)
@@ -86,13 +100,22 @@ seed = 1337
 # -----------------------------------------------------------------------------
 
 
-def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
+def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="cosine", decay_frac=0.2):
     """Learning rate at optimizer step `it`: linear warmup from ~0 to learning_rate over warmup_iters
-    (Goyal et al. 2017), cosine decay to min_lr at lr_decay_iters (Loshchilov & Hutter 2017), then min_lr."""
+    (Goyal et al. 2017), then down to min_lr at lr_decay_iters, then min_lr. The way down is
+    "cosine": half a cosine wave (Loshchilov & Hutter 2017), or
+    "wsd" (warmup-stable-decay; Hu et al. 2024, "MiniCPM"; Hägele et al. 2024): learning_rate until the last
+    decay_frac of lr_decay_iters, then a straight line. The long stretch at the peak learns fastest; the short
+    decay at the end then settles the weights, which gives most of the final drop in loss."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it >= lr_decay_iters:
         return min_lr
+    if schedule == "wsd":
+        decay_start = max(warmup_iters, lr_decay_iters * (1 - decay_frac))
+        if it < decay_start:
+            return learning_rate
+        return learning_rate + (it - decay_start) / (lr_decay_iters - decay_start) * (min_lr - learning_rate)
     progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
@@ -148,7 +171,8 @@ def main():
     ckpt = load_start_checkpoint(config, say)  # None from scratch; a fine-tuned model takes its shape from it
     meta, tok = check_data()  # holds a shared lock on data_dir: prepare.py cannot rewrite it under this run
     model_args = dict(vocab_size=padded_vocab_size(meta["vocab_size"]), block_size=block_size, n_layer=n_layer,
-                      n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias)
+                      n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias, pos_embedding=pos_embedding,
+                      norm=norm, mlp=mlp, qk_norm=qk_norm, tie_embeddings=tie_embeddings)
     GPTConfig(**model_args)  # shape errors now, before anything is loaded or written
     check_resume(config, model_args, tok, say, ckpt)
     track = Trackers(config, master)  # refuses a tracker that is not installed
@@ -169,10 +193,12 @@ def main():
     say(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M "
         f"without embeddings); device {dev}, dtype {precision}"
         + (f"; {world_size} processes x {micro_steps} micro-steps" if ddp else ""))
-    optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
+    opt = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, muon_lr,
+                                    muon_momentum)
+    peak_lrs = [group["lr"] for group in opt.param_groups]  # the schedule scales each group's own peak
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "float16" and device_type == "cuda")
     if init_from == "resume":
-        restore_training_state(ckpt, optimizer, scaler)
+        restore_training_state(ckpt, opt, scaler)
         say(f"resuming from iteration {iter_num} (best validation loss {best_val_loss:.4f})")
     elif ckpt is not None:
         say(f"fine-tuning {init_from} (iteration {ckpt['iter_num']} of its run) with a fresh optimizer")
@@ -199,7 +225,7 @@ def main():
                                                        "iter_num": iter_num, **extra})
 
     def save_run():  # everything --init_from=resume needs
-        save("ckpt.pt", optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+        save("ckpt.pt", optimizer=opt.state_dict(), scaler=scaler.state_dict(),
              best_val_loss=best_val_loss, rng=rng_state())
 
     log_path = os.path.join(out_dir, "log.csv")
@@ -218,9 +244,9 @@ def main():
     first = rank * micro_steps
     x, y = batch("train", iter_num, first)
     while True:
-        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, lr_schedule, decay_frac)
+        for group, peak in zip(opt.param_groups, peak_lrs):  # AdamW's groups: lr; Muon's: muon_lr * lr/learning_rate
+            group["lr"] = lr * (peak / learning_rate)
 
         # evaluate both splits, keep the best weights, and save everything needed to resume
         if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at:
@@ -265,11 +291,11 @@ def main():
                 scaler.scale(loss).backward()
 
         # step: clip the gradient, then update the weights unless the loss or the gradient is not finite
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-        loss_sum, finite, stopping = agree_on_step(loss_sum, norm, scaler, stop, ddp, world_size, dev)
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        loss_sum, finite, stopping = agree_on_step(loss_sum, grad_norm, scaler, stop, ddp, world_size, dev)
         if finite:
-            scaler.step(optimizer)
+            scaler.step(opt)
             nonfinite_in_a_row = 0
         else:
             skipped += 1
@@ -280,7 +306,7 @@ def main():
                                 f"gradient (iteration {iter_num}): lower learning_rate, keep grad_clip on, and "
                                 f"with float16 try --dtype=bfloat16; {out_dir} keeps the last good checkpoint")
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         iter_num += 1
         steps_since_log += 1
 
@@ -311,8 +337,8 @@ def check_settings():
         **dict.fromkeys(("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
                          "eval_iters", "log_interval", "max_nonfinite_steps", "n_layer", "n_head", "n_embd"), "count"),
         **dict.fromkeys(("warmup_iters", "vocab_size"), "count0"),
-        "learning_rate": "rate", **dict.fromkeys(("min_lr", "weight_decay", "grad_clip"), "rate0"),
-        **dict.fromkeys(("beta1", "beta2", "dropout"), "fraction"), "seed": "seed"})
+        **dict.fromkeys(("learning_rate", "muon_lr"), "rate"), **dict.fromkeys(("min_lr", "weight_decay", "grad_clip"), "rate0"),
+        **dict.fromkeys(("beta1", "beta2", "dropout", "muon_momentum"), "fraction"), "seed": "seed"})
     if min_lr > learning_rate:
         raise UserError(f"min_lr={min_lr} is larger than learning_rate={learning_rate}: the schedule decays "
                         f"from learning_rate down to min_lr, so set min_lr below it (e.g. learning_rate/10)")
@@ -322,6 +348,12 @@ def check_settings():
         hint = (f"; name a file in that directory, e.g. {os.path.join(init_from, 'best_model_params.pt')}"
                 if os.path.isdir(init_from) else ": no such file")
         raise UserError(f"init_from={init_from!r} is not 'scratch', 'resume' or a checkpoint file{hint}")
+    for k, allowed in (("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "wsd"))):
+        if globals()[k] not in allowed:
+            raise UserError(f"{k}={globals()[k]!r} is not one of {', '.join(map(repr, allowed))}")
+    if not 0 < decay_frac <= 1:
+        raise UserError(f"decay_frac is the fraction of lr_decay_iters spent decaying and must be in (0, 1], "
+                        f"got {decay_frac}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if gradient_accumulation_steps % world_size:
         raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} is the global number of "
@@ -414,12 +446,16 @@ def check_resume(config, model_args, tok, say, ckpt):
                f"`python prepare.py --tokenizer={path} --dataset=YOUR_TEXT --data_dir=DIR`, and pass --data_dir=DIR")
         raise UserError(f"cannot {verb}: {path} was trained with another tokenizer ({ckpt['tokenizer']['name']}) "
                         f"than the data in {data_dir} ({tok.spec['name']}); {fix}")
-    changed = {k: (ckpt["model_args"][k], v) for k, v in model_args.items()
-               if k != "dropout" and ckpt["model_args"][k] != v}
+    saved = {**asdict(GPTConfig()), **ckpt["model_args"]}  # a checkpoint older than a switch has its default
+    changed = {k: (saved[k], v) for k, v in model_args.items() if k != "dropout" and saved[k] != v}
     if changed:
-        raise UserError(f"cannot {verb}: the model shape differs from the checkpoint's ("
+        raise UserError(f"cannot {verb}: the model shape or recipe differs from the checkpoint's ("
                         + ", ".join(f"{k}: {a} there, {b} here" for k, (a, b) in changed.items())
                         + "); use the same settings or a new out_dir")
+    was = ckpt["config"].get("optimizer", "adamw")
+    if resume and was != optimizer:
+        raise UserError(f"cannot resume: {path} was trained with optimizer={was!r}, not {optimizer!r}, and its "
+                        f"optimizer state only fits that one; resume with --optimizer={was} or use a new out_dir")
     if resume:
         changed = [f"{k} {ckpt['config'].get(k)!r} -> {v!r}" for k, v in config.items()
                    if k != "init_from" and ckpt["config"].get(k) != v]
@@ -427,7 +463,7 @@ def check_resume(config, model_args, tok, say, ckpt):
             say("settings changed since the checkpoint: " + ", ".join(changed))
 
 
-def agree_on_step(loss_sum, norm, scaler, stop, ddp, world_size, dev):
+def agree_on_step(loss_sum, grad_norm, scaler, stop, ddp, world_size, dev):
     """Decide, with one host sync per optimizer step, whether to apply it and whether to stop after it.
 
     A step whose loss or gradient norm is not finite is skipped. With float16 loss scaling an overflowing gradient
@@ -438,7 +474,7 @@ def agree_on_step(loss_sum, norm, scaler, stop, ddp, world_size, dev):
     if ddp:
         dist.all_reduce(status)
     loss_sum = status[0] / world_size
-    finite = torch.isfinite(loss_sum) & (torch.isfinite(norm) | scaler.is_enabled())
+    finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | scaler.is_enabled())
     finite, stopping = torch.stack([finite, status[1] > 0]).tolist()  # the one host sync
     return loss_sum, bool(finite), bool(stopping)
 
@@ -486,9 +522,9 @@ class StopRequest:
               f"(press Ctrl-C again to stop at once)", flush=True)
 
 
-def restore_training_state(ckpt, optimizer, scaler):
+def restore_training_state(ckpt, opt, scaler):
     """Load the optimizer, loss-scaler and random-generator states of a ckpt.pt, for an exact resume."""
-    optimizer.load_state_dict(ckpt["optimizer"])
+    opt.load_state_dict(ckpt["optimizer"])
     if scaler.is_enabled() and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])

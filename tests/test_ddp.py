@@ -29,14 +29,17 @@ def read_log(out_dir):
         return [(int(r["iter"]), float(r["train_loss"]), float(r["val_loss"])) for r in csv.DictReader(f)]
 
 
-def test_two_processes_match_one_and_resume(sample_data, tmp_path):
+@pytest.mark.parametrize("recipe", [[], ["--optimizer=muon", "--pos_embedding=rope", "--norm=rmsnorm", "--mlp=swiglu",
+                                         "--qk_norm=True", "--lr_schedule=wsd"]], ids=["gpt2", "modern"])
+def test_two_processes_match_one_and_resume(recipe, sample_data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    run_script("train.py", *ARGS, f"--data_dir={sample_data}", f"--out_dir={one}", "--max_iters=4")
+    args = [*ARGS, *recipe, f"--data_dir={sample_data}"]
+    run_script("train.py", *args, f"--out_dir={one}", "--max_iters=4")
     # the DDP run stops at 2 and resumes to 4 under torchrun
-    first = torchrun(2, *ARGS, f"--data_dir={sample_data}", f"--out_dir={two}", "--max_iters=2")
+    first = torchrun(2, *args, f"--out_dir={two}", "--max_iters=2")
     assert first.stdout.count("iter 2: train loss") == 1  # only rank 0 prints
     assert "2 processes x 2 micro-steps" in first.stdout
-    torchrun(2, *ARGS, f"--data_dir={sample_data}", f"--out_dir={two}", "--max_iters=4", "--init_from=resume")
+    torchrun(2, *args, f"--out_dir={two}", "--max_iters=4", "--init_from=resume")
 
     a, b = read_log(one), read_log(two)
     assert [r[0] for r in a] == [r[0] for r in b] == [0, 1, 2, 3, 4]
@@ -45,7 +48,9 @@ def test_two_processes_match_one_and_resume(sample_data, tmp_path):
         assert abs(train_a - train_b) < 1e-4 and abs(val_a - val_b) < 1e-4
     wa = torch.load(one / "ckpt.pt", weights_only=True)["model"]
     wb = torch.load(two / "ckpt.pt", weights_only=True)["model"]
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    # Muon orthogonalises in bfloat16 (torch.optim.Muon): the last-bit differences of a gradient summed in another
+    # order can round differently there, moving a weight by about muon_lr x 2^-8 per step
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < (1e-3 if recipe else 1e-5)
 
 
 def test_accumulation_must_divide_among_processes(sample_data, tmp_path):

@@ -1,5 +1,5 @@
-"""export.py: a checkpoint becomes a Hugging Face GPT-2 folder that `transformers` loads with no code from here,
-computes the same logits, tokenizes text to the same ids, and generates."""
+"""export.py: a checkpoint becomes a Hugging Face GPT-2, Llama or Qwen3 folder that `transformers` loads with no code
+from here, computes the same logits, tokenizes text to the same ids, and generates."""
 import json
 import math
 import os
@@ -34,11 +34,12 @@ def offline():
         yield
 
 
-def tiny_checkpoint(out_dir, tok, bias):
-    """A 2-layer GPT over `tok` with every parameter (LayerNorm gains and biases too) randomised, so that a
-    misplaced or untransposed tensor changes the logits; saved as train.py saves best_model_params.pt."""
+def tiny_checkpoint(out_dir, tok, bias, **switches):
+    """A 2-layer GPT over `tok` with every parameter (norm gains and biases too) randomised, so that a
+    misplaced or untransposed tensor changes the logits; saved as train.py saves best_model_params.pt.
+    `switches`: GPTConfig's recipe fields (pos_embedding, norm, mlp, qk_norm, tie_embeddings)."""
     args = {"vocab_size": math.ceil(tok.vocab_size / 64) * 64, "block_size": 32, "n_layer": 2, "n_head": 2,
-            "n_embd": 32, "dropout": 0.0, "bias": bias}
+            "n_embd": 32, "dropout": 0.0, "bias": bias, **switches}
     torch.manual_seed(0)
     model = GPT(GPTConfig(**args))
     with torch.no_grad():
@@ -153,3 +154,56 @@ def test_refuses_to_overwrite_without_force(tmp_path, monkeypatch):
         export._check_destination(str(tmp_path), str(tmp_path / "out" / "best_model_params.pt"))
     (dest / export.MARKER).write_text("{}")  # an earlier export elsewhere: --force may replace it
     export._check_destination(str(dest), str(tmp_path / "out" / "best_model_params.pt"))
+
+
+MODERN = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+
+
+@pytest.fixture(scope="module", params=["LlamaForCausalLM", "Qwen3ForCausalLM"])
+def modern(request, tmp_path_factory):
+    """Export a tiny rope + rmsnorm + swiglu model without biases (Llama), and the same with qk_norm and an
+    untied head (Qwen3), over GPT-2's ranks. Returns (export dir, our model, our tokenizer, transformers model)."""
+    from transformers import AutoModelForCausalLM
+    root = tmp_path_factory.mktemp(request.param)
+    qwen = request.param == "Qwen3ForCausalLM"
+    tok = load_tokenizer(str(GPT2_RANKS))
+    ours = tiny_checkpoint(root / "out", tok, False, **MODERN, qk_norm=qwen, tie_embeddings=not qwen)
+    run_script("export.py", f"--out_dir={root / 'out'}", f"--export_dir={root / 'hf_model'}", env=OFFLINE)
+    hf = AutoModelForCausalLM.from_pretrained(root / "hf_model").eval()
+    assert type(hf).__name__ == request.param
+    return root / "hf_model", ours, tok, hf
+
+
+def test_modern_recipes_export_to_llama_and_qwen3_with_the_same_logits(modern):
+    export, ours, tok, hf = modern
+    config = json.loads((export / "config.json").read_text())
+    assert config["rope_theta"] == 10000.0 and config["intermediate_size"] == 88  # swiglu_hidden(32)
+    assert config["tie_word_embeddings"] == ours.config.tie_embeddings
+    from safetensors import safe_open
+    with safe_open(export / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert names == {k for k in hf.state_dict() if k != "lm_head.weight" or not ours.config.tie_embeddings}
+    assert ("lm_head.weight" in names) == (not ours.config.tie_embeddings)
+    rng = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, ours.config.vocab_size, (2, ours.config.block_size), generator=rng)
+    with torch.no_grad():
+        expected, _ = ours(idx, torch.zeros_like(idx))
+        got = hf(idx).logits
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-4
+    from transformers import AutoTokenizer
+    text = TEXTS[0]
+    assert AutoTokenizer.from_pretrained(export)(text)["input_ids"] == tok.encode(text)
+
+
+@pytest.mark.parametrize("switches,nearest,fix", [
+    ({"mlp": "relu2"}, "GPT2LMHeadModel", "--mlp=gelu"),
+    ({**MODERN, "bias": True}, "LlamaForCausalLM", "--bias=False"),
+    ({**MODERN, "mlp": "gelu", "qk_norm": True, "bias": True}, "Qwen3ForCausalLM", "--mlp=swiglu --bias=False"),
+])
+def test_recipes_without_a_transformers_class_are_refused_naming_the_nearest(switches, nearest, fix):
+    from export import architecture
+    with pytest.raises(UserError, match=f"nearest that exports is {nearest}, trained with {fix}$"):
+        architecture(switches)
+    assert architecture({**MODERN, "bias": False, "tie_embeddings": False}) == "LlamaForCausalLM"
+    assert architecture({"bias": False, "tie_embeddings": False}) == "GPT2LMHeadModel"
