@@ -137,6 +137,86 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+HEAD_CHUNK_LOGITS = 2 ** 24  # logits per chunk of ChunkedHeadLoss: 64 MiB in float32 (see README, Performance)
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of a linear head, computed a chunk of positions at a time (HEAD_CHUNK_LOGITS // vocab_size
+    of them), so that the logits of all positions (N x vocab_size floats, and as many for their gradient) never
+    exist at once.
+
+    For z = x W^T (one row of vocab_size logits per position), the loss is the mean over positions n with
+    targets[n] != -1 of logsumexp(z[n]) - z[n, targets[n]], and its gradient with respect to z[n] is
+    (softmax(z[n]) - onehot(targets[n])) / count: the standard softmax cross-entropy gradient. A chunk's rows
+    hold the whole vocabulary, so forward can form that gradient as soon as it has the chunk's logits, and turns
+    it at once into the chunk's share of dL/dx and dL/dW (as in Liger Kernel's fused linear cross-entropy,
+    Hsu et al. 2024). Backward only multiplies them by the incoming gradient: no logits are recomputed, and the
+    head costs the same 6 N n_embd vocab_size FLOPs as the plain path. What is kept from forward to backward is
+    dL/dx (N x n_embd) and dL/dW (vocab_size x n_embd, float32), which the weight's .grad needs anyway.
+
+    Logits and the matmuls of the gradient run in `dtype` (the autocast precision, as nn.Linear under autocast);
+    log-sum-exp, softmax and the dL/dW sum over chunks in float32 (or float64 for float64 inputs).
+
+    apply(x, weight, targets, dtype, need_grad):
+        x: (N, n_embd) hidden states; weight: (vocab_size, n_embd), the head (tied: the token embedding);
+        targets: (N,) int64, -1 for positions that do not count; need_grad: form the gradients (False under
+        torch.no_grad, see head_loss). Returns the loss, a scalar in nats per token (float32; float64 for
+        float64 inputs): NaN when every target is -1, as F.cross_entropy gives. Targets >= vocab_size are not checked (NaN loss, not an error).
+        Backward runs once: the saved gradients are consumed (retain_graph cannot reuse them).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, dtype, need_grad):
+        acc = torch.promote_types(dtype, torch.float32)  # float32, or float64 for float64 inputs
+        w = weight.to(dtype)
+        valid = targets != -1
+        count = valid.sum()
+        scale = valid.to(acc) / count.clamp(min=1)  # d(loss)/d(nll of each position)
+        nll = torch.empty(x.size(0), dtype=acc, device=x.device)
+        ctx.grads = None
+        if need_grad:
+            grad_x = torch.empty_like(x)
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        chunk = max(1, HEAD_CHUNK_LOGITS // weight.size(0))  # positions per chunk
+        for start in range(0, x.size(0), chunk):
+            end = min(start + chunk, x.size(0))
+            xc, t = x[start:end].to(dtype), targets[start:end].clamp(min=0)[:, None]
+            z = (xc @ w.t()).to(acc)  # (n, vocab_size): this chunk's logits, then in place all that follows
+            target_logit = z.gather(1, t).squeeze(1)
+            top = z.amax(dim=1, keepdim=True)
+            sum_exp = z.sub_(top).exp_().sum(dim=1, keepdim=True)  # log-sum-exp shifted by the row maximum
+            nll[start:end] = (top + sum_exp.log()).squeeze(1) - target_logit
+            if need_grad:  # z becomes (softmax(z) - onehot(target)) * scale
+                z.div_(sum_exp)
+                z.scatter_add_(1, t, -valid[start:end, None].to(acc))
+                z.mul_(scale[start:end, None])
+                g = z.to(dtype)
+                del z
+                grad_x[start:end] = g @ w
+                grad_w += g.t() @ xc
+        if need_grad:
+            ctx.grads = grad_x, grad_w.to(weight.dtype)
+        return torch.where(valid, nll, 0.0).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("backward through ChunkedHeadLoss can run only once (its gradients are consumed)")
+        grad_x, grad_w = ctx.grads
+        ctx.grads = None
+        return grad_x.mul_(grad_loss), grad_w.mul_(grad_loss), None, None, None
+
+
+def head_loss(x, weight, targets):
+    """The mean cross-entropy of logits x W^T against targets without the full logits (ChunkedHeadLoss), in the
+    autocast precision when autocast is on for x's device. x: (N, n_embd); weight: (vocab_size, n_embd);
+    targets: (N,) int64, -1 ignored. Returns a scalar in nats per token: float32 (float64 for float64 x)."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return ChunkedHeadLoss.apply(x, weight, targets, dtype, need_grad)
+
+
 class GPT(nn.Module):
     """The language model. `forward(idx)` maps token ids (B, T) to next-token logits."""
 
@@ -175,16 +255,20 @@ class GPT(nn.Module):
             n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, full_logits=False):
         """Next-token logits and, given targets, the mean cross-entropy.
 
         Args:
             idx: token ids, (B, T) int64, T <= block_size (or T + cache.pos <= block_size).
             targets: the ids that should follow each position, (B, T) int64; -1 marks positions to ignore.
             cache: a KVCache; positions continue from cache.pos, and cache.pos advances by T.
+            full_logits: with targets, also return the logits of every position and take the loss from them
+                (the plain path). By default the loss comes from ChunkedHeadLoss, which never holds the
+                (B, T, vocab_size) logits, and the logits returned are None.
         Returns:
-            (logits, loss): with targets, logits (B, T, vocab_size) and loss a scalar in nats per token;
-            without, logits (B, 1, vocab_size) for the last position only and loss None.
+            (logits, loss): with targets, loss a scalar in nats per token and logits None, or (B, T, vocab_size)
+            with full_logits (or a head that is not an nn.Linear, such as quantize_int8's); without targets,
+            logits (B, 1, vocab_size) for the last position only and loss None.
         Raises:
             ValueError: the sequence is longer than block_size.
         """
@@ -201,9 +285,11 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        if full_logits or not isinstance(self.lm_head, nn.Linear):  # the plain path (also int8's quantized head)
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            return logits, loss
+        return None, head_loss(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
         """AdamW (Loshchilov & Hutter 2019) with decoupled weight decay on the matmul and embedding weights
