@@ -3,14 +3,18 @@
     python bench.py                                   # everything, on the default device
     python bench.py --only=train --model_config=config/tinystories_15m.py --device=cuda
     python bench.py --json_path=bench.json            # also write the results as JSON
+    python bench.py --only=train --nanogpt_dir=../nanoGPT   # and nanoGPT's train.py on the same shape, side by side
 
 1. matmul: FLOP/s of a large square matmul in float32 and in bfloat16: the device's ceilings.
 2. train: tokens/s, achieved FLOP/s and MFU (model FLOPs utilisation: achieved / ceiling of the dtype in use) of
    the training step of train.py (forward, backward, clipping, AdamW), median of `steps` timed steps after
    `warmup` steps, in the modes of MODES, each adding one change to the one before: baseline (float32, eager,
    plain AdamW, default allocator), allocator (CPU: keep_freed_memory), autocast (mixed precision in `dtype`),
-   tuned (fused AdamW: what train.py does) and compiled (tuned + torch.compile). Each mode runs in a fresh
-   process, which also gives its peak memory. FLOPs per token = 6 N + 12 n_layer n_embd block_size, with N the
+   fused (fused AdamW), tuned (the head and cross-entropy in chunks, model.ChunkedHeadLoss: what train.py does)
+   and compiled (tuned + torch.compile). Each mode runs in a fresh process, which also gives its peak memory.
+   With --nanogpt_dir (a local checkout of github.com/karpathy/nanoGPT, not part of this project) and a CPU
+   device, nanoGPT's own train.py runs too, in a subprocess on random tokens with the same shape and batch
+   (float32, eager: what it does on a CPU), for its tokens/s and peak resident memory. FLOPs per token = 6 N + 12 n_layer n_embd block_size, with N the
    non-embedding parameters plus the LM head (Kaplan et al. 2020, with the attention term of Chowdhery et al.
    2022, app. B).
 3. sample: new tokens/s for 200 new tokens at batch 1 and batch 8, with the KV cache and with full re-forward;
@@ -55,6 +59,7 @@ ranks = "../shared/tokenizers/gpt2.tiktoken"
 device = "auto"
 dtype = "auto"
 json_path = ""                          # write the results here as JSON
+nanogpt_dir = ""                        # a local checkout of karpathy/nanoGPT: also run its train.py, same shape (CPU)
 # -----------------------------------------------------------------------------
 
 
@@ -102,11 +107,12 @@ def model_shape():
     return args, batch_size or cfg.get("batch_size", 32)
 
 
-# The training step, one optimisation added at a time: (name, keep freed memory, autocast, fused AdamW, compile).
-# "baseline" is the reference loop (float32, eager, plain AdamW); "tuned" is what train.py does by default.
-MODES = [("baseline", False, False, False, False), ("allocator", True, False, False, False),
-         ("autocast", True, True, False, False), ("tuned", True, True, True, False),
-         ("compiled", True, True, True, True)]
+# The training step, one optimisation added at a time:
+# (name, keep freed memory, autocast, fused AdamW, chunked head + cross-entropy, compile).
+# "baseline" is the reference loop (float32, eager, plain AdamW, full logits); "tuned" is what train.py does.
+MODES = [("baseline", False, False, False, False, False), ("allocator", True, False, False, False, False),
+         ("autocast", True, True, False, False, False), ("fused", True, True, True, False, False),
+         ("tuned", True, True, True, True, False), ("compiled", True, True, True, True, True)]
 
 
 def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup):
@@ -115,7 +121,7 @@ def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup):
     tokens_per_s, flops_per_token, the dtype used and peak_memory_gb (CUDA: allocated tensors; else the
     process's peak resident memory, Linux ru_maxrss)."""
     import resource
-    name, keep_memory, use_autocast, fused, use_compile = next(m for m in MODES if m[0] == mode)
+    name, keep_memory, use_autocast, fused, chunked, use_compile = next(m for m in MODES if m[0] == mode)
     device_type = dev.split(":")[0]
     if keep_memory and device_type == "cpu":
         keep_freed_memory()
@@ -135,7 +141,7 @@ def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup):
 
     def step():  # the optimizer step of train.py with one micro-step
         with ctx:
-            _, loss = fwd(x, y)
+            _, loss = fwd(x, y, full_logits=not chunked)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -169,7 +175,56 @@ def bench_train(dev, precision, ceilings):
         r["tflops"] = r["tokens_per_s"] * r["flops_per_token"] / 1e12
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / ceiling if ceiling else None
         r["speedup"] = r["tokens_per_s"] / results["baseline"]["tokens_per_s"]
+    nanogpt = bench_nanogpt(args, batch, dev)
+    if nanogpt:
+        results["nanogpt"] = nanogpt
+        for mode, *_ in MODES:
+            if mode in results:
+                results[mode]["memory_over_nanogpt"] = results[mode]["peak_memory_gb"] / nanogpt["peak_memory_gb"]
     return results
+
+
+def bench_nanogpt(args, batch, dev):
+    """Run nanoGPT's train.py (in `nanogpt_dir`) on the shape and batch of `args` for warmup + steps iterations,
+    on random tokens in a temporary dataset, float32 on the CPU, one micro-batch per step, evaluation on 1 batch.
+    Returns {"tokens_per_s" (median over the iterations after `warmup`), "peak_memory_gb" (the process's peak
+    resident memory, from wait4), "command"}, or None with a note when it does not apply.
+    Raises RuntimeError if that script fails."""
+    import numpy as np
+    if not nanogpt_dir:
+        return None
+    if dev != "cpu" or args["vocab_size"] > 2 ** 16:
+        print("  nanoGPT: skipped (compared on the CPU, whose peak resident memory is that of the process; "
+              "its data files hold uint16 ids)")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = np.random.default_rng(0).integers(0, args["vocab_size"], 2 ** 20, dtype=np.uint16)
+        for name in ("train.bin", "val.bin"):
+            tokens.tofile(os.path.join(tmp, name))
+        if args["vocab_size"] != 50304:  # nanoGPT reads the vocabulary size from meta.pkl, else uses 50304
+            import pickle
+            with open(os.path.join(tmp, "meta.pkl"), "wb") as f:
+                pickle.dump({"vocab_size": args["vocab_size"]}, f)
+        flags = dict(dataset=tmp, out_dir=os.path.join(tmp, "out"), device="cpu", dtype="float32", compile=False,
+                     batch_size=batch, gradient_accumulation_steps=1, max_iters=warmup + steps, eval_iters=1,
+                     eval_interval=10 ** 9, log_interval=1, always_save_checkpoint=False,
+                     dropout=float(args["dropout"]), bias=bool(args["bias"]),
+                     **{k: int(args[k]) for k in ("block_size", "n_layer", "n_head", "n_embd")})
+        cmd = [sys.executable, "train.py", *(f"--{k}={v}" for k, v in flags.items())]
+        with open(os.path.join(tmp, "log.txt"), "w+") as log:
+            proc = subprocess.Popen(cmd, cwd=nanogpt_dir, stdout=log, stderr=subprocess.STDOUT, text=True)
+            _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child alone
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            log.seek(0)
+            out = log.read()
+    if proc.returncode:
+        raise RuntimeError(f"nanoGPT's train.py failed:\n{out[-2000:]}")
+    # its log lines read "iter 3: loss 10.8, time 2345.67ms, mfu ..."; iteration 0 includes the evaluation
+    ms = [float(line.split("time ")[1].split("ms")[0]) for line in out.splitlines()
+          if line.startswith("iter ") and "time " in line and int(line.split()[1].rstrip(":")) >= warmup]
+    return {"tokens_per_s": batch * args["block_size"] / (statistics.median(ms) / 1e3),
+            "peak_memory_gb": usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 2 ** 30,
+            "command": " ".join(cmd[1:])}
 
 
 def bench_sample(dev, device_type, precision):
@@ -293,6 +348,9 @@ def main():
     if parts - {"matmul", "train", "sample", "prepare"}:
         raise UserError(f"only: unknown parts {sorted(parts - {'matmul', 'train', 'sample', 'prepare'})}; "
                         f"choose from matmul,train,sample,prepare")
+    if nanogpt_dir and not os.path.isfile(os.path.join(nanogpt_dir, "train.py")):
+        raise UserError(f"nanogpt_dir={nanogpt_dir!r} has no train.py: pass the folder of a nanoGPT checkout "
+                        f"(git clone https://github.com/karpathy/nanoGPT), or leave it empty")
     dev, device_type, precision = resolve_device(device, dtype)
     cpu = os.popen("lscpu 2>/dev/null | grep 'Model name'").read().split(":")[-1].strip() or "unknown CPU"
     machine = torch.cuda.get_device_name(dev) if device_type == "cuda" else f"{cpu}, {os.cpu_count()} cores"
@@ -313,7 +371,12 @@ def main():
                 m = r[mode]
                 print(f"  {mode:9s} {m['dtype']:9s} {m['ms_per_step']:9.1f} ms/step {m['tokens_per_s']:11,.0f} "
                       f"tokens/s {m['tflops']:8.3f} TFLOP/s  MFU {m['mfu'] * 100:5.1f}%  "
-                      f"peak {m['peak_memory_gb']:.2f} GB  {m['speedup']:.2f}x baseline")
+                      f"peak {m['peak_memory_gb']:.2f} GB  {m['speedup']:.2f}x baseline"
+                      + (f"  memory {m['memory_over_nanogpt']:.2f}x nanoGPT" if "nanogpt" in r else ""))
+        if "nanogpt" in r:
+            m = r["nanogpt"]
+            print(f"  nanoGPT train.py, float32 eager: {m['tokens_per_s']:,.0f} tokens/s, peak {m['peak_memory_gb']:.2f} GB "
+                  f"({nanogpt_dir}/train.py {m['command'].split(' ', 1)[1]})")
     if "sample" in parts:
         r = results["sample"] = bench_sample(dev, device_type, precision)
         print(f"sample {sample_tokens} new tokens (tokens/s, {precision}): batch 1 cache {r['batch1_cache']:,.0f}, "

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import GPT2_RANKS, SAMPLE, run_script
+from conftest import GPT2_RANKS, SAMPLE, assert_user_error, run_script
 
 pytestmark = pytest.mark.slow  # every test here starts scripts as subprocesses
 
@@ -19,11 +19,17 @@ def test_bench_runs_at_tiny_sizes(tmp_path):
     r = json.loads(out.read_text())
     assert r["matmul"]["float32"] > 0 and r["matmul"]["bfloat16"] > 0
     assert r["train"]["baseline"]["dtype"] == "float32" and r["train"]["tuned"]["tokens_per_s"] > 0
-    assert [m for m in ("baseline", "allocator", "autocast", "tuned", "compiled") if m in r["train"]] == \
-        ["baseline", "allocator", "autocast", "tuned"]  # compile_mode=False
+    assert [m for m in ("baseline", "allocator", "autocast", "fused", "tuned", "compiled") if m in r["train"]] == \
+        ["baseline", "allocator", "autocast", "fused", "tuned"]  # compile_mode=False
+    assert "nanogpt" not in r["train"]  # no --nanogpt_dir
     assert r["train"]["baseline"]["speedup"] == 1.0 and r["train"]["autocast"]["dtype"] == "bfloat16"
     assert 0 < r["train"]["tuned"]["mfu"] and r["train"]["tuned"]["peak_memory_gb"] > 0
     assert r["sample"]["batch1_cache"] > 0 and r["sample"]["batch8_reforward"] > 0
     assert r["sample"]["batch1_cache_int8"] > 0 and r["sample"]["batch1_cache_float32"] > 0
     assert r["prepare"]["10x"]["mb"] > 5 * r["prepare"]["1x"]["mb"] > 0  # 10 copies of train, one validation
     assert r["prepare"]["1x"]["peak_rss_mb"] >= r["prepare"]["1x"]["peak_anon_mb"] > 0 and r["prepare"]["tiktoken_batch"]["tokens_per_s"] > 0
+
+
+def test_bench_refuses_a_nanogpt_dir_without_train_py(tmp_path):
+    proc = run_script("bench.py", f"--nanogpt_dir={tmp_path}", check=False)
+    assert_user_error(proc, "nanogpt_dir", "has no train.py")

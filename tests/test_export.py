@@ -98,7 +98,7 @@ def test_same_logits_as_ours(case):
     rng = torch.Generator().manual_seed(1)
     idx = torch.randint(0, ours.config.vocab_size, (2, ours.config.block_size), generator=rng)  # padding ids too
     with torch.no_grad():
-        expected, _ = ours(idx, torch.zeros_like(idx))
+        expected, _ = ours(idx, torch.zeros_like(idx), full_logits=True)
         got = hf(idx).logits
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-4
@@ -187,7 +187,7 @@ def test_modern_recipes_export_to_llama_and_qwen3_with_the_same_logits(modern):
     rng = torch.Generator().manual_seed(1)
     idx = torch.randint(0, ours.config.vocab_size, (2, ours.config.block_size), generator=rng)
     with torch.no_grad():
-        expected, _ = ours(idx, torch.zeros_like(idx))
+        expected, _ = ours(idx, torch.zeros_like(idx), full_logits=True)
         got = hf(idx).logits
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-4

@@ -1,0 +1,117 @@
+"""The chunked head + cross-entropy (model.ChunkedHeadLoss) against the plain path: same loss and gradients."""
+import pytest
+import torch
+from torch.nn import functional as F
+
+import model
+from configurator import autocast
+from model import GPT, GPTConfig
+
+V = 96
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
+    return GPT(GPTConfig(**{**cfg, **kw}))
+
+
+@pytest.fixture
+def chunks_of_5(monkeypatch):
+    """5 positions per chunk: 48 positions make 10 chunks, the last one short."""
+    monkeypatch.setattr(model, "HEAD_CHUNK_LOGITS", 5 * V)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, V, (3, 16), generator=g)
+    targets = torch.randint(0, V, (3, 16), generator=g)
+    targets[0, 2:4] = -1   # ignored positions inside a chunk
+    targets[1, 4:13] = -1  # positions 20-28: chunk 20-24 has no target at all
+    return idx, targets
+
+
+def grads_of(net, loss_fn):
+    """Loss, gradient of every parameter, and gradient of the hidden states fed to the head."""
+    net.zero_grad(set_to_none=True)
+    hidden = {}
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        hidden["x"] = out
+    handle = net.transformer.ln_f.register_forward_hook(keep)
+    loss = loss_fn()
+    handle.remove()
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in net.named_parameters()}, hidden["x"].grad.clone()
+
+
+def test_chunked_loss_and_gradients_equal_float64_cross_entropy(chunks_of_5):
+    net = tiny().double()
+    idx, targets = batch()
+
+    def reference():  # the plain path's float64 logits of every position, cross-entropy in float64
+        logits, _ = net(idx, targets, full_logits=True)
+        return F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-1)
+
+    loss, grads, grad_x = grads_of(net, lambda: net(idx, targets)[1])
+    ref_loss, ref_grads, ref_grad_x = grads_of(net, reference)
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - ref_loss.item()) < 1e-12
+    assert torch.allclose(grad_x, ref_grad_x, rtol=1e-10, atol=1e-15)
+    assert grad_x[1, 4:13].abs().max() == 0  # ignored targets: no gradient from the head
+    assert grads.keys() == ref_grads.keys() and "transformer.wte.weight" in grads  # tied: one weight
+    for k in grads:
+        assert torch.allclose(grads[k], ref_grads[k], rtol=1e-10, atol=1e-15), k
+    # the plain path as train.py ran it before (loss in float32): equal within float32 rounding
+    plain_loss, plain_grads, _ = grads_of(net, lambda: net(idx, targets, full_logits=True)[1])
+    assert abs(loss.item() - plain_loss.item()) < 1e-6
+    for k in grads:
+        assert torch.allclose(grads[k], plain_grads[k], rtol=1e-5, atol=1e-9), k
+
+
+def test_head_gradient_reaches_the_tied_embedding(chunks_of_5):
+    net = tiny().double()
+    idx, targets = batch()
+    _, grads, _ = grads_of(net, lambda: net(idx, targets)[1])
+    unused = sorted(set(range(V)) - set(idx.flatten().tolist()))  # rows no input token looks up
+    assert unused and grads["transformer.wte.weight"][unused].abs().min(dim=1).values.gt(0).all()
+
+
+def test_chunked_loss_under_autocast_matches_the_plain_path(chunks_of_5):
+    net = tiny()
+    idx, targets = batch()
+    with autocast("cpu", "bfloat16"):
+        loss, grads, _ = grads_of(net, lambda: net(idx, targets)[1])
+        plain_loss, plain_grads, _ = grads_of(net, lambda: net(idx, targets, full_logits=True)[1])
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - plain_loss.item()) < 1e-5  # same bfloat16 logits, float32 softmax
+    for k in grads:  # bfloat16 matmuls summed in another order: bfloat16 rounding
+        scale = plain_grads[k].abs().max()
+        assert (grads[k] - plain_grads[k]).abs().max() <= 0.02 * scale, k
+
+
+def test_no_grad_gives_the_same_loss_without_gradients(chunks_of_5):
+    net = tiny().eval()
+    idx, targets = batch()
+    with torch.no_grad():
+        logits, loss = net(idx, targets)
+        _, plain_loss = net(idx, targets, full_logits=True)
+    assert logits is None and not loss.requires_grad
+    assert abs(loss.item() - plain_loss.item()) < 1e-6
+
+
+def test_all_targets_ignored_gives_nan_like_cross_entropy():
+    net = tiny()
+    idx, _ = batch()
+    targets = torch.full_like(idx, -1)
+    assert torch.isnan(net(idx, targets)[1]) and torch.isnan(net(idx, targets, full_logits=True)[1])
+
+
+def test_backward_runs_once(chunks_of_5):
+    net = tiny()
+    idx, targets = batch()
+    loss = net(idx, targets)[1]
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
