@@ -11,6 +11,10 @@ SHARED = ROOT.parent / "shared"
 SAMPLE = SHARED / "data" / "tinystories-sample"
 GPT2_RANKS = SHARED / "tokenizers" / "gpt2.tiktoken"
 sys.path.insert(0, str(ROOT))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"  # for the scripts the tests start
+    import torch
+    torch.set_num_threads(1)
 
 # A model small enough to train for a few dozen steps in seconds.
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--device=cpu",
