@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -170,9 +170,9 @@ def main():
     micro_steps = gradient_accumulation_steps // world_size  # this process's share of each optimizer step
     ckpt = load_start_checkpoint(config, say)  # None from scratch; a fine-tuned model takes its shape from it
     meta, tok = check_data()  # holds a shared lock on data_dir: prepare.py cannot rewrite it under this run
-    model_args = dict(vocab_size=padded_vocab_size(meta["vocab_size"]), block_size=block_size, n_layer=n_layer,
-                      n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias, pos_embedding=pos_embedding,
-                      norm=norm, mlp=mlp, qk_norm=qk_norm, tie_embeddings=tie_embeddings)
+    # the model's fields are settings of the same names; the vocabulary is the data's, padded for faster matmuls
+    model_args = {**{f.name: globals()[f.name] for f in fields(GPTConfig)},
+                  "vocab_size": padded_vocab_size(meta["vocab_size"])}
     GPTConfig(**model_args)  # shape errors now, before anything is loaded or written
     check_resume(config, model_args, tok, say, ckpt)
     track = Trackers(config, master)  # refuses a tracker that is not installed
