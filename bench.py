@@ -166,7 +166,8 @@ def bench_train(dev, precision, ceilings):
         if mode == "compiled" and not compile_mode or mode == "allocator" and not dev == "cpu":
             continue
         call = json.dumps([mode, args, batch, dev, precision, steps, warmup])
-        code = f"import sys, json; sys.path.insert(0, {here!r}); import bench; print(json.dumps(bench.train_mode(*json.loads(sys.argv[1]))))"
+        code = (f"import sys, json; sys.path.insert(0, {here!r}); import bench; "
+                f"print(json.dumps(bench.train_mode(*json.loads(sys.argv[1]))))")
         proc = subprocess.run([sys.executable, "-c", code, call], capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"train mode {mode} failed:\n{proc.stderr}")
@@ -321,7 +322,8 @@ def bench_prepare():
             with open(os.path.join(corpus, "validation.txt"), "w", encoding="utf-8") as f:
                 f.write(val)
             n_bytes = os.path.getsize(os.path.join(corpus, "train.txt")) + len(val.encode())
-            seconds, peak, peak_anon = run_prepare(corpus, os.path.join(tmp, f"data{scale}"), os.path.join(tmp, f"hf{scale}"))
+            seconds, peak, peak_anon = run_prepare(corpus, os.path.join(tmp, f"data{scale}"),
+                                                   os.path.join(tmp, f"hf{scale}"))
             with open(os.path.join(tmp, f"data{scale}", "meta.json")) as f:
                 meta = json.load(f)
             n_tokens = sum(s["tokens"] for s in meta["splits"].values())

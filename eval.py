@@ -441,7 +441,8 @@ def check_settings():
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if judge_url:
         if not judge_url.startswith(("http://", "https://")):
-            raise UserError(f"judge_url {judge_url!r} is not an http:// or https:// URL (e.g. http://localhost:8000/v1)")
+            raise UserError(f"judge_url {judge_url!r} is not an http:// or https:// URL "
+                            f"(e.g. http://localhost:8000/v1)")
         if not judge_model:
             raise UserError("the judge needs --judge_model=NAME (the model name its server expects)")
         if num_samples < 1:

@@ -113,7 +113,8 @@ def llama_state_dict(model):
         q, k, v = sd.pop(ours + "attn.c_attn.weight").chunk(3)
         gate, up = sd.pop(ours + "mlp.c_fc.weight").chunk(2)
         out.update({theirs + "self_attn.q_proj.weight": q, theirs + "self_attn.k_proj.weight": k,
-                    theirs + "self_attn.v_proj.weight": v, theirs + "self_attn.o_proj.weight": sd.pop(ours + "attn.c_proj.weight"),
+                    theirs + "self_attn.v_proj.weight": v,
+                    theirs + "self_attn.o_proj.weight": sd.pop(ours + "attn.c_proj.weight"),
                     theirs + "mlp.gate_proj.weight": gate, theirs + "mlp.up_proj.weight": up,
                     theirs + "mlp.down_proj.weight": sd.pop(ours + "mlp.c_proj.weight"),
                     theirs + "input_layernorm.weight": sd.pop(ours + "ln_1.weight"),
@@ -158,7 +159,8 @@ def gpt2_config(model_args, eot):
         "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default
         "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout, "initializer_range": 0.02,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": model_args.get("tie_embeddings", True), "use_cache": True, "bos_token_id": eot, "eos_token_id": eot,
+        "tie_word_embeddings": model_args.get("tie_embeddings", True), "use_cache": True,
+        "bos_token_id": eot, "eos_token_id": eot,
         "torch_dtype": "float32",
     }
 

@@ -117,7 +117,8 @@ class KVCache:
         """Bytes that generating `batch` rows at once takes beyond the weights: the cache's k and v
         (2 x n_layer x batch x block_size x n_embd values of `itemsize` bytes) and the sampler's float64
         probabilities and cumulative sums (about 3 x batch x vocab_size x 8 bytes)."""
-        return 2 * config.n_layer * batch * config.block_size * config.n_embd * itemsize + 24 * batch * config.vocab_size
+        cache = 2 * config.n_layer * batch * config.block_size * config.n_embd * itemsize
+        return cache + 24 * batch * config.vocab_size
 
     def update(self, layer, k, v):
         """Store k, v of shape (B, n_head, T, head_dim) at the next T positions of `layer`; return the keys

@@ -319,8 +319,8 @@ def read_meta(data_dir, required=SPLITS):
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        for name, value in [("vocab_size", meta["vocab_size"]),
-                            *((f"{s}.{k}", meta["splits"][s][k]) for s in SPLITS for k in ("documents", "tokens", "bytes"))]:
+        counts = [(f"{s}.{k}", meta["splits"][s][k]) for s in SPLITS for k in ("documents", "tokens", "bytes")]
+        for name, value in [("vocab_size", meta["vocab_size"]), *counts]:
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name} is {value!r}, not a positive whole number")
         if not isinstance(meta["tokenizer"]["sha256"], str):

@@ -53,8 +53,8 @@ def main():
     model, tok, _ = load_model(f"{out_dir}/{checkpoint}", device=dev)
     need, free = KVCache.bytes_needed(model.config, num_samples, 4), available_memory(dev)
     if free is not None and need > free:
-        raise UserError(f"num_samples={num_samples:,} stories at once need about {need / 1e9:,.1f} GB for the key/value "
-                        f"cache, more than the {free / 1e9:,.1f} GB free on {dev}: lower num_samples")
+        raise UserError(f"num_samples={num_samples:,} stories at once need about {need / 1e9:,.1f} GB for the "
+                        f"key/value cache, more than the {free / 1e9:,.1f} GB free on {dev}: lower num_samples")
     if quantize:
         model = quantize_int8(model)
     else:  # weights stored in the sampling precision: each new token reads half the bytes of float32 weights

@@ -126,6 +126,8 @@ class Handler(BaseHTTPRequestHandler):
 def main():
     configure(globals(), doc=__doc__)
     check_sampling(max_new_tokens=max_new_tokens)
+    if not 0 <= port <= 65535:
+        raise UserError(f"port must be 0 (any free one) to 65535, got {port}")
     dev, _, precision = resolve_device(device, dtype)
     models = []
     for d in out_dir.split(","):

@@ -257,12 +257,11 @@ def main():
                 f"val bpb {bpb['validation']:.4f}")
             check_finite(raw_model, losses, iter_num)
             if master:
-                append_log(log_path, [iter_num, iter_num * tokens_per_iter, f"{losses['train']:.5f}",
-                                      f"{losses['validation']:.5f}", f"{bpb['train']:.5f}",
-                                      f"{bpb['validation']:.5f}", f"{lr:.3e}", f"{time.time() - t_start:.1f}"])
-                track(iter_num, {"tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
-                                 "val_loss": losses["validation"], "train_bpb": bpb["train"],
-                                 "val_bpb": bpb["validation"], "lr": lr, "elapsed_s": time.time() - t_start})
+                row = {"tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
+                       "val_loss": losses["validation"], "train_bpb": bpb["train"], "val_bpb": bpb["validation"],
+                       "lr": lr, "elapsed_s": time.time() - t_start}
+                append_log(log_path, iter_num, row)
+                track(iter_num, row)
             if losses["validation"] < best_val_loss:
                 best_val_loss = losses["validation"]
                 save("best_model_params.pt", val_loss=best_val_loss)
@@ -337,7 +336,8 @@ def check_settings():
         **dict.fromkeys(("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
                          "eval_iters", "log_interval", "max_nonfinite_steps", "n_layer", "n_head", "n_embd"), "count"),
         **dict.fromkeys(("warmup_iters", "vocab_size"), "count0"),
-        **dict.fromkeys(("learning_rate", "muon_lr"), "rate"), **dict.fromkeys(("min_lr", "weight_decay", "grad_clip"), "rate0"),
+        **dict.fromkeys(("learning_rate", "muon_lr"), "rate"),
+        **dict.fromkeys(("min_lr", "weight_decay", "grad_clip"), "rate0"),
         **dict.fromkeys(("beta1", "beta2", "dropout", "muon_momentum"), "fraction"), "seed": "seed"})
     if min_lr > learning_rate:
         raise UserError(f"min_lr={min_lr} is larger than learning_rate={learning_rate}: the schedule decays "
@@ -547,7 +547,9 @@ def save_weights(path, state):
                         f"some space, then continue with --init_from=resume") from None
 
 
-LOG_COLUMNS = ["iter", "tokens", "train_loss", "val_loss", "train_bpb", "val_bpb", "lr", "elapsed_s"]
+LOG_FORMATS = {"tokens": "d", "train_loss": ".5f", "val_loss": ".5f", "train_bpb": ".5f", "val_bpb": ".5f",
+               "lr": ".3e", "elapsed_s": ".1f"}  # log.csv's columns after "iter", and how each is written
+LOG_COLUMNS = ["iter", *LOG_FORMATS]
 
 
 def start_log(path, iter_num):
@@ -563,11 +565,12 @@ def start_log(path, iter_num):
     write_text_atomic(lines.getvalue(), path)
 
 
-def append_log(path, row):
-    """Append one row (LOG_COLUMNS) to log.csv, never through a symbolic link (checkpoint.append_line).
+def append_log(path, iter_num, row):
+    """Append the evaluation at `iter_num` to log.csv: row holds the numbers of LOG_FORMATS (losses in
+    nats/token, bits per byte, lr, tokens, seconds). Never through a symbolic link (checkpoint.append_line).
     Raises UserError if it cannot be written."""
     line = io.StringIO()
-    csv.writer(line).writerow(row)
+    csv.writer(line).writerow([iter_num, *(format(row[k], spec) for k, spec in LOG_FORMATS.items())])
     try:
         append_line(path, line.getvalue())
     except OSError as e:
