@@ -10,7 +10,7 @@
    the training step of train.py (forward, backward, clipping, AdamW), median of `steps` timed steps after
    `warmup` steps, in the modes of MODES, each adding one change to the one before: baseline (float32, eager,
    plain AdamW, default allocator), allocator (CPU: keep_freed_memory), autocast (mixed precision in `dtype`),
-   fused (fused AdamW), tuned (the head and cross-entropy in chunks, model.ChunkedHeadLoss: what train.py does)
+   fused (fused AdamW), tuned (the head and cross-entropy in chunks, chunked_loss.ChunkedHeadLoss: what train.py does)
    and compiled (tuned + torch.compile). Each mode runs in a fresh process, which also gives its peak memory.
    With --nanogpt_dir (a local checkout of github.com/karpathy/nanoGPT, not part of this project) and a CPU
    device, nanoGPT's own train.py runs too, in a subprocess on random tokens with the same shape and batch
@@ -35,11 +35,15 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict, fields
 
 import torch
 
 from configurator import DTYPES, UserError, autocast, configure, resolve_device, run
-from model import GPT, GPTConfig, padded_vocab_size, quantize_int8
+from checkpoint import quantize_int8
+from files import write_text_atomic
+from model import GPT, RECIPE, GPTConfig, padded_vocab_size
+from optim import clip_and_step, configure_optimizer
 from tokenizer import load_tokenizer
 from train import keep_freed_memory
 
@@ -96,15 +100,22 @@ def bench_matmul(dev, n):
 
 
 def model_shape():
-    """GPTConfig fields and micro-batch from the model config file (only the shape keys are read)."""
+    """The model of the config file: every GPTConfig field it sets (shape and recipe switches; the others keep
+    GPTConfig's defaults, which are train.py's), the vocabulary padded as train.py pads it, and the micro-batch.
+    Returns (GPTConfig fields as a dict, batch size). Raises UserError for a missing file or a bad shape."""
     if not os.path.isfile(model_config):
         raise UserError(f"model_config {model_config!r} not found")
     cfg = runpy.run_path(model_config)
-    vocab = cfg.get("vocab_size") or vocab_size
-    args = dict(vocab_size=padded_vocab_size(vocab), block_size=cfg.get("block_size", 256),
-                n_layer=cfg.get("n_layer", 6), n_head=cfg.get("n_head", 6), n_embd=cfg.get("n_embd", 384),
-                dropout=cfg.get("dropout", 0.0), bias=cfg.get("bias", True))
-    return args, batch_size or cfg.get("batch_size", 32)
+    args = {f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg}
+    args["vocab_size"] = padded_vocab_size(cfg.get("vocab_size") or vocab_size)
+    return asdict(GPTConfig(**args)), batch_size or cfg.get("batch_size", 32)
+
+
+def recipe(args):
+    """The recipe switches of GPTConfig fields `args` that differ from GPT-2's, as text ("GPT-2" when none do)."""
+    changed = [f"{f.name}={args[f.name]}" for f in fields(GPTConfig)
+               if f.name in RECIPE and args[f.name] != f.default]
+    return ", ".join(changed) or "GPT-2"
 
 
 # The training step, one optimisation added at a time:
@@ -130,7 +141,7 @@ def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup):
     model = GPT(cfg).to(dev)
     n = model.num_params(non_embedding=True) + model.lm_head.weight.numel()
     if fused:
-        opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device_type)
+        opt = configure_optimizer(model, 0.1, 1e-4, (0.9, 0.95), device_type)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False, fused=False)
     step_dtype = precision if use_autocast else "float32"
@@ -139,13 +150,13 @@ def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup):
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
     y = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
 
+    scaler = torch.amp.GradScaler(device_type, enabled=False)  # train.py's, off unless float16 on CUDA
+
     def step():  # the optimizer step of train.py with one micro-step
         with ctx:
             _, loss = fwd(x, y, full_logits=not chunked)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        clip_and_step(model, opt, scaler, grad_clip=1.0)
 
     seconds = timed(step, dev, n_steps, n_warmup)
     if device_type == "cuda":
@@ -160,7 +171,7 @@ def bench_train(dev, precision, ceilings):
     """Tokens/s, FLOP/s, MFU and peak memory of the training step in each mode of MODES, each in a fresh process.
     FLOPs per token = 6 N + 12 n_layer n_embd block_size (see the module docstring)."""
     args, batch = model_shape()
-    results = {"model": {**args, "batch_size": batch}}
+    results = {"model": {**args, "batch_size": batch}, "params": GPT(GPTConfig(**args)).num_params()}
     here = os.path.dirname(os.path.abspath(__file__))
     for mode, *_ in MODES:
         if mode == "compiled" and not compile_mode or mode == "allocator" and not dev == "cpu":
@@ -366,7 +377,8 @@ def main():
               f"bfloat16 {results['matmul']['bfloat16'] / 1e12:.3f} TFLOP/s")
     if "train" in parts:
         r = results["train"] = bench_train(dev, precision, results["matmul"])
-        print(f"train {model_config} (batch {r['model']['batch_size']} x {r['model']['block_size']}), each mode "
+        print(f"train {model_config}: {r['params'] / 1e6:.2f}M parameters ({r['params']:,}), recipe "
+              f"{recipe(r['model'])}, batch {r['model']['batch_size']} x {r['model']['block_size']}; each mode "
               f"adds one change to the one above:")
         for mode, *_ in MODES:
             if mode in r:
@@ -398,8 +410,7 @@ def main():
               f"reaches {r['prepare_over_tiktoken']:.2f}x of it; peak memory 10x / 1x = {r['memory_10x_over_1x']:.2f} "
               f"(anonymous {r['anon_memory_10x_over_1x']:.2f})")
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=2)
+        write_text_atomic(json.dumps(results, indent=2), json_path)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,12 @@ import os
 import sys
 import traceback
 
+import io
+import tokenize
+
 import torch
 
-
-class UserError(ValueError):
-    """A mistake in the user's input (flag, file, data). `run()` prints it as one line and exits with 2.
-    A ValueError, so functions that check their arguments with the scripts' checks still raise that type."""
+from errors import UserError  # noqa: F401 (the scripts import it from here with configure and run)
 
 
 def run(main):
@@ -76,6 +76,26 @@ def _unknown(key, known, where):
     return UserError(f"{where}: unknown key {key!r}{hint}")
 
 
+def _setting_comments(path):
+    """{setting: its comment} from a script's source (the file at `path`): the comment at the end of the line that
+    assigns the setting at the top level. {} when the source cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except (OSError, TypeError):
+        return {}
+    comments, line_comment = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            line_comment[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            col, text = line_comment.get(node.lineno, (None, None))
+            if col is not None and col > 0:
+                comments[node.targets[0].id] = text
+    return comments
+
+
 def configure(defaults, argv=None, doc=None):
     """Override a script's default settings from config files and `--key=value` flags.
 
@@ -95,8 +115,11 @@ def configure(defaults, argv=None, doc=None):
         if doc:
             print(doc.strip() + "\n")
         print("settings (override with a config file or --key=value):")
+        comments = _setting_comments(defaults.get("__file__"))
+        width = max(len(f"--{k}={v!r}") for k, v in known.items())
         for k, v in known.items():
-            print(f"  --{k}={v!r}")
+            flag = f"--{k}={v!r}"
+            print(f"  {flag:<{width}}  {comments[k]}" if comments.get(k) else f"  {flag}")
         sys.exit(0)
 
     for arg in argv:

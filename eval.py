@@ -46,10 +46,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from checkpoint import load_model, write_text_atomic
+from checkpoint import load_model, quantize_int8
 from configurator import UserError, autocast, check_values, configure, read_text, resolve_device, run
+from files import write_text_atomic
 from judge import CRITERIA, judge_samples
-from model import check_sampling, continuations, quantize_int8
+from model import check_sampling, continuations
 from prepare import read_meta
 from tokenizer import bits_per_byte, tokenizer_from_meta
 
@@ -113,6 +114,19 @@ def window_starts(n_tokens, block_size, overlap):
 
 
 @torch.no_grad()
+def check_window(model_block, block_size=None, overlap=None):
+    """The scoring window of exact_loss: (block_size, overlap) in tokens, None meaning the model's block_size and
+    half the window. Raises UserError (a ValueError) unless 1 <= block_size <= model_block and
+    0 <= overlap < block_size."""
+    block_size = model_block if block_size is None else block_size
+    overlap = block_size // 2 if overlap is None else overlap
+    if not 1 <= block_size <= model_block:
+        raise UserError(f"block_size={block_size} must be 1..{model_block} (the model's context)")
+    if not 0 <= overlap < block_size:
+        raise UserError(f"overlap={overlap} must be 0..{block_size - 1} (less than block_size={block_size})")
+    return block_size, overlap
+
+
 def exact_loss(model, tokens, block_size=None, overlap=None, batch_size=8, device="cpu", ctx=None,
                progress=None):
     """Score every token of a stream exactly once with overlapping windows.
@@ -143,14 +157,9 @@ def exact_loss(model, tokens, block_size=None, overlap=None, batch_size=8, devic
     model = getattr(model, "_orig_mod", model)  # torch.compile'd: the module itself (shapes vary here)
     model = getattr(model, "module", model)  # DistributedDataParallel: the module itself
     n = len(tokens)
-    block_size = model.config.block_size if block_size is None else block_size
-    overlap = block_size // 2 if overlap is None else overlap
+    block_size, overlap = check_window(model.config.block_size, block_size, overlap)
     if n < 2:
         raise ValueError(f"need at least 2 tokens to score, got {n}")
-    if not 1 <= block_size <= model.config.block_size:
-        raise ValueError(f"block_size={block_size} must be 1..{model.config.block_size} (the model's)")
-    if not 0 <= overlap < block_size:
-        raise ValueError(f"overlap={overlap} must be 0..{block_size - 1} (less than block_size={block_size})")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     ctx = nullcontext() if ctx is None else ctx
@@ -320,7 +329,7 @@ def generate_samples(model, tok, prompts, n, max_new_tokens, temperature, top_k,
     try:
         for p, prompt in enumerate(prompts[:n]):
             rows = list(range(p, n, len(prompts)))
-            ids = tok.encode(prompt) or [tok.eot_token]
+            ids = tok.encode_prompt(prompt)
             idx = torch.tensor([ids] * len(rows), dtype=torch.long, device=device)
             with ctx:
                 out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -473,13 +482,8 @@ def main():
                 raise
             data_note = str(e)  # --text does not need the data: only the word list is lost
     stream, counts, source = text_to_score(tok, prepared, meta, problems, ckpt_path)
-    model_block = ckpt["model_args"]["block_size"]
-    window = block_size or model_block
-    if window > model_block:
-        raise UserError(f"block_size={window} is longer than the model's context ({model_block} tokens)")
-    window_overlap = window // 2 if overlap == -1 else overlap
-    if window_overlap >= window:
-        raise UserError(f"overlap={window_overlap} must be less than block_size={window}")
+    window, window_overlap = check_window(model.config.block_size, block_size or None,
+                                          None if overlap == -1 else overlap)
     json_path = report or os.path.join(out_dir, "eval.json")
     md_path = json_path.removesuffix(".json") + ".md"
     check_writable(json_path)

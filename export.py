@@ -35,11 +35,13 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 
 import torch
 
 from checkpoint import load_model
 from configurator import UserError, configure, run
+from model import NORM_EPS, ROPE_THETA, GPTConfig, swiglu_hidden
 from tokenizer import EOT, parse_ranks
 
 # -----------------------------------------------------------------------------
@@ -85,8 +87,7 @@ ARCHITECTURES = {
 def architecture(model_args):
     """The transformers class that computes the same function as a model with these GPTConfig fields.
     Raises UserError for a recipe with none, naming the nearest one that exports and the switches to change."""
-    from model import GPTConfig
-    args = {**vars(GPTConfig()), **model_args}
+    args = {**asdict(GPTConfig()), **model_args}  # a partial dict: the other fields at their defaults
     diffs = {name: {k: v for k, v in need.items() if args[k] != v} for name, need in ARCHITECTURES.items()}
     for name, diff in diffs.items():
         if not diff:
@@ -130,7 +131,6 @@ def llama_config(model_args, eot, name):
     """config.json for LlamaForCausalLM or Qwen3ForCausalLM (`name`) from our GPTConfig fields (`model_args`) and
     the end-of-text id `eot`. rope_theta is written both as transformers 5 reads it (rope_parameters) and as 4.x
     does."""
-    from model import NORM_EPS, ROPE_THETA, swiglu_hidden
     n_embd, n_head = model_args["n_embd"], model_args["n_head"]
     return {
         "architectures": [name], "model_type": "qwen3" if name.startswith("Qwen3") else "llama",
@@ -324,8 +324,8 @@ def main():
     ckpt_path = os.path.join(out_dir, checkpoint)
     dest = os.path.normpath(export_dir)
     _check_destination(dest, ckpt_path)
-    model, tok, ckpt = load_model(ckpt_path)
-    args = ckpt["model_args"]
+    model, tok, _ = load_model(ckpt_path)
+    args = asdict(model.config)  # every GPTConfig field, also for a checkpoint older than a switch
     if tok.vocab_size > args["vocab_size"]:
         raise UserError(f"{ckpt_path} is inconsistent: its tokenizer has {tok.vocab_size} ids but the model only "
                         f"{args['vocab_size']} embedding rows")

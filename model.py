@@ -1,5 +1,5 @@
 """A GPT-2-style decoder-only transformer written on PyTorch primitives: the network, its KV cache for
-generation, and sampling. (The tokenizer is in tokenizer.py, checkpoint files in checkpoint.py.)
+generation, and sampling. (Its loss in chunks is in chunked_loss.py, its optimizers in optim.py.)
 
 Architecture (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"; the transformer of
 Vaswani et al. 2017 with LayerNorm moved before each sub-block):
@@ -8,12 +8,10 @@ Vaswani et al. 2017 with LayerNorm moved before each sub-block):
                   -> n_layer x [x + Attention(LayerNorm(x)); x + MLP(LayerNorm(x))]
                   -> LayerNorm -> linear head tied to the token embedding -> logits (B, T, vocab_size)
 
-GPTConfig's switches swap single parts for their modern replacements (README, "A modern recipe"): rotary
-position embeddings instead of the learned table, RMSNorm instead of LayerNorm, a SwiGLU or squared-ReLU MLP,
-RMSNorm on queries and keys, an untied head. Their defaults are the GPT-2 model above.
+GPTConfig's switches swap single parts for their modern replacements (docs/recipe.md): rotary positions instead
+of the learned table, RMSNorm, a SwiGLU or squared-ReLU MLP, RMSNorm on queries and keys, an untied head.
 """
 
-import inspect
 import math
 from dataclasses import dataclass, fields
 
@@ -21,7 +19,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from configurator import UserError
+from chunked_loss import chunked_cross_entropy
+from errors import UserError
 
 
 @dataclass
@@ -64,6 +63,7 @@ class GPTConfig:
 
 SWITCHES = {"pos_embedding": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
             "mlp": ("gelu", "swiglu", "relu2")}  # the text switches; qk_norm and tie_embeddings are bools
+RECIPE = (*SWITCHES, "qk_norm", "tie_embeddings")  # every switch of the recipe
 ROPE_THETA = 10000.0  # the base of the rotary frequencies (Su et al. 2021; Llama's default)
 NORM_EPS = 1e-5       # epsilon of every LayerNorm and RMSNorm (nn.LayerNorm's default; Llama's rms_norm_eps)
 
@@ -223,120 +223,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class Optimizers:
-    """Several torch optimizers over disjoint parameters, used as one: param_groups (all of them, in order),
-    step, zero_grad, state_dict and load_state_dict. torch.amp.GradScaler's unscale_ and step accept it."""
-
-    def __init__(self, *optimizers):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self):
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    def step(self):
-        for o in self.optimizers:
-            o.step()
-
-    def zero_grad(self, set_to_none=True):
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state):
-        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
-            o.load_state_dict(s)
-
-
-HEAD_CHUNK_LOGITS = 2 ** 25  # at most this many logits per chunk of ChunkedHeadLoss: 128 MiB in float32
-
-
-class ChunkedHeadLoss(torch.autograd.Function):
-    """Mean cross-entropy of a linear head, computed a chunk of positions at a time (at most
-    HEAD_CHUNK_LOGITS // vocab_size of them), so that the logits of all positions (N x vocab_size floats, and as
-    many for their gradient) never exist at once.
-
-    For z = x W^T (one row of vocab_size logits per position), the loss is the mean over positions n with
-    targets[n] != -1 of logsumexp(z[n]) - z[n, targets[n]], and its gradient with respect to z[n] is
-    (softmax(z[n]) - onehot(targets[n])) / count: the standard softmax cross-entropy gradient. A chunk's rows
-    hold the whole vocabulary, so forward can form that gradient as soon as it has the chunk's logits, and turns
-    it at once into the chunk's share of dL/dx and dL/dW (as in Liger Kernel's fused linear cross-entropy,
-    Hsu et al. 2024). Backward only multiplies them by the incoming gradient: no logits are recomputed, and the
-    head costs the same 6 N n_embd vocab_size FLOPs as the plain path. What is kept from forward to backward is
-    dL/dx (N x n_embd) and dL/dW (vocab_size x n_embd, float32), which the weight's .grad needs anyway.
-
-    Logits and the matmuls of the gradient run in `dtype` (the autocast precision, as nn.Linear under autocast);
-    log-softmax, softmax and the dL/dW sum over chunks in float32 (or float64 for float64 inputs). On a CPU
-    (2 cores, see README, Performance) the head with its loss takes about 20% longer than the plain path at
-    HEAD_CHUNK_LOGITS = 2**25 (smaller matmuls, and the sum of dL/dW over chunks); smaller chunks save
-    memory and cost more time.
-
-    apply(x, weight, targets, dtype, need_grad):
-        x: (N, n_embd) hidden states; weight: (vocab_size, n_embd), the head (tied: the token embedding);
-        targets: (N,) int64, -1 for positions that do not count; need_grad: form the gradients (False under
-        torch.no_grad, see head_loss). Returns the loss, a scalar in nats per token (float32; float64 for
-        float64 inputs): NaN when every target is -1, as F.cross_entropy gives. A target >= vocab_size raises
-        RuntimeError (index out of bounds), as there.
-        Backward runs once: the saved gradients are consumed (retain_graph cannot reuse them).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, dtype, need_grad):
-        acc = torch.promote_types(dtype, torch.float32)  # float32, or float64 for float64 inputs
-        w = weight.to(dtype)
-        valid = targets != -1
-        count = valid.sum()
-        scale = valid.to(acc) / count.clamp(min=1)  # d(loss)/d(nll of each position)
-        nll = torch.empty(x.size(0), dtype=acc, device=x.device)
-        ctx.grads = None
-        if need_grad:
-            grad_x = torch.empty_like(x)
-            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        n_chunks = -(-x.size(0) * weight.size(0) // HEAD_CHUNK_LOGITS)  # ceil
-        chunk = -(-x.size(0) // n_chunks)  # positions per chunk, as even as can be
-        with torch.autocast(x.device.type, enabled=False):  # the casts are explicit here
-            for start in range(0, x.size(0), chunk):
-                end = min(start + chunk, x.size(0))
-                xc, t = x[start:end].to(dtype), targets[start:end].clamp(min=0)[:, None]
-                # this chunk's (n, vocab_size) log-probabilities in float32, straight from the logits in dtype
-                logp = torch.log_softmax(xc @ w.t(), dim=1, dtype=acc)
-                nll[start:end] = -logp.gather(1, t).squeeze(1)
-                if not need_grad:
-                    continue
-                p = logp.exp_()  # softmax, in place; then minus the one-hot target
-                p.scatter_add_(1, t, -valid[start:end, None].to(acc))
-                g = p.to(dtype)
-                del logp, p
-                # each row of g times its position's weight in the mean (0 for ignored targets), applied to the
-                # small (n, n_embd) factors rather than to g
-                row_scale = scale[start:end, None]
-                grad_x[start:end] = (g @ w) * row_scale
-                grad_w += g.t() @ (xc * row_scale).to(dtype)
-        if need_grad:
-            ctx.grads = grad_x, grad_w.to(weight.dtype)
-        return torch.where(valid, nll, 0.0).sum() / count
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if ctx.grads is None:
-            raise RuntimeError("backward through ChunkedHeadLoss can run only once (its gradients are consumed)")
-        grad_x, grad_w = ctx.grads
-        ctx.grads = None
-        return grad_x.mul_(grad_loss), grad_w.mul_(grad_loss), None, None, None
-
-
-def head_loss(x, weight, targets):
-    """The mean cross-entropy of logits x W^T against targets without the full logits (ChunkedHeadLoss), in the
-    autocast precision when autocast is on for x's device. x: (N, n_embd); weight: (vocab_size, n_embd);
-    targets: (N,) int64, -1 ignored. Returns a scalar in nats per token: float32 (float64 for float64 x)."""
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return ChunkedHeadLoss.apply(x, weight, targets, dtype, need_grad)
-
-
 class GPT(nn.Module):
     """The language model. `forward(idx)` maps token ids (B, T) to next-token logits."""
 
@@ -392,7 +278,7 @@ class GPT(nn.Module):
             targets: the ids that should follow each position, (B, T) int64; -1 marks positions to ignore.
             cache: a KVCache; positions continue from cache.pos, and cache.pos advances by T.
             full_logits: with targets, also return the logits of every position and take the loss from them
-                (the plain path). By default the loss comes from ChunkedHeadLoss, which never holds the
+                (the plain path). By default the loss comes from chunked_cross_entropy, which never holds the
                 (B, T, vocab_size) logits, and the logits returned are None.
         Returns:
             (logits, loss): with targets, loss a scalar in nats per token and logits None, or (B, T, vocab_size)
@@ -423,43 +309,8 @@ class GPT(nn.Module):
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
             return logits, loss
-        return None, head_loss(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
-
-    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
-                            muon_lr=0.02, muon_momentum=0.95):
-        """The optimizer of this model's parameters.
-
-        "adamw": AdamW (Loshchilov & Hutter 2019) with decoupled weight decay on the matmul and embedding weights
-        (every parameter with 2 or more dimensions) and none on biases and norm gains.
-        "muon": Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers"; PyTorch's torch.optim.Muon) for
-        the 2-D weight matrices inside the blocks, at muon_lr with muon_momentum and the same weight decay: it
-        orthogonalises each matrix's momentum (Newton-Schulz iterations), so every direction of the update moves
-        by the same amount. AdamW, as above, for the rest: embeddings, head, norm gains, biases.
-        Each group's "lr" starts at its peak learning rate; train.py scales it by the schedule.
-        AdamW uses the fused kernel where this PyTorch has one for the device, else the multi-tensor (foreach) one.
-
-        Returns torch.optim.AdamW, or for "muon" an Optimizers(Muon, AdamW).
-        Raises UserError: an unknown optimizer, or "muon" for a model without 2-D weights in its blocks.
-        """
-        if optimizer not in ("adamw", "muon"):
-            raise UserError(f"optimizer={optimizer!r} is not one of 'adamw', 'muon'")
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        hidden = [p for n, p in named if optimizer == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
-        if optimizer == "muon" and not hidden:
-            raise UserError("optimizer='muon' needs 2-D weight matrices inside the blocks and this model has none: "
-                            "use --optimizer=adamw")
-        rest = [p for _, p in named if not any(p is h for h in hidden)]
-        groups = [
-            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu", "mps")
-        kw = {"fused": True} if fused else {"foreach": True}
-        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **kw)
-        if optimizer == "adamw":
-            return adamw
-        return Optimizers(torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay),
-                          adamw)
+        # = F.cross_entropy(self.lm_head(x), targets, ignore_index=-1), without holding all the logits at once
+        return None, chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_token=None,
@@ -562,18 +413,13 @@ def continuations(out, prompt_len, eos_token):
     Returns:
         list of B (ids, ended): ids a list of int without eos_token; ended True if the row produced eos_token.
     """
-    rows = []
-    for row in out.tolist():
-        new = row[prompt_len:]
-        ended = eos_token in new
-        rows.append((new[:new.index(eos_token)] if ended else new, ended))
-    return rows
+    rows = [row[prompt_len:] for row in out.tolist()]
+    return [(new[:new.index(eos_token)], True) if eos_token in new else (new, False) for new in rows]
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, vocab_limit=None, generator=None):
-    """Draw one token id per row from logits (B, V) -> (B,) int64. See GPT.generate_stream for the arguments.
-    Raises UserError (a ValueError) for temperature < 0, top_k < 0 or top_p outside (0, 1]."""
-    check_sampling(temperature, top_k, top_p)
+    """Draw one token id per row from logits (B, V) -> (B,) int64. See GPT.generate_stream for the arguments,
+    which the caller checks once (check_sampling), not at every token."""
     logits = logits.float()
     if vocab_limit is not None and vocab_limit < logits.size(-1):
         logits = logits.clone()
@@ -599,21 +445,3 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, vocab_limit=None, g
     ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]  # first id whose cdf exceeds u: p(id) > 0
     last = (cdf >= cdf[:, -1:]).int().argmax(dim=-1)  # the cdf reaches its total at the last id with p > 0
     return torch.minimum(ids, last)  # only if rounding put u * total at total
-
-
-def quantize_int8(model):
-    """Dynamic int8 quantization of every nn.Linear for CPU inference (Jacob et al. 2018; PyTorch's
-    `quantize_dynamic`): weights are stored as int8 with one scale per output channel, activations are quantized
-    per batch on the fly, and the matmuls run in int8 (fbgemm/x86 kernels). The tied LM head gets its own int8
-    copy; the embeddings stay float32. Run the result on CPU in float32 (no autocast).
-
-    Returns a new model (the argument is not changed). PyTorch marks this API deprecated in favour of torchao;
-    its deprecation warnings are silenced here since it works and needs no extra dependency."""
-    import copy
-    import warnings
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear: per_channel_dynamic_qconfig},
-                                dtype=torch.qint8)
-

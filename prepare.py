@@ -38,8 +38,8 @@ import zlib
 import numpy as np
 import pyarrow.compute as pc
 
-from checkpoint import atomic_file, lock_dir, write_text_atomic
 from configurator import UserError, check_values, configure, run
+from files import atomic_file, lock_dir, write_text_atomic
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import load_model, quantize_int8
 from configurator import (DTYPES, UserError, available_memory, check_values, configure, read_text, resolve_device,
                           run)
-from model import KVCache, check_sampling, quantize_int8
+from model import KVCache, check_sampling
 from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def main():
         model = quantize_int8(model)
     else:  # weights stored in the sampling precision: each new token reads half the bytes of float32 weights
         model = model.to(DTYPES[precision])
-    ids = tok.encode(prompt) or [tok.eot_token]  # an empty prompt starts a new document
+    ids = tok.encode_prompt(prompt)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
     generator = torch.Generator(device=dev).manual_seed(seed)
     steps = model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -94,7 +94,7 @@ class Handler(BaseHTTPRequestHandler):
     def write_story(self, m, req):
         """Generate one story with model entry `m` and send each new piece of text as an event."""
         tok = m["tok"]
-        ids = tok.encode(req["prompt"]) or [tok.eot_token]  # an empty prompt starts a new document
+        ids = tok.encode_prompt(req["prompt"])
         idx = torch.tensor([ids], dtype=torch.long, device=m["device"])
         dec, n = StreamDecoder(tok), 0
         with m["lock"]:  # one story at a time per model

@@ -11,7 +11,8 @@ import hashlib
 import math
 import os
 
-from configurator import UserError
+from errors import UserError
+from files import load_torch
 
 EOT = "<|endoftext|>"
 
@@ -69,6 +70,11 @@ class Tokenizer:
     def encode(self, text):
         """str -> list of token ids (int), without end-of-text."""
         return self._encode_batch([text])[0]
+
+    def encode_prompt(self, text):
+        """A prompt for generation -> list of token ids, at least one: an empty prompt is [eot_token], the start
+        of a new document (what every story in the training data follows)."""
+        return self.encode(text) or [self.eot_token]
 
     def encode_batch(self, texts):
         """list of str -> list of lists of token ids, encoded in parallel by the library's threads."""
@@ -198,8 +204,10 @@ def load_tokenizer(name):
         raise UserError(f"tokenizer {name!r} not found: use gpt2, bpe (prepare.py trains one), or the path "
                         f"of a .tiktoken ranks file, a tokenizer.json or a checkpoint (.pt)")
     if name.endswith(".pt"):
-        from checkpoint import load_checkpoint  # here, not at the top: checkpoint.py imports this module
-        return Tokenizer(load_checkpoint(name)["tokenizer"])
+        ckpt = load_torch(name)  # only its tokenizer is needed: the model's weights are not checked here
+        if not isinstance(ckpt, dict) or "tokenizer" not in ckpt:
+            raise UserError(f"{name} is not a checkpoint written by this project's train.py")
+        return Tokenizer(ckpt["tokenizer"])
     if name.endswith(".json"):
         with open(name, encoding="utf-8") as f:
             return Tokenizer(bpe_spec(f.read(), name))

@@ -36,10 +36,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (append_line, atomic_file, load_checkpoint, lock_dir, save_checkpoint,
-                        write_text_atomic)
+from checkpoint import load_checkpoint
 from configurator import UserError, autocast, check_values, configure, resolve_device, run
+from files import append_line, atomic_file, lock_dir, save_torch, write_text_atomic
 from model import GPT, GPTConfig, padded_vocab_size
+from optim import OPTIMIZERS, clip_and_step, configure_optimizer
 from prepare import read_meta
 from tokenizer import bits_per_byte, tokenizer_from_meta
 
@@ -53,7 +54,7 @@ eval_iters = 50                 # batches per split in each evaluation
 log_interval = 10               # iterations between log lines
 final_eval = False              # at the end, score every validation token with the best weights (eval.py)
 wandb_log = False               # also log the evaluations to Weights & Biases (pip install wandb)
-wandb_project = "tinystories-gpt"
+wandb_project = "tinystories-gpt"  # the wandb project the run goes to
 wandb_run_name = ""             # "": a name chosen by wandb
 tensorboard_log = False         # also log them to TensorBoard event files in out_dir/tb (pip install tensorboard)
 # data
@@ -62,41 +63,39 @@ block_size = 256                # tokens per sequence (the context length)
 gradient_accumulation_steps = 1  # micro-steps per optimizer step
 vocab_size = 0                  # 0: from the data's meta.json; a config that sets it refuses other data
 # model
-n_layer = 6
-n_head = 6
-n_embd = 384
-dropout = 0.0
+n_layer = 6                     # transformer blocks
+n_head = 6                      # attention heads per block
+n_embd = 384                    # width of the residual stream
+dropout = 0.0                   # dropout probability (0: none, as for a model that sees its data about once)
 bias = True                     # biases in Linear layers and LayerNorms
-# the recipe (README, "A modern recipe"); the defaults are GPT-2's
+# the recipe (docs/recipe.md); the defaults are GPT-2's
 pos_embedding = "learned"       # "learned" position table, or "rope" (rotary)
 norm = "layernorm"              # "layernorm" or "rmsnorm"
 mlp = "gelu"                    # "gelu", "swiglu" or "relu2"
 qk_norm = False                 # RMSNorm on queries and keys
 tie_embeddings = True           # the head reuses the token embedding
-# optimizer: "adamw" for everything, or "muon" for the blocks' weight matrices and AdamW for the rest
-optimizer = "adamw"
+# optimizer
+optimizer = "adamw"             # "adamw" for everything, or "muon" for the blocks' matrices and AdamW for the rest
 muon_lr = 0.02                  # Muon's peak learning rate (the schedule scales it like learning_rate)
-muon_momentum = 0.95
-# AdamW
-learning_rate = 6e-4            # peak learning rate, reached after warmup_iters
+muon_momentum = 0.95            # Muon's momentum
+learning_rate = 6e-4            # AdamW's peak learning rate, reached after warmup_iters
 max_iters = 5000                # optimizer steps in total
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
+weight_decay = 0.1              # decoupled weight decay of the matrices and embeddings
+beta1 = 0.9                     # AdamW's momentum
+beta2 = 0.95                    # AdamW's decay of the squared gradients
 grad_clip = 1.0                 # clip the gradient's global norm to this; 0 turns clipping off
 max_nonfinite_steps = 8         # stop after this many optimizer steps in a row with a non-finite loss/gradient
-# learning-rate schedule: linear warmup, then "cosine" decay to min_lr at lr_decay_iters, or "wsd": constant,
-# then a linear decay to min_lr over the last decay_frac of lr_decay_iters
-lr_schedule = "cosine"
-warmup_iters = 200
-lr_decay_iters = 5000
-min_lr = 6e-5
-decay_frac = 0.2
+# learning-rate schedule (get_lr)
+lr_schedule = "cosine"          # "cosine" decay to min_lr, or "wsd": constant, then a linear decay at the end
+warmup_iters = 200              # steps of linear warmup from 0 to learning_rate
+lr_decay_iters = 5000           # the step at which the decay reaches min_lr
+min_lr = 6e-5                   # the learning rate at the end of the decay
+decay_frac = 0.2                # wsd: the fraction of lr_decay_iters spent decaying
 # system
 device = "auto"                 # auto, cpu, mps, cuda, cuda:N
 dtype = "auto"                  # auto, float32, bfloat16, float16 (autocast precision)
 compile = False                 # torch.compile the model
-seed = 1337
+seed = 1337                     # seeds the weights, the batches and dropout
 # -----------------------------------------------------------------------------
 
 
@@ -163,171 +162,235 @@ def estimate_loss(model, batch, iter_num, ctx, device):
 
 def main():
     config = configure(globals(), doc=__doc__)
-    check_settings()
-    ddp, rank, world_size, dev, device_type, precision = setup_processes()
-    master = rank == 0
-    say = print if master else (lambda *args, **kwargs: None)
-    micro_steps = gradient_accumulation_steps // world_size  # this process's share of each optimizer step
-    ckpt = load_start_checkpoint(config, say)  # None from scratch; a fine-tuned model takes its shape from it
-    meta, tok = check_data()  # holds a shared lock on data_dir: prepare.py cannot rewrite it under this run
-    # the model's fields are settings of the same names; the vocabulary is the data's, padded for faster matmuls
-    model_args = {**{f.name: globals()[f.name] for f in fields(GPTConfig)},
-                  "vocab_size": padded_vocab_size(meta["vocab_size"])}
-    GPTConfig(**model_args)  # shape errors now, before anything is loaded or written
-    check_resume(config, model_args, tok, say, ckpt)
-    track = Trackers(config, master)  # refuses a tracker that is not installed
-    if master:
-        lock_dir(out_dir, "train.py")  # one run per out_dir: a second one stops here
-    iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if init_from == "resume" else (0, float("inf"))
-    os.makedirs(out_dir, exist_ok=True)
-    say(json.dumps(config, indent=1))
+    run = Run(config)  # checks, device and processes, data, the checkpoint to start from, locks, logs, trackers
+    dev, ctx = run.device, run.ctx
 
     # the model, its optimizer, and (for float16) the loss scaler
-    if device_type == "cpu":
-        keep_freed_memory()
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**model_args))
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+    model = GPT(GPTConfig(**run.model_args))
+    run.load_weights(model)  # resuming or fine-tuning: the checkpoint's weights
     model.to(dev)
-    say(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M "
-        f"without embeddings); device {dev}, dtype {precision}"
-        + (f"; {world_size} processes x {micro_steps} micro-steps" if ddp else ""))
-    opt = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, muon_lr,
-                                    muon_momentum)
+    opt = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), run.device_type, optimizer,
+                              muon_lr, muon_momentum)
     peak_lrs = [group["lr"] for group in opt.param_groups]  # the schedule scales each group's own peak
-    scaler = torch.amp.GradScaler(device_type, enabled=precision == "float16" and device_type == "cuda")
-    if init_from == "resume":
-        restore_training_state(ckpt, opt, scaler)
-        say(f"resuming from iteration {iter_num} (best validation loss {best_val_loss:.4f})")
-    elif ckpt is not None:
-        say(f"fine-tuning {init_from} (iteration {ckpt['iter_num']} of its run) with a fresh optimizer")
-    ckpt = None  # free the memory
-    if ddp:  # dropout masks differ between processes; a resumed DDP run reseeds them (exact resume: 1 process)
-        torch.manual_seed(batch_seed(seed, "dropout", rank, iter_num))
-    raw_model = model
+    scaler = torch.amp.GradScaler(run.device_type, enabled=run.precision == "float16" and run.device_type == "cuda")
+    run.start(model, opt, scaler)  # resuming: the optimizer's, the scaler's and the random generators' states
     if compile:
         model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank()] if device_type == "cuda" else None)
-    ctx = autocast(device_type, precision)
-    paths = {s: os.path.join(data_dir, f"{s}.bin") for s in ("train", "validation")}
-    sampler = torch.Generator()
+    if run.ddp:
+        model = DDP(model, device_ids=[local_rank()] if run.device_type == "cuda" else None)
 
-    def batch(split, *where):  # batches are a pure function of where the run is: see batch_seed
-        sampler.manual_seed(batch_seed(seed, split, *where))
-        return get_batch(paths[split], meta["dtype"], batch_size, block_size, dev, sampler)
-
-    def save(name, **extra):  # rank 0 writes; the other processes hold the same weights
-        if master:
-            save_weights(os.path.join(out_dir, name), {"model": raw_model.state_dict(), "model_args": model_args,
-                                                       "tokenizer": tok.spec, "config": config,
-                                                       "iter_num": iter_num, **extra})
-
-    def save_run():  # everything --init_from=resume needs
-        save("ckpt.pt", optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-             best_val_loss=best_val_loss, rng=rng_state())
-
-    log_path = os.path.join(out_dir, "log.csv")
-    if master:
-        start_log(log_path, iter_num)
-    tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
-    say(f"{tokens_per_iter:,} tokens per iteration")
-
-    stop = StopRequest()
-    t_start = t_last = time.time()
-    steps_since_log = skipped = nonfinite_in_a_row = 0
-    stopping = False
-    resumed_at = iter_num if init_from == "resume" else None  # that iteration was evaluated before the stop
-    # micro-batch m of an optimizer step is run by process m // micro_steps: together the processes draw exactly
-    # the batches one process with the same gradient_accumulation_steps would
-    first = rank * micro_steps
-    x, y = batch("train", iter_num, first)
+    iter_num = run.iter_num
+    x, y = run.batch("train", iter_num, run.first)
     while True:
         lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, lr_schedule, decay_frac)
         for group, peak in zip(opt.param_groups, peak_lrs):  # AdamW's groups: lr; Muon's: muon_lr * lr/learning_rate
             group["lr"] = lr * (peak / learning_rate)
 
         # evaluate both splits, keep the best weights, and save everything needed to resume
-        if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at:
-            losses = estimate_loss(model, batch, iter_num, ctx, dev)
-            bpb = {s: bits_per_byte(losses[s], meta["splits"][s]["tokens"], meta["splits"][s]["bytes"])
-                   for s in losses}
-            say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}, "
-                f"val bpb {bpb['validation']:.4f}")
-            check_finite(raw_model, losses, iter_num)
-            if master:
-                row = {"tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
-                       "val_loss": losses["validation"], "train_bpb": bpb["train"], "val_bpb": bpb["validation"],
-                       "lr": lr, "elapsed_s": time.time() - t_start}
-                append_log(log_path, iter_num, row)
-                track(iter_num, row)
-            if losses["validation"] < best_val_loss:
-                best_val_loss = losses["validation"]
-                save("best_model_params.pt", val_loss=best_val_loss)
-            if iter_num > 0:
-                save_run()
-            t_last, steps_since_log = time.time(), 0  # evaluation time is not training time
-        if iter_num >= max_iters:
-            break
-        if stopping:
-            save_run()
-            say(f"stopped at iteration {iter_num}; saved {out_dir}/ckpt.pt. Continue with:\n  {resume_command()}")
+        if run.evaluation_due(iter_num):
+            losses = estimate_loss(model, run.batch, iter_num, ctx, dev)
+            run.evaluated(iter_num, losses, lr)
+        if iter_num >= max_iters or run.stopping:
             break
 
         # forward and backward over the micro-batches: gradients add up across them
         loss_sum = 0.0
-        for micro_step in range(micro_steps):
-            last = micro_step == micro_steps - 1
+        for micro_step in range(run.micro_steps):
+            last = micro_step == run.micro_steps - 1
             # DDP averages the gradients across processes during backward: only on the last micro-step
-            with model.no_sync() if ddp and not last else nullcontext():
+            with model.no_sync() if run.ddp and not last else nullcontext():
                 with ctx:
                     _, loss = model(x, y)
-                    loss = loss / micro_steps  # the average over processes then makes it 1/gradient_accumulation_steps
+                    loss = loss / run.micro_steps  # averaged over processes: 1/gradient_accumulation_steps each
                 loss_sum = loss_sum + loss.detach()
                 # fetch the next batch while the device works on this one
-                x, y = batch("train", *((iter_num, first + micro_step + 1) if not last else (iter_num + 1, first)))
+                x, y = run.batch("train", *((iter_num, run.first + micro_step + 1) if not last else
+                                            (iter_num + 1, run.first)))
                 scaler.scale(loss).backward()
 
-        # step: clip the gradient, then update the weights unless the loss or the gradient is not finite
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-        loss_sum, finite, stopping = agree_on_step(loss_sum, grad_norm, scaler, stop, ddp, world_size, dev)
-        if finite:
-            scaler.step(opt)
-            nonfinite_in_a_row = 0
-        else:
-            skipped += 1
-            nonfinite_in_a_row += 1
-            say(f"iter {iter_num}: loss or gradient is not finite; step skipped ({skipped} so far)")
-            if nonfinite_in_a_row >= max_nonfinite_steps:
-                raise UserError(f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
-                                f"gradient (iteration {iter_num}): lower learning_rate, keep grad_clip on, and "
-                                f"with float16 try --dtype=bfloat16; {out_dir} keeps the last good checkpoint")
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        # clip the gradient and update the weights, unless the loss or the gradient is not finite
+        clip_and_step(model, opt, scaler, grad_clip,
+                      lambda grad_norm: run.agree_on_step(iter_num, loss_sum, grad_norm, scaler))
         iter_num += 1
-        steps_since_log += 1
-
-        if iter_num % log_interval == 0:
-            lossf = loss_sum.item()  # .item() waits for the device: only when logging
-            dt = (time.time() - t_last) / steps_since_log
-            t_last, steps_since_log = time.time(), 0
-            say(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
-                f"{tokens_per_iter / dt:,.0f} tokens/s")
-            track(iter_num, {"step_loss": lossf, "tokens_per_s": tokens_per_iter / dt})
-
-    track.close()
-    if ddp:
-        dist.destroy_process_group()
-    if master and iter_num >= max_iters:  # a run stopped early has printed its resume command instead
-        finish(raw_model, best_val_loss, skipped, log_path, meta, dev, ctx)
+        run.step_done(iter_num, lr)
+    run.end(iter_num)
 
 
 # ==============================================================================================================
 # Plumbing: checks of the settings and the data, processes and devices, resuming, signals, logs and files.
 # Nothing below is needed to follow how a GPT learns; all of it is needed for a run that survives mistakes.
 # ==============================================================================================================
+
+class Run:
+    """Everything around the training loop of main(), so that the loop shows only the learning: the checks of the
+    settings and the data, the device and the processes (DDP), the checkpoint a run starts from (resume or
+    fine-tune), the locks on out_dir and data_dir, batches, evaluations and their logs and trackers, checkpoints,
+    non-finite steps, Ctrl-C, and the end of the run.
+
+    Attributes main uses: device, device_type, precision, ctx (autocast), ddp, micro_steps (this process's share of
+    gradient_accumulation_steps), first (its first micro-batch), model_args (GPTConfig fields: the settings, the
+    checkpoint's shape when fine-tuning, and the data's vocabulary padded), iter_num (where the run starts) and
+    stopping (a stop was requested).
+    Raises UserError for bad settings, data or checkpoints, before anything is written.
+    """
+
+    def __init__(self, config):
+        check_settings()
+        self.config = config
+        self.ddp, self.rank, self.world_size, self.device, self.device_type, self.precision = setup_processes()
+        self.master = self.rank == 0
+        self.say = print if self.master else (lambda *args, **kwargs: None)
+        self.micro_steps = gradient_accumulation_steps // self.world_size
+        # micro-batch m of an optimizer step is run by process m // micro_steps: together the processes draw
+        # exactly the batches one process with the same gradient_accumulation_steps would
+        self.first = self.rank * self.micro_steps
+        self.ckpt, shape = load_start_checkpoint(config, self.say)  # None from scratch
+        self.block_size = shape.get("block_size", block_size)
+        self.meta, self.tok = check_data(self.block_size)  # a shared lock on data_dir: prepare.py cannot rewrite it
+        # the model's fields are settings of the same names; the vocabulary is the data's, padded for faster matmuls
+        self.model_args = {**{f.name: shape.get(f.name, config[f.name]) for f in fields(GPTConfig)},
+                           "vocab_size": padded_vocab_size(self.meta["vocab_size"])}
+        GPTConfig(**self.model_args)  # shape errors now, before anything is loaded or written
+        check_resume(config, self.model_args, self.tok, self.say, self.ckpt)
+        self.track = Trackers(config, self.master)  # refuses a tracker that is not installed
+        if self.master:
+            lock_dir(out_dir, "train.py")  # one run per out_dir: a second one stops here
+        resume = init_from == "resume"
+        self.iter_num, self.best_val_loss = ((self.ckpt["iter_num"], self.ckpt["best_val_loss"]) if resume
+                                             else (0, float("inf")))
+        self.resumed_at = self.iter_num if resume else None  # that iteration was evaluated before the stop
+        os.makedirs(out_dir, exist_ok=True)
+        self.say(json.dumps(config, indent=1))
+        if self.device_type == "cpu":
+            keep_freed_memory()
+        self.ctx = autocast(self.device_type, self.precision)
+        self.paths = {s: os.path.join(data_dir, f"{s}.bin") for s in ("train", "validation")}
+        self.sampler = torch.Generator()
+        self.log_path = os.path.join(out_dir, "log.csv")
+        self.tokens_per_iter = batch_size * self.block_size * gradient_accumulation_steps
+        self.stop = StopRequest()
+        self.stopping = False
+        self.skipped = self.nonfinite_in_a_row = self.steps_since_log = 0
+        self.loss = None
+
+    def load_weights(self, model):
+        """Load the starting checkpoint's weights into `model` (a GPT of model_args): resuming or fine-tuning."""
+        if self.ckpt is not None:
+            model.load_state_dict(self.ckpt["model"])
+
+    def start(self, model, opt, scaler):
+        """Note the model, optimizer and scaler that checkpoints save; resuming, restore their states and the
+        random generators' from ckpt.pt; start log.csv; print what trains where."""
+        self.model, self.opt, self.scaler = model, opt, scaler
+        n, world = model.num_params(), self.world_size
+        self.say(f"{n / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M without "
+                 f"embeddings); device {self.device}, dtype {self.precision}"
+                 + (f"; {world} processes x {self.micro_steps} micro-steps" if self.ddp else ""))
+        elapsed = 0.0
+        if init_from == "resume":
+            restore_training_state(self.ckpt, opt, scaler)
+            elapsed = self.ckpt.get("elapsed_s", 0.0)
+            self.say(f"resuming from iteration {self.iter_num} (best validation loss {self.best_val_loss:.4f})")
+        elif self.ckpt is not None:
+            self.say(f"fine-tuning {init_from} (iteration {self.ckpt['iter_num']} of its run) with a fresh optimizer")
+        self.ckpt = None  # free the memory
+        if self.ddp:  # dropout masks differ between processes; a resumed DDP run reseeds them (exact resume: 1 process)
+            torch.manual_seed(batch_seed(seed, "dropout", self.rank, self.iter_num))
+        if self.master:
+            start_log(self.log_path, self.iter_num)
+        self.say(f"{self.tokens_per_iter:,} tokens per iteration")
+        self.t_start = time.time() - elapsed
+        self.t_last = time.time()
+
+    def batch(self, split, *where):
+        """A batch (x, y) of `split`, each (batch_size, block_size) int64 on the device: a pure function of where
+        the run is (see batch_seed), so a resumed run draws the batches the uninterrupted one would have."""
+        self.sampler.manual_seed(batch_seed(seed, split, *where))
+        return get_batch(self.paths[split], self.meta["dtype"], batch_size, self.block_size, self.device,
+                         self.sampler)
+
+    def evaluation_due(self, iter_num):
+        """Whether to evaluate before step `iter_num`: every eval_interval and at the end, not twice at a resume."""
+        return (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != self.resumed_at
+
+    def evaluated(self, iter_num, losses, lr):
+        """After an evaluation (losses: nats/token per split): print and log it, save best_model_params.pt when the
+        validation loss improved and ckpt.pt after step 0. Raises UserError for weights that are no longer
+        finite (nothing is saved then)."""
+        splits = self.meta["splits"]
+        bpb = {s: bits_per_byte(losses[s], splits[s]["tokens"], splits[s]["bytes"]) for s in losses}
+        self.say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}, "
+                 f"val bpb {bpb['validation']:.4f}")
+        check_finite(self.model, losses, iter_num)
+        if self.master:
+            row = {"tokens": iter_num * self.tokens_per_iter, "train_loss": losses["train"],
+                   "val_loss": losses["validation"], "train_bpb": bpb["train"], "val_bpb": bpb["validation"],
+                   "lr": lr, "elapsed_s": time.time() - self.t_start}
+            append_log(self.log_path, iter_num, row)
+            self.track(iter_num, row)
+        if losses["validation"] < self.best_val_loss:
+            self.best_val_loss = losses["validation"]
+            self.save("best_model_params.pt", iter_num, val_loss=self.best_val_loss)
+        if iter_num > 0:
+            self.save_run(iter_num)
+        self.t_last, self.steps_since_log = time.time(), 0  # evaluation time is not training time
+
+    def save(self, name, iter_num, **extra):
+        """Write out_dir/name (rank 0 only; the other processes hold the same weights)."""
+        if self.master:
+            save_weights(os.path.join(out_dir, name), {
+                "model": self.model.state_dict(), "model_args": self.model_args, "tokenizer": self.tok.spec,
+                "config": self.config, "iter_num": iter_num, **extra})
+
+    def save_run(self, iter_num):
+        """Write ckpt.pt: everything --init_from=resume needs."""
+        self.save("ckpt.pt", iter_num, optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(),
+                  best_val_loss=self.best_val_loss, rng=rng_state(), elapsed_s=time.time() - self.t_start)
+
+    def agree_on_step(self, iter_num, loss_sum, grad_norm, scaler):
+        """Whether to apply the optimizer step whose micro-batch losses add up to loss_sum (0-d tensor) and whose
+        gradient norm is grad_norm: not when either is non-finite (counted; after max_nonfinite_steps in a row,
+        UserError). Also notes a stop request (all processes agree: agree_on_step)."""
+        self.loss, finite, self.stopping = agree_on_step(loss_sum, grad_norm, scaler, self.stop, self.ddp,
+                                                         self.world_size, self.device)
+        if finite:
+            self.nonfinite_in_a_row = 0
+            return True
+        self.skipped += 1
+        self.nonfinite_in_a_row += 1
+        self.say(f"iter {iter_num}: loss or gradient is not finite; step skipped ({self.skipped} so far)")
+        if self.nonfinite_in_a_row >= max_nonfinite_steps:
+            raise UserError(f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
+                            f"gradient (iteration {iter_num}): lower learning_rate, keep grad_clip on, and "
+                            f"with float16 try --dtype=bfloat16; {out_dir} keeps the last good checkpoint")
+        return False
+
+    def step_done(self, iter_num, lr):
+        """After optimizer step iter_num - 1: every log_interval steps, print the loss and the speed."""
+        self.steps_since_log += 1
+        if iter_num % log_interval:
+            return
+        lossf = self.loss.item()  # .item() waits for the device: only when logging
+        dt = (time.time() - self.t_last) / self.steps_since_log
+        self.t_last, self.steps_since_log = time.time(), 0
+        self.say(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+                 f"{self.tokens_per_iter / dt:,.0f} tokens/s")
+        self.track(iter_num, {"step_loss": lossf, "tokens_per_s": self.tokens_per_iter / dt})
+
+    def end(self, iter_num):
+        """After the loop: a run stopped early saves ckpt.pt and prints its resume command; a finished one plots
+        log.csv and (final_eval) scores the validation split with the best weights."""
+        if iter_num < max_iters:
+            self.save_run(iter_num)
+            self.say(f"stopped at iteration {iter_num}; saved {out_dir}/ckpt.pt. Continue with:\n  {resume_command()}")
+        self.track.close()
+        if self.ddp:
+            dist.destroy_process_group()
+        if self.master and iter_num >= max_iters:
+            finish(self.model, self.best_val_loss, self.skipped, self.log_path, self.meta, self.device, self.ctx,
+                   self.block_size)
+
 
 def check_settings():
     """Reject settings that would fail late or train badly, before any work starts: each value against its kind
@@ -348,7 +411,7 @@ def check_settings():
         hint = (f"; name a file in that directory, e.g. {os.path.join(init_from, 'best_model_params.pt')}"
                 if os.path.isdir(init_from) else ": no such file")
         raise UserError(f"init_from={init_from!r} is not 'scratch', 'resume' or a checkpoint file{hint}")
-    for k, allowed in (("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "wsd"))):
+    for k, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", ("cosine", "wsd"))):
         if globals()[k] not in allowed:
             raise UserError(f"{k}={globals()[k]!r} is not one of {', '.join(map(repr, allowed))}")
     if not 0 < decay_frac <= 1:
@@ -383,8 +446,9 @@ def setup_processes():
     return ddp, rank, world_size, dev, device_type, precision
 
 
-def check_data():
-    """The prepared data in data_dir, checked against the settings. Returns (meta, Tokenizer).
+def check_data(block_size):
+    """The prepared data in data_dir, checked against the settings and the run's block_size (the checkpoint's
+    when fine-tuning). Returns (meta, Tokenizer).
     Raises UserError: missing or damaged data, a vocabulary other than the config's, or splits too small for
     one batch."""
     lock_dir(data_dir, "train.py", shared=True)
@@ -411,21 +475,21 @@ def check_data():
 def load_start_checkpoint(config, say):
     """The checkpoint this run starts from: None from scratch, out_dir/ckpt.pt to resume, the file init_from names
     to fine-tune. Loaded before the data is checked, because a fine-tuned model keeps the shape of the checkpoint:
-    the settings n_layer, n_head, n_embd, block_size and bias become the checkpoint's (a printed line lists those
+    its n_layer, n_head, n_embd, block_size, bias and recipe replace the settings (a printed line lists those
     that differ; dropout is the setting's, and `config` keeps the settings as given). Learned positions leave no
     choice for block_size. Resuming a fine-tuned run takes the shape from ckpt.pt the same way, except for the
     settings changed since the run started (check_resume refuses those).
+    Returns (checkpoint dict or None, {GPTConfig field: the checkpoint's value} for the fields it decides).
     Raises UserError for a missing or unreadable checkpoint."""
     if init_from == "scratch":
-        return None
+        return None, {}
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from)
     shape = {k: v for k, v in ckpt["model_args"].items() if k in config and k not in ("vocab_size", "dropout")
              and (init_from != "resume" or ckpt["config"].get(k) == config[k])}  # changed since: check_resume refuses
     changed = [f"{k}={v!r} (not {config[k]!r})" for k, v in shape.items() if config[k] != v]
     if changed:
         say("the model shape is the checkpoint's: " + ", ".join(changed))
-    globals().update(shape)
-    return ckpt
+    return ckpt, shape
 
 
 def check_resume(config, model_args, tok, say, ckpt):
@@ -538,9 +602,9 @@ def resume_command():
 
 
 def save_weights(path, state):
-    """save_checkpoint, with a failed write (e.g. a full disk) as a UserError: the previous file is intact."""
+    """files.save_torch, with a failed write (e.g. a full disk) as a UserError: the previous file is intact."""
     try:
-        save_checkpoint(state, path)
+        save_torch(state, path)
     except OSError as e:
         name = os.path.basename(path)
         raise UserError(f"could not write {path}: {e.strerror or e}; the previous {name} is intact: free "
@@ -555,7 +619,7 @@ LOG_COLUMNS = ["iter", *LOG_FORMATS]
 def start_log(path, iter_num):
     """Start log.csv for a new run (its header), or continue one: a resumed run keeps only the rows up to its
     checkpoint's iteration (a run killed between a row and its checkpoint would repeat them). The file is
-    rewritten whole (checkpoint.atomic_file), which also replaces a symbolic link planted at its name."""
+    rewritten whole (files.atomic_file), which also replaces a symbolic link planted at its name."""
     rows = []
     if init_from == "resume" and os.path.isfile(path):
         with open(path, newline="") as f:
@@ -567,7 +631,7 @@ def start_log(path, iter_num):
 
 def append_log(path, iter_num, row):
     """Append the evaluation at `iter_num` to log.csv: row holds the numbers of LOG_FORMATS (losses in
-    nats/token, bits per byte, lr, tokens, seconds). Never through a symbolic link (checkpoint.append_line).
+    nats/token, bits per byte, lr, tokens, seconds). Never through a symbolic link (files.append_line).
     Raises UserError if it cannot be written."""
     line = io.StringIO()
     csv.writer(line).writerow([iter_num, *(format(row[k], spec) for k, spec in LOG_FORMATS.items())])
@@ -661,7 +725,7 @@ def keep_freed_memory():
         pass
 
 
-def finish(model, best_val_loss, skipped, log_path, meta, dev, ctx):
+def finish(model, best_val_loss, skipped, log_path, meta, dev, ctx, block_size):
     """After the last iteration: plot log.csv to loss.png, with final_eval score every validation token with the
     best weights (eval.py's exact_loss, written to final_eval.json), and print where the stories are."""
     plot_losses(log_path, os.path.join(out_dir, "loss.png"))

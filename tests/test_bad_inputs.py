@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from checkpoint import save_checkpoint
+from files import save_torch
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
 from conftest import GPT2_RANKS, TINY, assert_user_error, run_script
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow  # every test here starts scripts as subprocesses
 def tiny_checkpoint(path, tokenizer_sha="0" * 64, spec=None):
     args = dict(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8, dropout=0.0, bias=True)
     spec = spec or {"kind": "bpe", "name": "bpe-64", "sha256": tokenizer_sha, "json": "{}"}
-    save_checkpoint({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "tokenizer": spec,
+    save_torch({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "tokenizer": spec,
                      "config": {}, "iter_num": 1, "best_val_loss": 9.0}, path)
 
 

@@ -16,7 +16,8 @@ from conftest import SAMPLE, assert_user_error, run_script
 import eval as ev
 import judge
 from configurator import UserError
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
+from files import save_torch
 from model import GPT, GPTConfig
 from prepare import read_meta
 from tokenizer import Tokenizer, bits_per_byte
@@ -58,7 +59,7 @@ def run_dir(tmp_path_factory):
     args = {"vocab_size": 320, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0,
             "bias": True}
     torch.manual_seed(0)
-    save_checkpoint({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "tokenizer": tok.spec,
+    save_torch({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "tokenizer": tok.spec,
                      "config": {"data_dir": str(data)}, "iter_num": 7, "val_loss": 5.0},
                     out / "best_model_params.pt")
     return {"root": root, "data": data, "out": out, "tok": tok, "meta": meta, "train_docs": train_docs}

@@ -9,7 +9,7 @@ import torch
 from conftest import GPT2_RANKS, SAMPLE, assert_user_error, run_script
 
 from configurator import UserError
-from checkpoint import save_checkpoint
+from files import save_torch
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
 from prepare import train_bpe
@@ -46,7 +46,7 @@ def tiny_checkpoint(out_dir, tok, bias, **switches):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint({"model": model.state_dict(), "model_args": args, "tokenizer": tok.spec, "config": {},
+    save_torch({"model": model.state_dict(), "model_args": args, "tokenizer": tok.spec, "config": {},
                      "iter_num": 0}, out_dir / "best_model_params.pt")
     return model.eval()
 

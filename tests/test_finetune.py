@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, load_model, save_checkpoint
+from checkpoint import load_checkpoint, load_model
+from files import save_torch
 from conftest import GPT2_RANKS, SAMPLE, TINY, assert_user_error, run_script
 from tokenizer import load_tokenizer
 
@@ -22,7 +23,7 @@ def read_log(path):
 
 def test_a_checkpoint_path_loads_the_checkpoints_tokenizer(tmp_path):
     tok = load_tokenizer(str(GPT2_RANKS))
-    save_checkpoint({"model": {}, "model_args": {}, "tokenizer": tok.spec, "config": {}}, tmp_path / "c.pt")
+    save_torch({"model": {}, "model_args": {}, "tokenizer": tok.spec, "config": {}}, tmp_path / "c.pt")
     loaded = load_tokenizer(str(tmp_path / "c.pt"))
     assert loaded.spec["sha256"] == tok.spec["sha256"]
     text = "Once upon a time, a fox met a crow."
@@ -91,7 +92,7 @@ def test_fine_tuning_starts_a_new_run_from_the_checkpoints_weights(base, my_text
 @pytest.mark.slow
 def test_fine_tuning_refusals(base, my_text, tmp_path):
     ckpt = load_checkpoint(base / "best_model_params.pt")
-    save_checkpoint({**ckpt, "tokenizer": {**ckpt["tokenizer"], "name": "other", "sha256": "0" * 64}},
+    save_torch({**ckpt, "tokenizer": {**ckpt["tokenizer"], "name": "other", "sha256": "0" * 64}},
                     tmp_path / "other.pt")
     before = sorted(tmp_path.rglob("*"))
     cases = [

@@ -1,9 +1,9 @@
-"""The chunked head + cross-entropy (model.ChunkedHeadLoss) against the plain path: same loss and gradients."""
+"""The chunked head + cross-entropy (chunked_loss.ChunkedHeadLoss) against the plain path: same loss and gradients."""
 import pytest
 import torch
 from torch.nn import functional as F
 
-import model
+import chunked_loss
 from configurator import autocast
 from model import GPT, GPTConfig
 
@@ -19,7 +19,7 @@ def tiny(**kw):
 @pytest.fixture
 def chunks_of_5(monkeypatch):
     """5 positions per chunk: 48 positions make 10 chunks, the last one short."""
-    monkeypatch.setattr(model, "HEAD_CHUNK_LOGITS", 5 * V)
+    monkeypatch.setattr(chunked_loss, "HEAD_CHUNK_LOGITS", 5 * V)
 
 
 def batch():

@@ -5,7 +5,9 @@ import torch
 
 from configurator import UserError
 from configurator import resolve_device
-from model import GPT, GPTConfig, quantize_int8, sample_next
+from checkpoint import quantize_int8
+from optim import configure_optimizer
+from model import GPT, GPTConfig, check_sampling, sample_next
 from tokenizer import load_tokenizer
 from conftest import GPT2_RANKS
 
@@ -96,13 +98,13 @@ def test_sampling_filters():
     assert len(set(sample_next(logits, generator=g).tolist())) == 5
     ties = torch.zeros(500, 6)
     assert len(set(sample_next(ties, top_k=1, generator=g).tolist())) == 1  # top_k=1 among ties: one token
-    with pytest.raises(ValueError, match="top_p"):
-        sample_next(logits, top_p=0.0)
+    with pytest.raises(ValueError, match="top_p"):  # checked once per call by check_sampling, not per token
+        check_sampling(top_p=0.0)
 
 
 def test_optimizer_decays_matrices_and_embeddings_only():
     model = tiny()
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])

@@ -116,7 +116,7 @@ def test_prepare_validates_settings_and_reads_another_text_column(tmp_path, hf_h
 def test_a_token_id_that_does_not_fit_the_dtype_leaves_no_file(tmp_path):
     import datasets
     from configurator import UserError
-    from checkpoint import atomic_file
+    from files import atomic_file
     from prepare import write_split
     ds = datasets.Dataset.from_dict({"ids": [[1, 2], [300, 3]], "len": [2, 2]})
     with pytest.raises(UserError, match="token id 300 does not fit uint8"):

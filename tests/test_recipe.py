@@ -9,7 +9,9 @@ import torch
 from checkpoint import model_from_checkpoint
 from conftest import TINY, assert_user_error, run_script
 from configurator import UserError
-from model import GPT, GPTConfig, apply_rope, quantize_int8, rope_tables, swiglu_hidden
+from checkpoint import quantize_int8
+from optim import configure_optimizer
+from model import GPT, GPTConfig, apply_rope, rope_tables, swiglu_hidden
 from train import get_lr
 
 MODERN = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False)
@@ -121,7 +123,7 @@ def re_escape(s):
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     model = tiny(**MODERN, tie_embeddings=False)
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu", "muon", muon_lr=0.02, muon_momentum=0.9)
+    opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu", "muon", muon_lr=0.02, muon_momentum=0.9)
     muon, adamw = opt.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -143,7 +145,7 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     opt.load_state_dict(state)
     assert len(state["optimizers"]) == 2 and len(state["optimizers"][0]["state"]) == 8
     with pytest.raises(UserError, match="optimizer='sgd' is not one of"):
-        model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu", "sgd")
+        configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu", "sgd")
 
 
 def test_muon_refuses_a_model_without_block_matrices():
@@ -152,7 +154,7 @@ def test_muon_refuses_a_model_without_block_matrices():
         for p in block.parameters():
             p.requires_grad_(p.dim() < 2)
     with pytest.raises(UserError, match="needs 2-D weight matrices inside the blocks"):
-        model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
+        configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_linearly():
@@ -189,7 +191,7 @@ def test_resume_refuses_other_switches_or_another_optimizer(sample_data, tmp_pat
 def test_grad_scaler_unscales_and_skips_both_optimizers():
     """float16 loss scaling (GradScaler) sees Muon's and AdamW's parameters through Optimizers."""
     model = tiny(**MODERN)
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
+    opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
     idx = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     model(idx, idx)[1].backward()
     plain = [p.grad.clone() for p in model.parameters()]

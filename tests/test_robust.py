@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint
+from files import save_torch
 from conftest import ROOT, SAMPLE, TINY, assert_user_error, run_script
 
 FAST = [*TINY, "--eval_iters=2", "--log_interval=1"]
@@ -174,9 +175,9 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(sample_data, tmp_p
     assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob("*.tmp"))
 
 
-def test_save_checkpoint_failure_removes_the_partial_file(tmp_path, monkeypatch):
+def test_save_torch_failure_removes_the_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    save_checkpoint({"x": 1}, path)
+    save_torch({"x": 1}, path)
 
     def failing_save(obj, f):
         f.write(b"partial")
@@ -184,7 +185,7 @@ def test_save_checkpoint_failure_removes_the_partial_file(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError):
-        save_checkpoint({"x": 2}, path)
+        save_torch({"x": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"x": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
 

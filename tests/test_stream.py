@@ -18,7 +18,8 @@ import urllib.request
 import pytest
 import torch
 
-from checkpoint import load_model, save_checkpoint
+from checkpoint import load_model
+from files import save_torch
 from model import GPT, GPTConfig, continuations
 from prepare import train_bpe
 from tokenizer import load_tokenizer
@@ -40,7 +41,7 @@ def runs(tmp_path_factory):
         args = {"vocab_size": vocab_size, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32,
                 "dropout": 0.0, "bias": True}
         torch.manual_seed(0)
-        save_checkpoint({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "tokenizer": tok.spec,
+        save_torch({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "tokenizer": tok.spec,
                          "config": {}, "iter_num": 0}, root / name / "best_model_params.pt")
         runs[name] = root / name
     return runs

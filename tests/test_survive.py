@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
+import files
 import train
-from checkpoint import append_line, atomic_file, load_checkpoint, lock_dir, save_checkpoint
+from checkpoint import load_checkpoint
+from files import append_line, atomic_file, lock_dir, save_torch
 from configurator import UserError, check_values
 from model import GPT, GPTConfig
 from prepare import read_meta
@@ -26,7 +27,7 @@ TINY_ARGS = dict(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8, dro
 
 def hold_lock(folder, shared=False):
     """A child process that locks `folder` as train.py or prepare.py would, then waits to be killed."""
-    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from checkpoint import lock_dir; "
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from files import lock_dir; "
             f"lock_dir({str(folder)!r}, 'train.py', shared={shared}); print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
@@ -36,9 +37,9 @@ def hold_lock(folder, shared=False):
 @pytest.fixture
 def fresh_locks(monkeypatch):
     """This process's held locks start empty and are released after the test."""
-    monkeypatch.setattr(checkpoint, "_held_locks", {})
+    monkeypatch.setattr(files, "_held_locks", {})
     yield
-    for fd in checkpoint._held_locks.values():
+    for fd in files._held_locks.values():
         os.close(fd)
 
 
@@ -79,7 +80,7 @@ def test_writes_never_follow_planted_links(tmp_path):
     folder.mkdir()
     for name in ("ckpt.pt", "ckpt.pt.tmp", ".ckpt.pt.tmp", "log.csv"):
         (folder / name).symlink_to(outside)
-    save_checkpoint({"x": 1}, folder / "ckpt.pt")  # replaces the link at ckpt.pt, never writes through it
+    save_torch({"x": 1}, folder / "ckpt.pt")  # replaces the link at ckpt.pt, never writes through it
     assert not (folder / "ckpt.pt").is_symlink() and torch.load(folder / "ckpt.pt") == {"x": 1}
     with pytest.raises(OSError):
         append_line(folder / "log.csv", "1,2\n")
@@ -111,15 +112,15 @@ def test_checkpoints_and_meta_json_with_wrong_types_are_refused(tmp_path):
                          ({**TINY_ARGS, "bias": 1}, "bias must be bool"),
                          ({**TINY_ARGS, "heads": 2}, "unexpected keyword"),
                          ([1, 2], "model_args is a list")):
-        save_checkpoint({"model": model.state_dict(), "model_args": bad, "tokenizer": spec}, tmp_path / "c.pt")
+        save_torch({"model": model.state_dict(), "model_args": bad, "tokenizer": spec}, tmp_path / "c.pt")
         with pytest.raises(UserError, match=f"c.pt is damaged or not from this project: .*{message}"):
             load_checkpoint(tmp_path / "c.pt")
-    save_checkpoint({"model": model.state_dict(), "model_args": TINY_ARGS, "tokenizer": {**spec, "json": 5}},
+    save_torch({"model": model.state_dict(), "model_args": TINY_ARGS, "tokenizer": {**spec, "json": 5}},
                     tmp_path / "c.pt")
     with pytest.raises(UserError, match="lacks text fields json"):
         load_checkpoint(tmp_path / "c.pt")
     from checkpoint import load_model
-    save_checkpoint({"model": model.state_dict(), "model_args": TINY_ARGS, "tokenizer": spec}, tmp_path / "c.pt")
+    save_torch({"model": model.state_dict(), "model_args": TINY_ARGS, "tokenizer": spec}, tmp_path / "c.pt")
     with pytest.raises(UserError, match="tokenizer 'x' cannot be built from its description"):
         load_model(tmp_path / "c.pt")  # spec["json"] is not a tokenizer.json
 

@@ -1,0 +1,96 @@
+"""The language model's head and loss in one, a chunk of positions at a time: the same numbers as
+F.cross_entropy on the logits, without the (tokens x vocab_size) logits ever in memory at once.
+
+With GPT-2's 50,304-row vocabulary the logits of a 32 x 256-token batch are 1.6 GB in float32, and as much again
+for their gradient: more than the rest of a 15M-parameter model's training step. model.py calls
+chunked_cross_entropy in one line; tests/test_memory.py checks it against the plain path.
+"""
+
+import torch
+
+
+HEAD_CHUNK_LOGITS = 2 ** 25  # at most this many logits per chunk of ChunkedHeadLoss: 128 MiB in float32
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of a linear head, computed a chunk of positions at a time (at most
+    HEAD_CHUNK_LOGITS // vocab_size of them), so that the logits of all positions (N x vocab_size floats, and as
+    many for their gradient) never exist at once.
+
+    For z = x W^T (one row of vocab_size logits per position), the loss is the mean over positions n with
+    targets[n] != -1 of logsumexp(z[n]) - z[n, targets[n]], and its gradient with respect to z[n] is
+    (softmax(z[n]) - onehot(targets[n])) / count: the standard softmax cross-entropy gradient. A chunk's rows
+    hold the whole vocabulary, so forward can form that gradient as soon as it has the chunk's logits, and turns
+    it at once into the chunk's share of dL/dx and dL/dW (as in Liger Kernel's fused linear cross-entropy,
+    Hsu et al. 2024). Backward only multiplies them by the incoming gradient: no logits are recomputed, and the
+    head costs the same 6 N n_embd vocab_size FLOPs as the plain path. What is kept from forward to backward is
+    dL/dx (N x n_embd) and dL/dW (vocab_size x n_embd, float32), which the weight's .grad needs anyway.
+
+    Logits and the matmuls of the gradient run in `dtype` (the autocast precision, as nn.Linear under autocast);
+    log-softmax, softmax and the dL/dW sum over chunks in float32 (or float64 for float64 inputs). On a CPU
+    (2 cores, see README, Performance) the head with its loss takes about 20% longer than the plain path at
+    HEAD_CHUNK_LOGITS = 2**25 (smaller matmuls, and the sum of dL/dW over chunks); smaller chunks save
+    memory and cost more time.
+
+    apply(x, weight, targets, dtype, need_grad):
+        x: (N, n_embd) hidden states; weight: (vocab_size, n_embd), the head (tied: the token embedding);
+        targets: (N,) int64, -1 for positions that do not count; need_grad: form the gradients (False under
+        torch.no_grad, see chunked_cross_entropy). Returns the loss, a scalar in nats per token (float32; float64 for
+        float64 inputs): NaN when every target is -1, as F.cross_entropy gives. A target >= vocab_size raises
+        RuntimeError (index out of bounds), as there.
+        Backward runs once: the saved gradients are consumed (retain_graph cannot reuse them).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, dtype, need_grad):
+        acc = torch.promote_types(dtype, torch.float32)  # float32, or float64 for float64 inputs
+        w = weight.to(dtype)
+        valid = targets != -1
+        count = valid.sum()
+        scale = valid.to(acc) / count.clamp(min=1)  # d(loss)/d(nll of each position)
+        nll = torch.empty(x.size(0), dtype=acc, device=x.device)
+        ctx.grads = None
+        if need_grad:
+            grad_x = torch.empty_like(x)
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        n_chunks = -(-x.size(0) * weight.size(0) // HEAD_CHUNK_LOGITS)  # ceil
+        chunk = -(-x.size(0) // n_chunks)  # positions per chunk, as even as can be
+        with torch.autocast(x.device.type, enabled=False):  # the casts are explicit here
+            for start in range(0, x.size(0), chunk):
+                end = min(start + chunk, x.size(0))
+                xc, t = x[start:end].to(dtype), targets[start:end].clamp(min=0)[:, None]
+                # this chunk's (n, vocab_size) log-probabilities in float32, straight from the logits in dtype
+                logp = torch.log_softmax(xc @ w.t(), dim=1, dtype=acc)
+                nll[start:end] = -logp.gather(1, t).squeeze(1)
+                if not need_grad:
+                    continue
+                p = logp.exp_()  # softmax, in place; then minus the one-hot target
+                p.scatter_add_(1, t, -valid[start:end, None].to(acc))
+                g = p.to(dtype)
+                del logp, p
+                # each row of g times its position's weight in the mean (0 for ignored targets), applied to the
+                # small (n, n_embd) factors rather than to g
+                row_scale = scale[start:end, None]
+                grad_x[start:end] = (g @ w) * row_scale
+                grad_w += g.t() @ (xc * row_scale).to(dtype)
+        if need_grad:
+            ctx.grads = grad_x, grad_w.to(weight.dtype)
+        return torch.where(valid, nll, 0.0).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("backward through ChunkedHeadLoss can run only once (its gradients are consumed)")
+        grad_x, grad_w = ctx.grads
+        ctx.grads = None
+        return grad_x.mul_(grad_loss), grad_w.mul_(grad_loss), None, None, None
+
+
+def chunked_cross_entropy(x, weight, targets):
+    """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) -- the same loss and gradients -- without ever
+    holding the full logits (ChunkedHeadLoss), in the autocast precision when autocast is on for x's device. x: (N, n_embd); weight: (vocab_size, n_embd);
+    targets: (N,) int64, -1 ignored. Returns a scalar in nats per token: float32 (float64 for float64 x)."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return ChunkedHeadLoss.apply(x, weight, targets, dtype, need_grad)

@@ -1,0 +1,186 @@
+"""Files written safely: whole or not at all (atomic_file), appended without following links (append_line), and
+folders locked to one writer (lock_dir). Every file this project writes goes through here.
+
+Also the one reader of files saved with torch.save (load_torch), which refuses code inside them."""
+
+import contextlib
+import os
+import sys
+import tempfile
+
+import torch
+
+from errors import UserError
+
+
+class _WriteRecorder:
+    """The file object torch.save writes to: it keeps the OSError of a failed write (disk full, file too
+    large), which torch itself turns into an unhelpful RuntimeError about file positions."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="w"):
+    """Write `path` whole or not at all: yield a new temporary file beside it, opened in `mode` ("w": UTF-8 text,
+    "wb": bytes); when the block ends without an error, flush and fsync it, rename it over `path` and fsync the
+    directory, so `path` is always either the old file or the complete new one. Creates missing folders.
+
+    The temporary file gets a unique name (`.NAME.XXXXXXXX.tmp`) and is created exclusively (tempfile.mkstemp:
+    O_CREAT | O_EXCL, which never follows a symbolic link), and the rename replaces a link at `path` rather than
+    writing through it; the file gets the permissions the umask gives new files. On any error (OSError from a full
+    disk, Ctrl-C, ...) the temporary file is removed and the error re-raised."""
+    path = str(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def fsync_dir(folder):
+    """fsync a directory, so the renames in it survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_torch(obj, path):
+    """Write `obj` with torch.save through atomic_file: `path` is always the old file or the complete new one.
+    Raises OSError when the write fails (e.g. disk full), after removing the temporary file."""
+    with atomic_file(path, "wb") as f:
+        writer = _WriteRecorder(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
+
+def write_text_atomic(text, path):
+    """Write the str `text` to `path` (UTF-8) through atomic_file. Raises OSError (the temporary file removed)."""
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+def load_torch(path, device="cpu"):
+    """Read a file written by torch.save with `weights_only=True`: tensors and plain data load, code does not run.
+
+    Returns what was saved (a checkpoint's dict), tensors on `device`.
+    Raises UserError: the file is missing, truncated or corrupt, or holds objects other than tensors and plain
+    data (never load such a file from elsewhere: it could run any code).
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is not a file")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        first = (str(e).splitlines() or [""])[0]
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"{path} is not a readable checkpoint: it holds objects other than tensors and plain "
+                            f"data, which could run code, so it is refused (load only checkpoints written by "
+                            f"this project's train.py)") from None
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
+                        f"{type(e).__name__}: {first}") from None
+
+
+def append_line(path, line):
+    """Append the str `line` (UTF-8) to `path`, creating it if needed. Opened with O_NOFOLLOW: a symbolic link
+    planted at `path` is refused (OSError) instead of written through."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "a", encoding="utf-8", newline="") as f:
+        f.write(line)
+
+
+_held_locks = {}  # real path of a locked folder -> its open lock file: a lock lasts as long as the file is open
+
+
+def lock_dir(folder, owner, shared=False):
+    """Lock `folder` for this process's lifetime with an OS file lock on folder/.lock (flock): one writer at a time,
+    or (shared=True) any number of readers while no writer holds it. The kernel releases the lock when the process
+    ends, however it ends, so a killed run never leaves a stale lock. An exclusive holder writes its pid and
+    command line into the file so that the next one can name it.
+
+    train.py locks its out_dir exclusively and its data_dir shared; prepare.py locks its data_dir exclusively, so
+    data cannot be rewritten under a running train.py. An exclusive holder also removes the temporary files
+    (atomic_file's .NAME.XXXXXXXX.tmp) that a killed process left. Where the OS has no flock (Windows), nothing
+    is locked.
+
+    Args:
+        folder: the directory (created if missing, for an exclusive lock). owner: the script's name, for messages.
+    Raises:
+        UserError: the folder cannot be written (read-only, permissions), or another process holds the lock
+            (naming it when it can).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    if os.path.realpath(folder) in _held_locks:
+        return  # this process holds it already (e.g. out_dir and data_dir are one folder)
+    lock_path = os.path.join(folder, ".lock")
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    if shared and not os.path.isdir(folder):
+        return  # nothing to read there: the caller's own check says so
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(lock_path, flags, 0o666)
+    except PermissionError:
+        if shared and os.path.isdir(folder) and not os.access(folder, os.W_OK):
+            return  # a read-only data directory: nobody without write access can rewrite it either
+        raise UserError(f"cannot write in {folder} (read-only or not yours): choose a folder you can write to, "
+                        f"or fix its permissions") from None
+    except OSError as e:
+        raise UserError(f"cannot lock {folder}: {lock_path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:  # whoever holds it exclusively left its pid; if a shared lock can be had, only readers hold it
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            writer = None
+        except BlockingIOError:
+            writer = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "pid unknown"
+        os.close(fd)
+        if writer is None:
+            raise UserError(f"{folder} is in use by a running train.py, which reads the data there: wait for it "
+                            f"to end or stop it, or use another folder") from None
+        raise UserError(f"{folder} is in use by another process ({writer}): wait for it to end or stop it, or "
+                        f"use another folder; only one {owner} may work on a folder at a time") from None
+    if not shared:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)}".encode()[:4000], 0)
+        for name in os.listdir(folder):  # no one else writes here now: these were left by a killed process
+            if name.startswith(".") and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
+    _held_locks[os.path.realpath(folder)] = fd
