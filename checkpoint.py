@@ -38,8 +38,7 @@ def load_checkpoint(path, device="cpu"):
     try:
         model_config(ckpt)
         check_spec(ckpt["tokenizer"])
-        if not isinstance(ckpt["model"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
-            raise UserError("its weights (model) are not a dict of tensors")
+        check_weights(ckpt["model"], ckpt["model_args"])
         if not isinstance(ckpt.get("config", {}), dict):
             raise UserError("its settings (config) are not a dict")
     except UserError as e:
@@ -58,15 +57,55 @@ def model_config(ckpt):
         raise UserError(f"model_args do not fit this GPT: {e}") from None
 
 
+def check_weights(state, model_args):
+    """Check a state dict from elsewhere against the model that `model_args` (GPTConfig fields) describe, key by
+    key, before any model is allocated: the shapes come from that model built on PyTorch's "meta" device, which
+    holds no data. Raises UserError (naming the first differences) when `state` is not a dict of tensors, lacks a
+    weight, has one the model does not, or has a weight of another shape."""
+    if not isinstance(state, dict):
+        raise UserError(f"its weights (the 'model' entry) are a {type(state).__name__}, not a dict of tensors")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise UserError(f"its weights (the 'model' entry) hold entries that are not tensors: "
+                        f"{', '.join(map(str, not_tensors[:3]))}")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(model_config({"model_args": model_args})).state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    shapes = [f"{k} is {tuple(state[k].shape)}, not {expected[k]}" for k in expected
+              if k in state and tuple(state[k].shape) != expected[k]]
+    problems = ([f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"] if missing else []) + \
+               ([f"unexpected {', '.join(map(str, extra[:3]))}{' ...' if len(extra) > 3 else ''}"] if extra else []) + \
+               shapes[:3]
+    if problems:
+        raise UserError(f"the weights do not fit its model_args ({'; '.join(problems)})")
+
+
+def check_fits(model_args, device, bytes_per_param=4, what="its weights"):
+    """Raise UserError, before anything is allocated, when a model of these GPTConfig fields needs more memory than
+    `device` has free: parameters (counted on the "meta" device) x bytes_per_param (4: float32 weights; 16 for
+    training with AdamW: weights, gradients and two moments). `what` names the need in the message."""
+    from configurator import available_memory
+    with torch.device("meta"):
+        n = GPT(model_config({"model_args": model_args})).num_params()
+    need, free = n * bytes_per_param, available_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"this model has {n / 1e6:,.0f}M parameters: {what} need about {need / 1e9:,.1f} GB, more "
+                        f"than the {free / 1e9:,.1f} GB free on {device}: choose a smaller model (n_layer, n_embd, "
+                        f"vocab_size)")
+
+
 def model_from_checkpoint(ckpt):
     """Build a GPT from a loaded checkpoint's "model_args" and load its weights. Returns GPT (on the weights'
     device, in train mode). Raises UserError if the weights do not fit the shape."""
+    device = next(iter(ckpt["model"].values())).device
+    check_fits(ckpt["model_args"], device)
     model = GPT(model_config(ckpt))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UserError(f"checkpoint weights do not match its model shape: {str(e).splitlines()[0]}") from None
-    return model.to(next(iter(ckpt["model"].values())).device)
+    return model.to(device)
 
 
 def load_model(path, device="cpu"):

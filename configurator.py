@@ -35,7 +35,8 @@ from errors import UserError  # noqa: F401 (the scripts import it from here with
 
 def run(main):
     """Call `main()`; a `UserError` becomes `error: <message>` on stderr and exit code 2, with no traceback;
-    Ctrl-C becomes `interrupted` and exit code 130. An operation that Apple's MPS backend lacks in this PyTorch
+    Ctrl-C becomes `interrupted` and exit code 130; a reader of stdout that went away (`| head -1`) ends it
+    quietly with exit code 141, as SIGPIPE ends other tools. An operation that Apple's MPS backend lacks in this PyTorch
     (NotImplementedError naming MPS) gets the same treatment, with the fallback to the CPU as the fix."""
     try:
         main()
@@ -52,6 +53,25 @@ def run(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # The reader of stdout has gone (`python sample.py | head -1`): stop quietly, as command-line tools do,
+        # with the status of a process ended by SIGPIPE (128 + 13). Python would flush stdout again on exit and
+        # complain, so stdout now goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+
+
+def _stdout_closed():
+    """Whether stdout is a pipe or socket whose reader has gone (poll reports an error or hang-up on it)."""
+    try:
+        import select
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows) or no real stdout: assume it was stdout
+        return True
 
 
 def _configurable(defaults):

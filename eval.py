@@ -15,9 +15,11 @@ Writes the report as JSON (--report, default out_dir/eval.json) and a short Mark
    over their number, summed in float64), perplexity exp(loss), and bits per byte = loss / ln 2 x tokens / bytes,
    where tokens and bytes are those of the whole split in meta.json: tokens counts every document's tokens plus
    its <|endoftext|>, bytes the UTF-8 bytes of the documents' text (no separators). The end-of-text predictions
-   are thus charged to the text, as in train.py's bpb. With --text, the file is split into documents on blank
-   lines as prepare.py does (blocks of only whitespace dropped), each followed by <|endoftext|>, and bytes are
-   the UTF-8 bytes of those documents, so the same text scores the same as its prepared validation.bin and bits
+   are thus charged to the text, as in train.py's bpb. With --text, the file is split into documents by
+   prepare.py's own reader (prepare.text_documents: on lines holding only <|endoftext|> where it has them, else
+   on blank lines), each followed by <|endoftext|>, and bytes are the UTF-8 bytes of those documents, and the
+   long documents are encoded in pieces as prepare.py does, so the same text scores the same as its prepared
+   validation.bin and bits
    per byte compare across tokenizers. The softmax is the model's own (as in train.py's loss), over all
    vocab_size ids including the padding ids that no text contains.
 2. Stories: num_samples continuations of built-in TinyStories-style openings (cycled), sampled with the given
@@ -47,11 +49,11 @@ import numpy as np
 import torch
 
 from checkpoint import load_model, quantize_int8
-from configurator import UserError, autocast, check_values, configure, read_text, resolve_device, run
+from configurator import UserError, autocast, check_values, configure, resolve_device, run
 from files import write_text_atomic
 from judge import CRITERIA, judge_samples
 from model import check_sampling, continuations
-from prepare import read_meta
+from prepare import read_meta, text_documents as prepared_documents
 from tokenizer import bits_per_byte, tokenizer_from_meta
 
 # -----------------------------------------------------------------------------
@@ -203,20 +205,19 @@ def loss_summary(result, n_tokens, n_bytes):
 
 
 def text_documents(path):
-    """The documents of a UTF-8 text file as prepare.py reads a .txt: blocks separated by a blank line ("\\n\\n"
-    after universal-newline translation), blocks of only whitespace dropped. Returns a list of str.
-    Raises UserError: missing or unreadable file, not UTF-8, or no text in it."""
-    docs = [d for d in read_text(path, "text file").split("\n\n") if d and not d.isspace()]
+    """The documents of a text file exactly as prepare.py reads a .txt (prepare.text_documents, the one owner of
+    that rule). Returns a list of str. Raises UserError: missing, not a file, unreadable, not UTF-8, or no text."""
+    docs = list(prepared_documents(path))
     if not docs:
-        raise UserError(f"the text file {path} holds no text")
+        raise UserError(f"the text file {path} holds no text, only <|endoftext|> lines and whitespace")
     return docs
 
 
 def encode_documents(tok, docs):
     """Token stream of documents as prepare.py writes it: each document's tokens, then <|endoftext|>.
     Returns a 1-D int64 np.ndarray."""
-    ids = [i for doc in tok.encode_batch(docs) for i in (*doc, tok.eot_token)]
-    return np.asarray(ids, dtype=np.int64)
+    eot = np.array([tok.eot_token], dtype=np.int64)
+    return np.concatenate([a for doc in tok.encode_batch(docs, dtype=np.int64) for a in (doc, eot)])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -486,7 +487,7 @@ def main():
                                           None if overlap == -1 else overlap)
     json_path = report or os.path.join(out_dir, "eval.json")
     md_path = json_path.removesuffix(".json") + ".md"
-    check_writable(json_path)
+    check_writable(json_path, md_path)
 
     n_params = model.num_params()  # counted before quantization, whose int8 weights are not parameters
     if quantize:
@@ -560,13 +561,42 @@ def text_to_score(tok, prepared, meta, problems, ckpt_path):
     return stream, counts, source
 
 
-def check_writable(json_path):
-    """Raise UserError now, before the model work, if the report could not be written later."""
+def check_writable(json_path, md_path):
+    """Raise UserError now, before the model work, if the report could not be written later, or if writing it
+    would replace a file that is not an earlier report (a checkpoint given as --report by mistake, a folder):
+    the JSON must be a report of eval.py (load_report) and the Markdown must start as markdown_report's do."""
+    for path, is_report in ((json_path, _is_report), (md_path, _is_markdown_report)):
+        if os.path.isdir(path):
+            raise UserError(f"the report path {path} is a folder: give a file name, e.g. --report={path}/eval.json")
+        if os.path.lexists(path) and not is_report(path):
+            raise UserError(f"{path} exists and is not a report written by eval.py: choose another --report path "
+                            f"(nothing was overwritten)")
     folder = os.path.dirname(os.path.abspath(json_path))
     while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        if os.path.exists(folder):
+            raise UserError(f"cannot write the report {json_path}: {folder} is a file, not a folder")
         folder = os.path.dirname(folder)  # the nearest existing folder: the report's folder may be created
     if not os.access(folder, os.W_OK):
         raise UserError(f"cannot write the report {json_path}: {folder} is not writable; choose --report=PATH")
+
+
+def _is_report(path):
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) != b"{":  # a checkpoint (a zip: "PK"), a text...: not read whole
+                return False
+        load_report(path)
+        return True
+    except (OSError, UserError):
+        return False
+
+
+def _is_markdown_report(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return os.path.isfile(path) and f.read(len("# Evaluation of ")) == "# Evaluation of "
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def measure_stories(model, tok, dev, ctx, prepared, meta, words_note):

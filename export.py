@@ -26,9 +26,12 @@ generation_config.json's suppress_tokens, so generation never produces them (lik
 Like GPT-2, the exported model reads at most block_size tokens (n_positions); sample.py slides a window past it.
 Llama and Qwen3 use the same rotary convention as model.apply_rope (rope_theta 10000, channel i paired with
 i + head_size/2), so their weights need no permutation; max_position_embeddings is block_size, the length trained on.
-The export_dir is built in a temporary folder beside it and renamed into place when complete. An existing,
-non-empty export_dir is only replaced with --force, and only if export.py wrote it (it holds a .tinystories-export
-file): --force never deletes a training run or any other folder.
+The export_dir is built in a temporary folder beside it (.NAME.tmp.*) and renamed into place when complete. An
+existing, non-empty export_dir is only replaced with --force, and only if export.py wrote it (it holds a
+.tinystories-export file): --force never deletes a training run or any other folder. The next export to the same
+export_dir removes what a killed one left beside it (each export holds an OS lock on its folders while it runs),
+and puts back a previous export that a killed one had moved aside (.NAME.old.*) but not yet replaced. The room
+on the disk is checked before anything is written.
 """
 
 import json
@@ -300,12 +303,73 @@ def _check_destination(path, ckpt_path):
                             f"will not delete it: choose another --export_dir")
 
 
+_held = []  # open, locked folders of this process (flock lasts while the descriptor is open)
+
+
+def _hold(folder):
+    """Lock the folder this export created (flock on a descriptor kept open until the process ends), so that
+    another export's clean_leftovers knows it is in use. Where the OS has no flock (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _held.append(fd)
+
+
+def clean_leftovers(dest):
+    """Remove the temporary folders (.NAME.tmp.*, .NAME.old.*) that killed exports to `dest` left beside it: those
+    no running export holds (_hold). A .NAME.old.* folder holds the previous export, moved aside just before the
+    new one was renamed into place: if `dest` is missing, the previous export is put back there instead of being
+    deleted. Returns the list of names removed or restored, for a message. Nothing happens where the OS has no
+    flock (Windows): a running export's folders cannot be told from leftovers there."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    parent, base = os.path.dirname(os.path.abspath(dest)), os.path.basename(os.path.abspath(dest))
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    done = []
+    for name in sorted(entries):
+        path = os.path.join(parent, name)
+        if not name.startswith((f".{base}.tmp.", f".{base}.old.")) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: an export running now
+            os.close(fd)
+            continue
+        try:
+            previous = os.path.join(path, "dir")
+            if ".old." in name and os.path.isdir(previous) and not os.path.lexists(dest):
+                os.replace(previous, dest)
+                note = f"{name} (the previous export, put back at {dest})"
+            else:
+                note = name
+            shutil.rmtree(path)
+            done.append(note)
+        except OSError:
+            pass  # not ours to remove (permissions): left as it is
+        finally:
+            os.close(fd)
+    return done
+
+
 def _replace_dir(tmp, path):
     """Put the finished folder `tmp` at `path`: a rename when `path` is missing or empty; otherwise the old folder
     is renamed aside first and deleted after the new one is in place."""
     old = None
     if os.path.isdir(path) and os.listdir(path):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=os.path.dirname(os.path.abspath(path)))
+        _hold(old)
         os.replace(path, os.path.join(old, "dir"))
     try:
         os.replace(tmp, path)  # replaces an empty folder in one step
@@ -323,6 +387,9 @@ def main():
     from safetensors.torch import save_file
     ckpt_path = os.path.join(out_dir, checkpoint)
     dest = os.path.normpath(export_dir)
+    cleaned = clean_leftovers(dest)
+    if cleaned:
+        print(f"removed what killed exports left: {', '.join(cleaned)}")
     _check_destination(dest, ckpt_path)
     model, tok, _ = load_model(ckpt_path)
     args = asdict(model.config)  # every GPTConfig field, also for a checkpoint older than a switch
@@ -340,13 +407,28 @@ def main():
     files["generation_config.json"] = json.dumps(
         generation_config(tok.eot_token, tok.vocab_size, args["vocab_size"]), indent=2) + "\n"
     parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp.", dir=parent)
+    need = sum(t.numel() * t.element_size() for t in state.values()) + sum(len(t.encode()) for t in files.values())
+    try:
+        os.makedirs(parent, exist_ok=True)
+        free = shutil.disk_usage(parent).free
+        if need > free:
+            raise UserError(f"the export needs about {need / 1e6:,.1f} MB but only {free / 1e6:,.1f} MB are free "
+                            f"in {parent}: free some space or choose another --export_dir (nothing was written)")
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp.", dir=parent)
+        _hold(tmp)
+    except OSError as e:
+        raise UserError(f"cannot write in {parent} ({e.strerror or e}): choose an --export_dir in a folder you "
+                        f"can write to") from None
     umask = os.umask(0)
     os.umask(umask)
     try:
         weights = os.path.join(tmp, "model.safetensors")
-        save_file(state, weights, metadata={"format": "pt"})
+        try:
+            save_file(state, weights, metadata={"format": "pt"})
+        except OSError:
+            raise
+        except Exception as e:  # safetensors' own error type wraps the OS error (a full disk, ...)
+            raise OSError(str(e).splitlines()[0]) from None
         for name, text in {**files, MARKER: json.dumps({"checkpoint": ckpt_path}) + "\n"}.items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:  # tmp is new and ours alone (mkdtemp)
                 f.write(text)

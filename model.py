@@ -419,14 +419,18 @@ def continuations(out, prompt_len, eos_token):
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, vocab_limit=None, generator=None):
     """Draw one token id per row from logits (B, V) -> (B,) int64. See GPT.generate_stream for the arguments,
-    which the caller checks once (check_sampling), not at every token."""
+    which the caller checks once (check_sampling), not at every token. A temperature too small for the scaled
+    logits to be finite samples greedily (its limit), as temperature 0 does."""
     logits = logits.float()
     if vocab_limit is not None and vocab_limit < logits.size(-1):
         logits = logits.clone()
         logits[:, vocab_limit:] = -float("inf")
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
+    if temperature < torch.finfo(logits.dtype).tiny:  # 0, or below what float32 holds (1e-300 would become 0)
+        return logits.argmax(dim=-1)  # greedy: the limit of sampling as the temperature goes to 0
+    # Shifted so that each row's largest logit is 0 before dividing (softmax does not change under a shift): every
+    # scaled logit is then <= 0, so no temperature, however small, overflows to inf and makes the softmax NaN; a
+    # tiny one leaves the largest logits at 0 and the rest at -inf, which is again greedy sampling.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k and top_k < logits.size(-1):
         values, indices = torch.topk(logits, top_k, dim=-1)
         logits = torch.full_like(logits, -float("inf")).scatter(1, indices, values)

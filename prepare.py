@@ -73,10 +73,10 @@ def file_kind(path):
     return (None if builder == "parquet" and compression else builder), compression
 
 
-def names(paths, root=None):
-    """A short list of file names for messages: "a.txt" or "a.json, b.json and 48 more"."""
-    shown = [os.path.relpath(p, root) if root else p for p in paths[:2]]
-    return ", ".join(shown) + (f" and {len(paths) - 2} more" if len(paths) > 2 else "")
+def names(paths, root=None, limit=2):
+    """A short list of file names for messages: "a.txt" or "a.json, b.json and 48 more" (`limit` names shown)."""
+    shown = [os.path.relpath(p, root) if root else p for p in paths[:limit]]
+    return ", ".join(shown) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 def data_files(path):
@@ -89,6 +89,13 @@ def data_files(path):
         return sorted(f for f in resolve_pattern("**", base_path=path) if file_kind(f)[0])
     except FileNotFoundError:
         return []
+
+
+def archives(path):
+    """The archives (ARCHIVES: .tar.gz, .zip, ...) directly in the folder `path`: listed among the files not read."""
+    if not os.path.isdir(path):
+        return []
+    return [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.lower().endswith(ARCHIVES)]
 
 
 def local_files(path):
@@ -124,9 +131,13 @@ def local_files(path):
     if not found.get("train"):
         raise UserError(f"{path} has no train file: name one train.* (and the validation files validation.*)")
     files = {split: found[split] for split in SPLITS if found.get(split)}
-    unused = sorted(set(data_files(path)) - {f for paths in files.values() for f in paths})
+    used = {f for paths in files.values() for f in paths}
+    unused = sorted(f for f in set(data_files(path)) | set(archives(path)) if f not in used)
     if unused:
-        print(f"not read (test files, or not train/validation files in the layout found): {names(unused, path)}")
+        layout = ("the hub's data/ shards, as the hub loads this folder" if any(
+            os.path.relpath(f, path).startswith("data" + os.sep) for f in used) else "the layout found")
+        print(f"read {names(sorted(used), path, 6)} ({layout}); not read: {names(unused, path, 12)} (test files, "
+              f"archives, or not train/validation files in that layout; give one as --dataset to read it instead)")
     return files, builders[0]
 
 
@@ -140,15 +151,20 @@ def is_local(source):
     return False
 
 
-def check_text(path, split):
+def check_text(path, role):
     """Read a .txt, .json or .jsonl file once, decompressed as its name says, before `datasets` does: return True
     when it has a line holding only <|endoftext|> (then those lines, and only those, separate its documents).
+    `role` names the file in messages ("the train split", "text file").
     Raises UserError naming the file when it is not UTF-8 (with the byte offset), is not the compressed file
-    its name says, or holds no text. Reads CHUNK bytes at a time, so any file size fits in memory."""
+    its name says, is not a file, or holds no text. Reads CHUNK bytes at a time, so any file size fits in
+    memory."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} ({role}) {'is not a file' if os.path.exists(path) else 'does not exist'}: "
+                        f"name a text file")
     compression = file_kind(path)[1]
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, has_text, separated, tail = 0, False, False, ""
-    blank = None if file_kind(path)[0] == "text" else " \t\r\n[]{},"  # JSON of nothing: [], [{}], ...
+    blank = " \t\r\n[]{}," if file_kind(path)[0] == "json" else None  # JSON of nothing: [], [{}], ...
     try:
         with COMPRESSIONS.get(compression, open)(path, "rb") as f:
             while True:
@@ -177,7 +193,7 @@ def check_text(path, split):
                             f"(truncated, corrupt or not compressed?): {e}") from None
         raise UserError(f"could not read {path}: {e}") from None
     if not has_text:
-        raise UserError(f"{path} (the {split} split) is empty: it holds no text; fill it or remove it")
+        raise UserError(f"{path} ({role}) is empty: it holds no text; fill it or remove it")
     return separated
 
 
@@ -192,46 +208,112 @@ def check_parquet(path, split):
         raise UserError(f"{path} (the {split} split) is empty: it has no rows; fill it or remove it")
 
 
-def eot_documents(paths):
-    """Yield {"text": document} for each run of lines between lines holding only <|endoftext|> (the layout of
-    TinyStoriesV2-GPT4-*.txt), stripped of surrounding whitespace; blank runs are skipped. Reads line by line."""
-    for path in paths:
-        with COMPRESSIONS.get(file_kind(path)[1], open)(path, "rt", encoding="utf-8") as f:
+def text_documents(path, separated=None):
+    """Yield the documents of one text file (decompressed as its name says) the way prepare.py reads every .txt,
+    and eval.py --text too: where the file has lines holding only <|endoftext|> (TinyStoriesV2-GPT4-*.txt), the
+    runs of lines between them, stripped of surrounding whitespace; else the blocks separated by a blank line
+    ("\\n\\n" after universal-newline translation, as `datasets` reads paragraphs). Blocks of only whitespace
+    are skipped. Reads CHUNK characters at a time (and the rest of a line), so memory is bounded by the longest
+    line, not the file.
+
+    Args:
+        path: the file. separated: whether it has <|endoftext|> lines (check_text's answer); None: check now.
+    Yields:
+        str, one document at a time.
+    Raises:
+        UserError: see check_text (when separated is None)."""
+    if separated is None:
+        separated = check_text(path, "text file")
+    with COMPRESSIONS.get(file_kind(path)[1], open)(path, "rt", encoding="utf-8") as f:
+        if separated:
             lines = []
             for line in f:
                 if line.strip() != "<|endoftext|>":
                     lines.append(line)
                     continue
                 if text := "".join(lines).strip():
-                    yield {"text": text}
+                    yield text
                 lines = []
             if text := "".join(lines).strip():
-                yield {"text": text}
+                yield text
+            return
+        rest = ""
+        while chunk := f.read(CHUNK):
+            blocks = (rest + chunk + f.readline()).split("\n\n")
+            rest = blocks.pop()
+            yield from (b for b in blocks if b and not b.isspace())
+        if rest and not rest.isspace():
+            yield rest
+
+
+def _documents(paths, separated):
+    """{"text": document} for each document of the files (Dataset.from_generator's form); see text_documents."""
+    for path, sep in zip(paths, separated):
+        for text in text_documents(path, sep):
+            yield {"text": text}
 
 
 def read_local(split, paths, builder):
-    """Read one split's local files (all of one builder) into a `datasets.Dataset`. In .txt files the documents
-    are split on lines holding only <|endoftext|> where a file has such lines, else on blank lines; says which."""
+    """Read one split's local files (all of one builder) into a `datasets.Dataset`. .txt files are read by
+    text_documents (split on lines holding only <|endoftext|> where a file has such lines, else on blank lines;
+    it says which). Raises UserError naming the file: unreadable, not UTF-8, empty, a JSON line that is not
+    JSON, or no documents at all (only <|endoftext|> lines or whitespace)."""
     import datasets
     if builder == "parquet":
         for path in paths:
             check_parquet(path, split)
         return datasets.load_dataset("parquet", data_files=paths, split="train")
-    separated = [p for p in paths if check_text(p, split)]
+    separated = [check_text(p, f"the {split} split") for p in paths]
     if builder == "json":
-        return datasets.load_dataset("json", data_files=paths, split="train")
-    blank = [p for p in paths if p not in separated]
-    parts = []
-    if blank:
-        print(f"{split}: {names(blank)}: documents split on blank lines (no <|endoftext|> lines)")
-        parts.append(datasets.load_dataset("text", data_files=blank, sample_by="paragraph", split="train"))
-    if separated:
-        print(f"{split}: {names(separated)}: documents split on lines holding only <|endoftext|>")
-        stamp = json.dumps(["eot_documents v1", fingerprint(separated)])  # reread when a file changes
-        parts.append(datasets.Dataset.from_generator(
-            eot_documents, gen_kwargs={"paths": separated}, fingerprint=hashlib.sha256(stamp.encode()).hexdigest()[:32],
-            features=datasets.Features({"text": datasets.Value("string")})))
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        try:
+            return datasets.load_dataset("json", data_files=paths, split="train")
+        except Exception:
+            for path in paths:
+                find_json_error(path)
+            raise
+    for rule, files in (("blank lines (no <|endoftext|> lines)", [p for p, s in zip(paths, separated) if not s]),
+                        ("lines holding only <|endoftext|>", [p for p, s in zip(paths, separated) if s])):
+        if files:
+            print(f"{split}: {names(files)}: documents split on {rule}")
+    stamp = json.dumps(["text_documents v2", fingerprint(paths), separated])  # reread when a file changes
+    ds = datasets.Dataset.from_generator(
+        _documents, gen_kwargs={"paths": paths, "separated": separated},
+        fingerprint=hashlib.sha256(stamp.encode()).hexdigest()[:32],
+        features=datasets.Features({"text": datasets.Value("string")}))
+    if len(ds) == 0:
+        raise UserError(f"{names(paths)} (the {split} split) holds no documents, only <|endoftext|> lines and "
+                        f"whitespace: put text between the separator lines")
+    return ds
+
+
+def find_json_error(path):
+    """Raise UserError naming the file and line when the .json/.jsonl file `path` (decompressed as its name says)
+    is neither JSON lines nor one JSON document; return quietly when it parses (the error was elsewhere). Used
+    after `datasets` fails, whose own error names neither. Reads line by line unless the file is one document
+    (it starts with "[")."""
+    with COMPRESSIONS.get(file_kind(path)[1], open)(path, "rt", encoding="utf-8") as f:
+        first = ""
+        while (char := f.read(1)) and char.isspace():
+            pass
+        first = char
+    with COMPRESSIONS.get(file_kind(path)[1], open)(path, "rt", encoding="utf-8") as f:
+        if first == "[":  # one JSON document (TinyStories_all_data's data00.json)
+            try:
+                json.load(f)
+            except ValueError as e:
+                raise UserError(f"{path} line {getattr(e, 'lineno', '?')}: not valid JSON ({e}); fix or remove "
+                                f"that line") from None
+            return
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    value = json.loads(line)
+                except ValueError as e:
+                    raise UserError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno}); fix or "
+                                    f"remove that line (a .jsonl file holds one JSON object per line)") from None
+                if not isinstance(value, dict):
+                    raise UserError(f"{path} line {number}: a JSON {type(value).__name__}, not an object with a "
+                                    f"text field; each line must be an object like {{\"text\": \"...\"}}")
 
 
 def choose_column(splits, requested, source, files=None):
@@ -361,8 +443,27 @@ def train_bpe(texts, vocab_size, length=None):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=True,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
 
-    hf.train_from_iterator(texts, trainer, length=length)
+    hf.train_from_iterator(bounded_batches(texts), trainer, length=length)
     return Tokenizer(bpe_spec(hf.to_str(pretty=False), "bpe"))
+
+
+def bounded_batches(texts):
+    """Regroup documents (an iterable of str or of lists of str) into lists of pieces (tokenizer.cut_pieces) of at
+    most BATCH_CHARS characters in all, for BPE training: the library's memory grows with the text it is given
+    at once (about 280 bytes per character of one long line), and training on the pieces counts the same
+    pre-tokens as training on the documents."""
+    from tokenizer import BATCH_CHARS, cut_pieces
+    batch, size = [], 0
+    for item in texts:
+        for text in [item] if isinstance(item, str) else item:
+            for piece in cut_pieces(text):
+                if batch and size + len(piece) > BATCH_CHARS:
+                    yield batch
+                    batch, size = [], 0
+                batch.append(piece)
+                size += len(piece)
+    if batch:
+        yield batch
 
 
 def fingerprint(source):
@@ -440,7 +541,8 @@ def main():
 
     def tokenize(batch):
         texts = [t for t in batch[column] if t and not t.isspace()]  # choose_column checked they are strings
-        ids = [doc + [tok.eot_token] for doc in tok.encode_batch(texts)]
+        eot = np.array([tok.eot_token], dtype=np.uint32)  # 4 bytes a token while tokenizing: any vocabulary fits
+        ids = [np.concatenate([doc, eot]) for doc in tok.encode_batch(texts, dtype=np.uint32)]
         return {"ids": ids, "len": [len(d) for d in ids], "n_bytes": [len(t.encode("utf-8")) for t in texts]}
 
     meta = {"dataset": dataset, "tokenizer": {**tok.describe(), "file": tok_file}, "vocab_size": tok.vocab_size,

@@ -15,6 +15,8 @@ from errors import UserError
 from files import load_torch
 
 EOT = "<|endoftext|>"
+PIECE_CHARS = 1 << 16   # the longest text handed to a tokenizer library at once, in characters (see cut_pieces)
+BATCH_CHARS = 1 << 20   # characters encoded per library call: bounds the library's working memory
 
 
 class Tokenizer:
@@ -68,17 +70,46 @@ class Tokenizer:
         self.__init__(spec)
 
     def encode(self, text):
-        """str -> list of token ids (int), without end-of-text."""
-        return self._encode_batch([text])[0]
+        """str -> list of token ids (int), without end-of-text (of any length: see encode_batch)."""
+        return self.encode_batch([text])[0]
 
     def encode_prompt(self, text):
         """A prompt for generation -> list of token ids, at least one: an empty prompt is [eot_token], the start
         of a new document (what every story in the training data follows)."""
         return self.encode(text) or [self.eot_token]
 
-    def encode_batch(self, texts):
-        """list of str -> list of lists of token ids, encoded in parallel by the library's threads."""
-        return self._encode_batch(list(texts))
+    def encode_batch(self, texts, dtype=None):
+        """list of str -> list of lists of token ids, encoded in parallel by the library's threads; with `dtype`
+        (a numpy integer type), a list of 1-D numpy arrays of that type instead, 4 or 8 bytes per token rather
+        than a Python int each.
+
+        The libraries' working memory grows with the text of one call (about 280 bytes per character of one long
+        line for `tokenizers`), so texts are cut into pieces of at most PIECE_CHARS characters (cut_pieces: the
+        ids are the same as for the whole text) and encoded at most BATCH_CHARS characters per call: beyond the
+        texts and their ids, memory is bounded by those constants, whatever the length of a document."""
+        import numpy as np
+        texts = list(texts)
+        if sum(map(len, texts)) <= BATCH_CHARS and all(len(t) <= PIECE_CHARS for t in texts):
+            out = self._encode_batch(texts)
+            return out if dtype is None else [np.asarray(ids, dtype=dtype) for ids in out]
+        parts = [[] for _ in texts]  # each text's ids, a numpy array per piece
+        group, owners, size = [], [], 0
+
+        def encode_group():
+            for i, ids in zip(owners, self._encode_batch(group)):
+                parts[i].append(np.asarray(ids, dtype=dtype or np.int64))
+
+        for i, text in enumerate(texts):
+            for piece in cut_pieces(text):
+                if group and size + len(piece) > BATCH_CHARS:
+                    encode_group()
+                    group, owners, size = [], [], 0
+                group.append(piece)
+                owners.append(i)
+                size += len(piece)
+        encode_group()
+        arrays = [np.concatenate(p) if p else np.zeros(0, dtype=dtype or np.int64) for p in parts]
+        return arrays if dtype is not None else [a.tolist() for a in arrays]
 
     def decode(self, ids):
         """Token ids -> str. Ids that end inside a multi-byte character decode to U+FFFD."""
@@ -87,6 +118,35 @@ class Tokenizer:
     def describe(self):
         """The spec without its bulky content, for meta.json and logs."""
         return {k: v for k, v in self.spec.items() if k not in ("ranks", "json")}
+
+
+def cut_pieces(text, size=None):
+    """Cut `text` into consecutive pieces of at most `size` characters (default PIECE_CHARS) that join to `text`,
+    for tokenizer libraries whose memory grows with the length of one text.
+
+    Each cut is made before a space or newline that is followed by a character that is not whitespace. GPT-2's
+    split pattern (used by both kinds of Tokenizer, and by BPE training) never joins the text on the two sides of
+    such a place into one pre-token: a word takes at most one space before it, and a run of whitespace ends
+    before its last character when a word follows. So the pre-tokens, and therefore the token ids and the pair
+    counts of BPE training, are the same as for the whole text. A piece with no such place (a `size`-long run
+    without spaces) is cut at `size` characters, where the ids may then differ from the whole text's.
+    Returns a list of str."""
+    size = PIECE_CHARS if size is None else size
+    if len(text) <= size:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > size:
+        end = cut = start + size
+        while cut > start:
+            cut = max(text.rfind(" ", start + 1, cut), text.rfind("\n", start + 1, cut))
+            if cut <= start or not text[cut + 1].isspace():
+                break
+        if cut <= start:
+            cut = end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
 
 
 class StreamDecoder:
