@@ -275,15 +275,14 @@ def read_local(split, paths, builder):
                         ("lines holding only <|endoftext|>", [p for p, s in zip(paths, separated) if s])):
         if files:
             print(f"{split}: {names(files)}: documents split on {rule}")
+    if next(_documents(paths, separated), None) is None:  # `datasets` cannot make a dataset of no rows
+        raise UserError(f"{names(paths)} (the {split} split) holds no documents, only <|endoftext|> lines and "
+                        f"whitespace: put text between the separator lines")
     stamp = json.dumps(["text_documents v2", fingerprint(paths), separated])  # reread when a file changes
-    ds = datasets.Dataset.from_generator(
+    return datasets.Dataset.from_generator(
         _documents, gen_kwargs={"paths": paths, "separated": separated},
         fingerprint=hashlib.sha256(stamp.encode()).hexdigest()[:32],
         features=datasets.Features({"text": datasets.Value("string")}))
-    if len(ds) == 0:
-        raise UserError(f"{names(paths)} (the {split} split) holds no documents, only <|endoftext|> lines and "
-                        f"whitespace: put text between the separator lines")
-    return ds
 
 
 def find_json_error(path):
