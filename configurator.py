@@ -282,6 +282,11 @@ def available_memory(device):
     RAM (MPS shares it); None where the OS does not say."""
     if str(device).startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:  # Linux: free memory plus what the kernel can reclaim (file cache), its own estimate for new programs
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
     try:
         pages = os.sysconf("SC_AVPHYS_PAGES") if "SC_AVPHYS_PAGES" in os.sysconf_names else os.sysconf("SC_PHYS_PAGES")
         return pages * os.sysconf("SC_PAGE_SIZE")

@@ -4,6 +4,7 @@ folders locked to one writer (lock_dir). Every file this project writes goes thr
 Also the one reader of files saved with torch.save (load_torch), which refuses code inside them."""
 
 import contextlib
+import errno
 import os
 import sys
 import tempfile
@@ -155,13 +156,20 @@ def lock_dir(folder, owner, shared=False):
     try:
         os.makedirs(folder, exist_ok=True)
         fd = os.open(lock_path, flags, 0o666)
-    except PermissionError:
-        if shared and os.path.isdir(folder) and not os.access(folder, os.W_OK):
-            return  # a read-only data directory: nobody without write access can rewrite it either
-        raise UserError(f"cannot write in {folder} (read-only or not yours): choose a folder you can write to, "
-                        f"or fix its permissions") from None
     except OSError as e:
-        raise UserError(f"cannot lock {folder}: {lock_path}: {e.strerror or e}") from None
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise UserError(f"cannot lock {folder}: {lock_path}: {e.strerror or e}") from None
+        if not shared:
+            why = "a read-only file system" if e.errno == errno.EROFS else "read-only or not yours"
+            raise UserError(f"cannot write in {folder} ({why}): choose a folder you can write to, or fix its "
+                            f"permissions") from None
+        try:  # a shared lock needs only read access to a lock file that is there already
+            fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            # A read-only data directory (a mounted dataset, a shared cache): no lock file can be made there, and
+            # none is needed: whoever cannot create a file there cannot rewrite the data either (prepare.py's
+            # exclusive lock and its writes fail the same way).
+            return
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -36,9 +36,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import load_checkpoint
+from checkpoint import check_fits, load_checkpoint
 from configurator import UserError, autocast, check_values, configure, resolve_device, run
-from files import append_line, atomic_file, lock_dir, save_torch, write_text_atomic
+from files import append_line, atomic_file, load_torch, lock_dir, save_torch, write_text_atomic
 from model import GPT, GPTConfig, padded_vocab_size
 from optim import OPTIMIZERS, clip_and_step, configure_optimizer
 from prepare import read_meta
@@ -252,6 +252,8 @@ class Run:
         self.model_args = {**{f.name: shape.get(f.name, config[f.name]) for f in fields(GPTConfig)},
                            "vocab_size": padded_vocab_size(self.meta["vocab_size"])}
         GPTConfig(**self.model_args)  # shape errors now, before anything is loaded or written
+        check_fits(self.model_args, self.device, 16 if optimizer == "adamw" else 12,
+                   "training (weights, gradients and the optimizer's moments)")
         check_resume(config, self.model_args, self.tok, self.say, self.ckpt)
         self.track = Trackers(config, self.master)  # refuses a tracker that is not installed
         if self.master:
@@ -483,6 +485,10 @@ def load_start_checkpoint(config, say):
     Raises UserError for a missing or unreadable checkpoint."""
     if init_from == "scratch":
         return None, {}
+    if init_from == "resume" and not os.path.exists(os.path.join(out_dir, "ckpt.pt")) and died_before_checkpoint():
+        raise UserError(f"{out_dir} has no ckpt.pt: its run stopped before its first checkpoint (written at the "
+                        f"first evaluation after iteration 0), so there is nothing to resume; start it again with "
+                        f"the same command without --init_from=resume")
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from)
     shape = {k: v for k, v in ckpt["model_args"].items() if k in config and k not in ("vocab_size", "dropout")
              and (init_from != "resume" or ckpt["config"].get(k) == config[k])}  # changed since: check_resume refuses
@@ -498,6 +504,10 @@ def check_resume(config, model_args, tok, say, ckpt):
     that holds no run. Raises UserError for an out_dir that already holds a run, or a checkpoint that does not
     fit."""
     existing = [f for f in ("ckpt.pt", "best_model_params.pt") if os.path.exists(os.path.join(out_dir, f))]
+    if init_from != "resume" and existing == ["best_model_params.pt"] and died_before_checkpoint():
+        say(f"{out_dir} holds only the iteration-0 weights of a run that stopped before its first checkpoint: "
+            f"starting again")
+        existing = []
     if init_from != "resume" and existing:
         raise UserError(f"{out_dir} already holds a run ({', '.join(existing)}): continue it with "
                         f"--init_from=resume, or start a new one with another --out_dir (or delete {out_dir})")
@@ -525,6 +535,19 @@ def check_resume(config, model_args, tok, say, ckpt):
                    if k != "init_from" and ckpt["config"].get(k) != v]
         if changed:
             say("settings changed since the checkpoint: " + ", ".join(changed))
+
+
+def died_before_checkpoint():
+    """Whether out_dir holds a run that stopped (killed, out of memory, a power cut) before its first ckpt.pt: no
+    ckpt.pt, and a best_model_params.pt of iteration 0, written at the first evaluation, whose weights are the
+    starting ones. Nothing is lost by starting such a run again, so the same command may do so."""
+    if os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        return False
+    try:
+        best = load_torch(os.path.join(out_dir, "best_model_params.pt"))
+    except UserError:
+        return False  # unreadable: not ours to replace
+    return isinstance(best, dict) and best.get("iter_num") == 0
 
 
 def agree_on_step(loss_sum, grad_norm, scaler, stop, ddp, world_size, dev):

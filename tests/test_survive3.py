@@ -309,15 +309,16 @@ def tiny_checkpoint(tok, **changes):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"model": [1, 2]}, "the 'model' entry is a list, not a dict of weights"),
-    ({"model": {"x": 1}}, "'model' holds entries that are not tensors: x"),
+    ({"model": [1, 2]}, "the 'model' entry) are a list, not a dict of tensors"),
+    ({"model": {"x": 1}}, "hold entries that are not tensors: x"),
     ({"model_args": {"vocab_size": 320, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 16, "dropout": 0.0}},
      "missing transformer.h.1"),
     ({"model_args": {"vocab_size": 640, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0}},
      "transformer.wte.weight is (320, 16), not (640, 16)"),
 ])
 def test_checkpoints_are_checked_key_by_key_before_use(tmp_path, tiny_models, change, message):
-    from checkpoint import load_checkpoint, save_checkpoint
+    from checkpoint import load_checkpoint
+    from files import save_torch as save_checkpoint
     save_checkpoint(tiny_checkpoint(tiny_models[0]["tok"], **change), tmp_path / "x.pt")
     with pytest.raises(UserError, match=re.escape(message)):
         load_checkpoint(str(tmp_path / "x.pt"))
@@ -409,7 +410,7 @@ def test_leftovers_of_killed_exports_are_cleaned_and_a_moved_export_put_back(tmp
 
 def run_export(monkeypatch, tmp_path, tiny_models, export_dir):
     import export
-    from checkpoint import save_checkpoint
+    from files import save_torch as save_checkpoint
     save_checkpoint(tiny_checkpoint(tiny_models[0]["tok"]), tmp_path / "out" / "best_model_params.pt")
     for k in ("out_dir", "export_dir", "force", "checkpoint"):
         monkeypatch.setattr(export, k, getattr(export, k))  # main sets its settings; undo that afterwards
@@ -444,7 +445,7 @@ def test_export_onto_a_full_disk_is_one_line_and_writes_nothing(monkeypatch, tmp
 @pytest.mark.parametrize("script", ["sample", "compare"])
 def test_a_closed_stdout_ends_quietly(tmp_path, tiny_models, script):
     import subprocess
-    from checkpoint import save_checkpoint
+    from files import save_torch as save_checkpoint
     from conftest import ROOT
     if script == "sample":
         save_checkpoint(tiny_checkpoint(tiny_models[0]["tok"]), tmp_path / "best_model_params.pt")
@@ -460,3 +461,69 @@ def test_a_closed_stdout_ends_quietly(tmp_path, tiny_models, script):
     os.close(write)
     assert proc.returncode == 141 and "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, \
         proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# train.py: a read-only data_dir, a first run that died before its checkpoint, checkpoints from elsewhere
+
+@pytest.mark.parametrize("errno_", ["EROFS", "EACCES"])
+def test_a_read_only_data_dir_needs_no_shared_lock(tmp_path, monkeypatch, errno_):
+    import errno
+    import files
+    real_open = os.open
+
+    def read_only(path, flags, *args):  # what a read-only mount answers (tests may run as root, who may write)
+        if str(path).endswith(".lock") and flags & os.O_CREAT:
+            raise OSError(getattr(errno, errno_), os.strerror(getattr(errno, errno_)), path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(files.os, "open", read_only)
+    (tmp_path / "data").mkdir()
+    files.lock_dir(str(tmp_path / "data"), "train.py", shared=True)  # no error: the data cannot be rewritten
+    with pytest.raises(UserError, match="cannot write in .*out.*choose a folder you can write to"):
+        files.lock_dir(str(tmp_path / "out"), "train.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A data directory prepared from the stories above with a 300-id BPE vocabulary."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    (root / "train.txt").write_text("\n\n".join(STORIES * 5), encoding="utf-8")
+    (root / "validation.txt").write_text("\n\n".join(STORIES), encoding="utf-8")
+    run_script("prepare.py", f"--dataset={root}", "--tokenizer=bpe", "--vocab_size=300", f"--data_dir={root}/data",
+               "--num_proc=1", env={"HF_HOME": str(root / "hf")})
+    return root / "data"
+
+
+@pytest.mark.slow
+def test_a_first_run_that_died_before_its_checkpoint_starts_again(tmp_path, tiny_data):
+    from conftest import TINY
+    from files import save_torch
+    out = tmp_path / "out"  # what a run killed after its iteration-0 evaluation leaves
+    save_torch({"model": {}, "model_args": {}, "tokenizer": {}, "config": {}, "iter_num": 0},
+               out / "best_model_params.pt")
+    (out / "log.csv").write_text("iter,tokens\n0,0\n")
+    args = [*TINY, f"--data_dir={tiny_data}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2"]
+    assert_user_error(run_script("train.py", *args, "--init_from=resume", check=False),
+                      "stopped before its first checkpoint", "without --init_from=resume")
+    proc = run_script("train.py", *args)
+    assert "starting again" in proc.stdout and (out / "ckpt.pt").exists()
+    assert_user_error(run_script("train.py", *args, check=False), "already holds a run")  # now a real run
+
+
+@pytest.mark.slow
+def test_checkpoints_from_elsewhere_and_huge_models_are_one_line(tmp_path, tiny_data, tiny_models):
+    from conftest import TINY
+    from files import save_torch
+    tok = tiny_models[0]["tok"]
+    save_torch(tiny_checkpoint(tok, model=["not", "a", "dict"]), tmp_path / "list.pt")
+    wide = tiny_checkpoint(tok)
+    wide["model_args"]["n_embd"] = 32
+    save_torch(wide, tmp_path / "wide.pt")
+    for name, message in (("list.pt", "the 'model' entry) are a list"), ("wide.pt", "do not fit its model_args")):
+        proc = run_script("train.py", *TINY, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}/ft",
+                          f"--init_from={tmp_path / name}", check=False)
+        assert_user_error(proc, name, message)
+    proc = run_script("train.py", *TINY, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}/huge", "--n_layer=400",
+                      "--n_embd=16384", "--n_head=64", check=False)
+    assert_user_error(proc, "M parameters: training (weights, gradients and the optimizer's moments) need about")
