@@ -17,10 +17,9 @@ Writes the report as JSON (--report, default out_dir/eval.json) and a short Mark
    its <|endoftext|>, bytes the UTF-8 bytes of the documents' text (no separators). The end-of-text predictions
    are thus charged to the text, as in train.py's bpb. With --text, the file is split into documents by
    prepare.py's own reader (prepare.text_documents: on lines holding only <|endoftext|> where it has them, else
-   on blank lines), each followed by <|endoftext|>, and bytes are the UTF-8 bytes of those documents, and the
-   long documents are encoded in pieces as prepare.py does, so the same text scores the same as its prepared
-   validation.bin and bits
-   per byte compare across tokenizers. The softmax is the model's own (as in train.py's loss), over all
+   on blank lines), each followed by <|endoftext|>, and encoded as prepare.py encodes them; bytes are the UTF-8
+   bytes of those documents. So the same text scores the same as its prepared validation.bin, and bits per byte
+   compare across tokenizers. The softmax is the model's own (as in train.py's loss), over all
    vocab_size ids including the padding ids that no text contains.
 2. Stories: num_samples continuations of built-in TinyStories-style openings (cycled), sampled with the given
    temperature / top_k / top_p and seed (same seed, same stories on the same device). Metrics are on the

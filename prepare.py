@@ -222,6 +222,7 @@ def text_documents(path, separated=None):
         str, one document at a time.
     Raises:
         UserError: see check_text (when separated is None)."""
+    path = os.fspath(path)
     if separated is None:
         separated = check_text(path, "text file")
     with COMPRESSIONS.get(file_kind(path)[1], open)(path, "rt", encoding="utf-8") as f:

@@ -168,8 +168,8 @@ def test_text_documents_split_like_prepare(tmp_path):
     assert ev.text_documents(tmp_path / "a.txt") == ["One.", "Two\nlines.", "Three.\n"]
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "blank.txt").write_text("\n\n  \n")
-    for name, message in (("latin1.txt", "is not UTF-8 text (byte 0xe9 at offset 3)"),
-                          ("blank.txt", "holds no text"), ("none.txt", "cannot read the text file")):
+    for name, message in (("latin1.txt", "is not UTF-8 text: the byte at offset 3 (b'\\xe9')"),
+                          ("blank.txt", "holds no text"), ("none.txt", "none.txt (text file) does not exist")):
         with pytest.raises(UserError, match=re.escape(message)):
             ev.text_documents(tmp_path / name)
 
