@@ -21,7 +21,7 @@ REPO = os.path.dirname(NOTEBOOKS)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from configurator import UserError  # noqa: E402 (needs the repository on sys.path)
+from errors import UserError  # noqa: E402 (needs the repository on sys.path)
 from tokenizer import load_tokenizer  # noqa: E402
 
 QUICK = os.environ.get("NOTEBOOK_QUICK", "") not in ("", "0")
@@ -64,18 +64,25 @@ def find_data(path=""):
     `path` if it is one; else, unless `path` names text, what prepare.py already wrote under data/ (PREPARED; in
     quick mode the ../shared sample comes first, so tests do not depend on what a developer has prepared);
     else the text at `path` or the ../shared sample, prepared here with a 4,096-id BPE into NOTEBOOK_WORK
-    (once: prepare.py does nothing when its inputs are unchanged). Returns the directory's path."""
+    (once: prepare.py does nothing when its inputs are unchanged). Returns the directory's path, relative to
+    the current directory when it is inside the repository (shorter to print)."""
     if path and is_prepared(path):
-        return os.path.abspath(path)
+        return shown(path)
     if not path and not (QUICK and os.path.exists(SAMPLE)):
         for candidate in PREPARED:
             if is_prepared(os.path.join(REPO, candidate)):
-                return os.path.join(REPO, candidate)
+                return shown(os.path.join(REPO, candidate))
     text = os.path.abspath(find_text(path))
     data_dir = os.path.join(WORK, "data-bpe4096" if text == os.path.abspath(SAMPLE) else
                             "data-" + os.path.basename(text.rstrip("/")) + "-bpe4096")
     run_script("prepare.py", f"--dataset={text}", "--tokenizer=bpe", "--vocab_size=4096", f"--data_dir={data_dir}")
-    return data_dir
+    return shown(data_dir)
+
+
+def shown(path):
+    """`path` relative to the current directory if it lies in the repository, else absolute."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path) if path.startswith(REPO + os.sep) else path
 
 
 def read_meta(data_dir):
@@ -119,11 +126,11 @@ def train_small(name, data_dir, max_iters, **settings):
     NOTEBOOK_WORK/name, unless that folder already holds a finished run, and return the path of its
     best_model_params.pt. `settings` are more train.py settings (name=value). Evaluates 5 times along the run."""
     out_dir = os.path.join(WORK, name)
-    best = os.path.join(out_dir, "best_model_params.pt")
+    best = shown(os.path.join(out_dir, "best_model_params.pt"))
     if os.path.isfile(best):
         return best
     warmup = max(1, max_iters // 10)
-    args = {"data_dir": data_dir, "out_dir": out_dir, "vocab_size": 0, "max_iters": max_iters,
+    args = {"data_dir": os.path.abspath(data_dir), "out_dir": out_dir, "vocab_size": 0, "max_iters": max_iters,
             "lr_decay_iters": max_iters, "warmup_iters": warmup, "eval_interval": max(1, max_iters // 5),
             "eval_iters": quick(20, 2), "log_interval": max(1, max_iters // 5), **settings}
     run_script("train.py", SMALL_CONFIG, *(f"--{k}={v}" for k, v in args.items()))
@@ -131,15 +138,19 @@ def train_small(name, data_dir, max_iters, **settings):
 
 
 def run_script(script, *args):
-    """Run one of the project's scripts as a user would (`python script args` in the repository root) and
-    print its last lines. Raises RuntimeError with its output when it fails."""
+    """Run one of the project's scripts as a user would (`python script args` in the repository root; paths in
+    args absolute) and print the last lines of its report. Raises RuntimeError with its output when it fails."""
     # the notebooks only prepare local text: Hugging Face datasets need not look online
     proc = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, capture_output=True,
                           text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     if proc.returncode != 0:
         raise RuntimeError(f"python {script} {' '.join(args)} failed:\n" + "\n".join(lines[-20:]))
-    print(f"python {script} ...:", *lines[-3:], sep="\n  ")
+    def short(text):  # paths as seen from the repository root
+        return text.replace(SHARED, os.path.join("..", "shared")).replace(REPO + os.sep, "")
+
+    report = [short(line) for line in lines if "it/s]" not in line]  # without the progress bars
+    print(f"python {script} {short(' '.join(args))}", *report[-2:], sep="\n  ")
 
 
 def setup_plots():
