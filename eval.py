@@ -4,6 +4,7 @@
     python eval.py --out_dir=out --text=my_stories.txt        # any UTF-8 text file instead
     python eval.py --out_dir=out --judge_url=http://localhost:8000/v1 --judge_model=NAME
     python eval.py --compare=out-a/eval.json,out-b/eval.json  # saved reports side by side (no model)
+    python eval.py --out_dir=out --instruct=validation.json --num_samples=100  # stories on request (instruct.py)
 
 Writes the report as JSON (--report, default out_dir/eval.json) and a short Markdown summary beside it (eval.md).
 
@@ -30,6 +31,11 @@ Writes the report as JSON (--report, default out_dir/eval.json) and a short Mark
    never crossing samples); the longest word n-gram that occurs twice in a sample (occurrences may overlap),
    averaged over samples; and the share of generated words not in the train split's word list, built by
    decoding up to vocab_tokens tokens of train.bin (whole documents from evenly spaced pieces; 0: all).
+   With --instruct=FILE (a JSON file in TinyStories' archive layout), the stories are instead one per row of
+   the file (the first num_samples rows), each written after instruct.header of the row's words, features and
+   summary, as prepare.py --instruct trains; the report adds the share of required words the stories use
+   (instruct.uses: any inflection, whole words, any case) and, per feature checkable from the text (Dialogue:
+   quoted speech), how often it shows when asked and when not, with a table of every story.
 3. Judge (off by default): an OpenAI-compatible chat-completions server grades each story for grammar,
    creativity, consistency and plot, 1 to 10, as in the TinyStories paper (Eldan & Li 2023). It is asked for a
    JSON object; answers that cannot be parsed are counted and skipped, and the run fails only if none parse.
@@ -48,8 +54,9 @@ import numpy as np
 import torch
 
 from checkpoint import load_model, quantize_int8
-from configurator import UserError, autocast, check_values, configure, resolve_device, run
+from configurator import UserError, autocast, check_values, configure, resolve_device, read_text, run
 from files import write_text_atomic
+from instruct import CHECKABLE, header, load_instructions, score, summarize
 from judge import CRITERIA, judge_samples
 from model import check_sampling, continuations
 from prepare import read_meta, text_documents as prepared_documents
@@ -74,6 +81,7 @@ temperature = 0.8                       # < 1 sharper, > 1 more random, 0 greedy
 top_k = 0                               # sample among the k most likely tokens (0: all)
 top_p = 0.95                            # nucleus sampling (1.0: all)
 seed = 1337
+instruct = ""                           # JSON file of instructions (archive layout): one story per row, scored
 vocab_tokens = 5_000_000                # train.bin tokens decoded for the word list (0: all)
 # judge
 judge_url = ""                          # e.g. http://localhost:8000/v1 or https://api.openai.com/v1 ("": no judge)
@@ -349,6 +357,83 @@ def story_metrics(samples, vocab=None):
             "ended": sum(s["ended"] for s in samples) / n, **text_metrics([s["text"] for s in samples], vocab)}
 
 
+def read_instructions(path, n):
+    """The first n rows' instructions of the --instruct file (instruct.load_instructions). Raises UserError: the
+    file is unreadable or malformed (naming the row)."""
+    try:
+        rows = load_instructions(path, read_text(path, "instructions file"))
+    except ValueError as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(str(e)) from None
+    return rows[:n]
+
+
+def instructed_samples(model, tok, dev, ctx, ckpt):
+    """One story per instruction of the --instruct file (up to num_samples), each written after its header
+    (instruct.header). Headers of the same length in tokens are sampled as one batch (a few batches in all, not
+    one per story), in order of length, from one torch.Generator seeded with `seed`: reproducible on one device.
+    Returns (samples, scores): samples as generate_samples's, plus the instruction and its score (instruct.score)."""
+    rows = read_instructions(instruct, num_samples)
+    if not ckpt.get("instruct"):
+        print("note: this model was not trained with instructions (its data was prepared without --instruct); "
+              "it gets the same headers, but has never learned to follow them", file=sys.stderr)
+    prompts = [header(r["words"], r["features"], r["summary"]) for r in rows]
+    encoded = tok.encode_batch(prompts)
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    samples = [None] * len(rows)
+    was_training = model.training
+    model.eval()
+    try:
+        for length in sorted({len(ids) for ids in encoded}):
+            batch = [i for i, ids in enumerate(encoded) if len(ids) == length]
+            idx = torch.tensor([encoded[i] for i in batch], dtype=torch.long, device=dev)
+            with ctx:
+                out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     eos_token=tok.eot_token, vocab_limit=tok.vocab_size, generator=generator)
+            for i, (new, ended) in zip(batch, continuations(out, length, tok.eot_token)):
+                samples[i] = {"prompt": prompts[i], "text": tok.decode(new), "tokens": len(new), "ended": ended}
+    finally:
+        model.train(was_training)
+    scores = []
+    for s, r in zip(samples, rows):
+        scores.append(score(r["words"], r["features"], s["text"]))
+        s.update({"instruction": r, "score": scores[-1]})
+    return samples, scores
+
+
+def instruct_rows(results):
+    """Summary rows of an --instruct report (see instruct.summarize); [] for other reports."""
+    ins = results.get("instruct")
+    if not ins:
+        return []
+    rows = [("instructions file", ins["file"]),
+            ("trained with instructions", "yes" if ins["trained_with_instructions"] else "no"),
+            ("required words used", f"{_fmt(ins['word_share'], 'pct')} ({ins['words_used']} of "
+                                    f"{ins['words_required']})")]
+    for name in CHECKABLE:
+        f = ins[name]
+        rows.append((f"{name}: present when asked / not", f"{_fmt(f['present_when_asked'], 'pct')} of "
+                     f"{f['asked']} / {_fmt(f['present_when_not_asked'], 'pct')} of {f['not_asked']}"))
+    return rows
+
+
+def instruct_table(samples):
+    """Markdown table of every instructed story: its words (used ones in bold), the checkable features asked and
+    shown, and the story on one line."""
+    def cell(text):
+        return " ".join(str(text).split()).replace("|", "\\|")
+
+    lines = ["| # | words (**used**) | asked | shown | story |", "|---|---|---|---|---|"]
+    for i, s in enumerate(samples):
+        sc = s["score"]
+        ws = ", ".join(f"**{w}**" if u else w for w, u in zip(s["instruction"]["words"], sc["used"]))
+        shown = ", ".join(name for name, v in sc["features"].items() if v)
+        lines.append(f"| {i} | {cell(ws)} | {cell(', '.join(sc['asked'])) or '-'} | {shown or '-'} | "
+                     f"{cell(s['text'])} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 3. Reports
 
@@ -383,6 +468,7 @@ def summary_rows(results):
                  ("distinct-1 / 2 / 3", " / ".join(_fmt(stories[f"distinct_{n}"], ".3f") for n in (1, 2, 3))),
                  ("longest repeated n-gram (words)", _fmt(stories["longest_repeat"], ".1f")),
                  ("words not in train split", _fmt(stories["oov"], "pct"))]
+    rows += instruct_rows(results)
     if judge:
         rows += [(f"judge {c} (1-10)", _fmt(judge[c], ".2f")) for c in CRITERIA]
         parsed = f"{judge['graded']} of {judge['graded'] + judge['unparseable']} ({judge['model']})"
@@ -408,7 +494,9 @@ def markdown_report(results):
     """The short eval.md: the summary table and the first three stories."""
     out = [f"# Evaluation of {results['checkpoint']}", "", markdown_table(["value"], [summary_rows(results)]), ""]
     samples = results.get("samples") or []
-    if samples:
+    if samples and results.get("instruct"):
+        out += ["## Stories on request", "", instruct_table(samples), ""]
+    elif samples:
         out += ["## Stories", ""]
         for s in samples[:3]:
             story = (s["prompt"] + "\\*\\*\\*" + s["text"]).replace("\n", "\n> ")
@@ -448,6 +536,10 @@ def check_settings():
     if max_tokens == 1:
         raise UserError("max_tokens=1 leaves nothing to predict: use 0 (all) or at least 2")
     check_sampling(temperature, top_k, top_p, max_new_tokens)
+    if instruct:
+        if num_samples < 1:
+            raise UserError("--instruct writes num_samples stories: use num_samples of 1 or more")
+        read_instructions(instruct, num_samples)  # a malformed file fails before the model is loaded
     if judge_url:
         if not judge_url.startswith(("http://", "https://")):
             raise UserError(f"judge_url {judge_url!r} is not an http:// or https:// URL "
@@ -500,7 +592,7 @@ def main():
     if num_samples:  # before the loss, so a wrong judge URL fails early
         words_note = data_note or problems.get("train") or ("" if meta else
                                                             f"no prepared data{f' in {prepared}' if prepared else ''}")
-        result.update(measure_stories(model, tok, dev, ctx, prepared, meta, words_note))
+        result.update(measure_stories(model, tok, dev, ctx, prepared, meta, words_note, ckpt))
 
     t = time.time()
     n_used = min(len(stream), max_tokens) if max_tokens else len(stream)
@@ -598,13 +690,16 @@ def _is_markdown_report(path):
         return False
 
 
-def measure_stories(model, tok, dev, ctx, prepared, meta, words_note):
+def measure_stories(model, tok, dev, ctx, prepared, meta, words_note, ckpt=None):
     """The stories part of the report: sample num_samples stories, their metrics (words outside the train split
     when the prepared data is usable; else words_note says why not) and, with --judge_url, the judge's grades.
     Returns dict with "stories", "samples" and, when judged, "judge"."""
     t = time.time()
-    samples = generate_samples(model, tok, PROMPTS, num_samples, max_new_tokens, temperature, top_k, top_p,
-                               seed, dev, ctx)
+    if instruct:
+        samples, scored = instructed_samples(model, tok, dev, ctx, ckpt)
+    else:
+        samples = generate_samples(model, tok, PROMPTS, num_samples, max_new_tokens, temperature, top_k, top_p,
+                                   seed, dev, ctx)
     vocab, read = None, None
     if not words_note:
         try:
@@ -616,6 +711,9 @@ def measure_stories(model, tok, dev, ctx, prepared, meta, words_note):
     out = {"stories": {**story_metrics(samples, vocab), "time_s": round(time.time() - t, 2),
                        "train_words": len(vocab) if vocab is not None else None, "train_tokens_read": read},
            "samples": samples}
+    if instruct:
+        out["instruct"] = {"file": instruct, "trained_with_instructions": bool((ckpt or {}).get("instruct")),
+                           **summarize(scored)}
     if judge_url:
         key = os.environ.get(judge_key_env) if judge_key_env else None
         print(f"judge: grading {num_samples} stories with {judge_model} at {judge_url}", file=sys.stderr)

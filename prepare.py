@@ -21,6 +21,11 @@ A .txt file with lines holding only <|endoftext|> (TinyStoriesV2-GPT4-train.txt)
 .txt files on blank lines. Without a "text" column the only string column, or "story", is read.
 When there is no validation split, a fixed val_fraction of train (chosen with `seed`) becomes one.
 Re-running with the same inputs does nothing; --force rebuilds.
+
+--instruct (TinyStories' JSON archive, or any file with the same fields): each story is written after a header of
+its `instruction.words`, `instruction.features` and `summary` (instruct.py, docs/instruct.md), and meta.json
+records "instruct": true. Rows whose instructions are missing or malformed are kept as "Story:" and the story;
+their number and the first one's reason are printed.
 """
 
 import bz2
@@ -53,6 +58,8 @@ seed = 1337                         # chooses that held-out share
 num_proc = max(1, (os.cpu_count() or 1) // 2)  # tokenizer processes
 shards = 1024                       # write each split in this many pieces, so memory stays bounded
 force = False                       # rebuild even if meta.json says the data is up to date
+instruct = False                    # each story after its instructions (Words:/Features:/Summary:/Story:, see instruct.py)
+instruct_variants = 1               # --instruct: each train story this many times, the extra ones asking for other words of it
 # -----------------------------------------------------------------------------
 
 EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -377,6 +384,49 @@ def load_splits(source, requested_column):
     return {split: ds[split] for split in SPLITS}, column
 
 
+def instruct_splits(splits, column):
+    """--instruct: each split's rows as one text column, "instruct_text", holding instruct.document(row): the
+    header of the row's instruction words, features and summary, then the story in `column`. Rows without usable
+    instructions are kept as plain stories after "Story:"; prints how many per split and the first one's reason.
+    Returns (splits, "instruct_text")."""
+    import datasets
+    from instruct import document
+
+    def build(batch, variant=0):
+        keys = list(batch)
+        texts, problems = [], []
+        for values in zip(*batch.values()):
+            text, problem = document(dict(zip(keys, values)), column, variant)
+            texts.append(text)
+            problems.append(problem)
+        return {"instruct_text": texts, "instruct_problem": problems}
+
+    out = {}
+    for name, ds in splits.items():
+        if "instruction" not in ds.column_names and "summary" not in ds.column_names:
+            print(f"{name}: no 'instruction' or 'summary' column: every story is used without instructions")
+        # never from the cache: `datasets` fingerprints `build` but not instruct.py, so an edit there (another
+        # layout) would silently reuse the old texts
+        built = ds.map(build, batched=True, remove_columns=ds.column_names, desc=f"instructions {name}",
+                       load_from_cache_file=False)
+        problems = built["instruct_problem"]
+        bad = [i for i, p in enumerate(problems) if p]
+        if bad:
+            print(f"{name}: {len(bad):,} of {len(problems):,} rows used without instructions, as 'Story:' and "
+                  f"the story (first: row {bad[0]}: {problems[bad[0]]})")
+        out[name] = built.remove_columns("instruct_problem")
+        if name == "train" and instruct_variants > 1:
+            # each extra copy in a block of its own, so that two copies of a story are never side by side in a
+            # training window (the second could be copied from the first instead of written)
+            extra = [ds.map(build, batched=True, remove_columns=ds.column_names, fn_kwargs={"variant": k},
+                            desc=f"variant {k}", load_from_cache_file=False).filter(lambda row: row["instruct_problem"] == "")
+                     .remove_columns("instruct_problem") for k in range(1, instruct_variants)]
+            out[name] = datasets.concatenate_datasets([out[name], *extra])
+            print(f"train: {instruct_variants - 1} more copies of each instructed story, asking for other words "
+                  f"of it: {len(out[name]):,} documents")
+    return out, "instruct_text"
+
+
 def read_meta(data_dir, required=SPLITS):
     """The one check of a prepared data directory (train.py, eval.py and prepare.py's up-to-date test use it):
     load data_dir/meta.json and check train.bin and validation.bin against it.
@@ -499,7 +549,9 @@ def main():
     config = configure(globals(), doc=__doc__)
     print(json.dumps(config, indent=1))
 
-    check_values(globals(), {"shards": "count", "num_proc": "count", "seed": "seed"})
+    check_values(globals(), {"shards": "count", "num_proc": "count", "seed": "seed", "instruct_variants": "count"})
+    if instruct_variants > 1 and not instruct:
+        raise UserError("--instruct_variants writes extra instructed copies of each story: add --instruct")
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1 (a share of train), got {val_fraction}")
     is_local(dataset)
@@ -512,7 +564,7 @@ def main():
         tok = load_tokenizer(tokenizer)
         tok_id = {"tokenizer_sha256": tok.spec["sha256"]}
     inputs = {"dataset": fingerprint(dataset), **tok_id, "text_column": text_column,
-              "val_fraction": val_fraction, "seed": seed}
+              "val_fraction": val_fraction, "seed": seed, **({"instruct": instruct_variants} if instruct else {})}
     meta_path = os.path.join(data_dir, "meta.json")
     if os.path.isdir(data_dir):
         lock_dir(data_dir, "prepare.py")  # one writer, and no train.py reading it meanwhile
@@ -528,6 +580,8 @@ def main():
 
     t0 = time.time()
     splits, column = load_splits(dataset, text_column)
+    if instruct:
+        splits, column = instruct_splits(splits, column)
     for name, ds in splits.items():
         if len(ds) == 0:
             raise UserError(f"the {name} split of {dataset} is empty")
@@ -547,6 +601,8 @@ def main():
 
     meta = {"dataset": dataset, "tokenizer": {**tok.describe(), "file": tok_file}, "vocab_size": tok.vocab_size,
             "eot_token": tok.eot_token, "dtype": np.dtype(dtype).name, "splits": {}, "inputs": inputs}
+    if instruct:
+        meta["instruct"] = True  # train.py copies it into the checkpoint: sample.py knows the model takes a header
     if dtype == np.uint32:
         meta["dtype_note"] = "over 65,536 ids: tokens are stored as uint32, twice the size of uint16"
     tokenized = {}

@@ -3,6 +3,7 @@
     python sample.py --start="Once upon a time" --num_samples=3
     python sample.py --start=FILE:prompt.txt --temperature=0.7 --top_k=50
     python sample.py --quantize=int8                # int8 weights and matmuls on CPU
+    python sample.py --words=dog,ball,happy --features=Dialogue --start=""   # a story on request (instruct.py)
 
 Loads out_dir/checkpoint (train.py's best_model_params.pt by default) and decodes with the tokenizer stored in
 it, so the data directory is not needed. Each sample stops at <|endoftext|> or after max_new_tokens tokens.
@@ -18,6 +19,7 @@ import torch
 from checkpoint import load_model, quantize_int8
 from configurator import (DTYPES, UserError, available_memory, check_values, configure, read_text, resolve_device,
                           run)
+from instruct import header, split_list
 from model import KVCache, check_sampling
 from tokenizer import StreamDecoder
 
@@ -34,7 +36,25 @@ seed = 1337
 device = "auto"                         # auto, cpu, mps, cuda, cuda:N
 dtype = "auto"                          # auto, float32, bfloat16, float16
 quantize = ""                           # "int8": dynamic int8 quantization of the Linear layers (CPU only)
+words = ""                              # words the story should use, "dog,ball,happy": written before it (instruct.py)
+features = ""                           # features to ask for, "Dialogue,BadEnding"
+summary = ""                            # what the story is about, in a sentence
 # -----------------------------------------------------------------------------
+
+
+def instructed(prompt, info):
+    """The prompt behind the instruction header (instruct.header: the bytes prepare.py --instruct trains on) when
+    --words, --features or --summary is given, else the prompt as it is. Notes on stderr when the checkpoint
+    (info: load_model's) was not trained with instructions. Raises UserError for a summary with bad text."""
+    if not (words or features or summary):
+        return prompt
+    if not info.get("instruct"):
+        print("note: this model was not trained with instructions (its data was not prepared with "
+              "prepare.py --instruct): it will likely ignore them", file=sys.stderr)
+    try:
+        return header(split_list(words), split_list(features), summary or None) + prompt
+    except ValueError as e:
+        raise UserError(f"bad instruction: {e}") from None
 
 
 def main():
@@ -50,7 +70,8 @@ def main():
         raise UserError(f"the prompt has characters that are not valid Unicode text (at position {e.start}): "
                         f"pass UTF-8 text") from None
 
-    model, tok, _ = load_model(f"{out_dir}/{checkpoint}", device=dev)
+    model, tok, info = load_model(f"{out_dir}/{checkpoint}", device=dev)
+    prompt = instructed(prompt, info)
     need, free = KVCache.bytes_needed(model.config, num_samples, 4), available_memory(dev)
     if free is not None and need > free:
         raise UserError(f"num_samples={num_samples:,} stories at once need about {need / 1e9:,.1f} GB for the "

@@ -4,7 +4,9 @@
     python serve.py --out_dir=out-1m,out-15m        # several models side by side, same prompt
 
 Serves one page (serve.html: plain HTML and JavaScript, no external files, so it works offline) and
-GET /generate?model=0&prompt=...&temperature=0.8&top_k=0&top_p=0.95&max_new_tokens=256, which answers with
+GET /generate?model=0&prompt=...&temperature=0.8&top_k=0&top_p=0.95&max_new_tokens=256 (and, for a story on
+request, words=dog,ball,happy&features=Dialogue&summary=...: the prompt then follows instruct.header's lines, as
+sample.py --words builds it), which answers with
 server-sent events (text/event-stream, https://html.spec.whatwg.org/multipage/server-sent-events.html): one
 `data: {"text": ...}` event per piece of the story as it is written, then `data: {"done": true, "tokens": n,
 "seconds": s}`. A bad request gets HTTP 400 with {"error": "..."}. Each model writes one story at a time (a
@@ -38,6 +40,7 @@ import torch
 
 from checkpoint import load_model
 from configurator import DTYPES, UserError, check_values, configure, resolve_device, run
+from instruct import header, split_list
 from model import check_sampling
 from tokenizer import StreamDecoder
 
@@ -63,6 +66,7 @@ def parse_request(query, n_models):
     except UnicodeDecodeError:
         raise UserError("the query string is not UTF-8: percent-encode the UTF-8 bytes of the text") from None
     req = {"prompt": params.get("prompt", "")}
+    req["prompt"] = instructed_prompt(req["prompt"], params)
     for name, kind, default in (("model", int, 0), ("temperature", float, 0.8), ("top_k", int, 0),
                                 ("top_p", float, 0.95), ("max_new_tokens", int, min(256, max_new_tokens))):
         try:
@@ -148,6 +152,18 @@ def foreign_page(headers):
         return (f"a request from another page (Sec-Fetch-Site: {site}): /generate answers only this server's own "
                 f"page (open the page from this server to write stories)")
     return None
+
+
+def instructed_prompt(prompt, params):
+    """The prompt behind instruct.header's lines when the request has words, features or a summary (the same
+    bytes as sample.py's and prepare.py --instruct's), else the prompt as it is. Raises UserError (a bad field)."""
+    words, features, summary = (params.get(k, "").strip() for k in ("words", "features", "summary"))
+    if not (words or features or summary):
+        return prompt
+    try:
+        return header(split_list(words), split_list(features), summary or None) + prompt
+    except ValueError as e:
+        raise UserError(f"bad instruction: {e}") from None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -315,7 +331,8 @@ def main():
         model, tok, info = load_model(os.path.join(d, checkpoint), device=dev)
         models.append({"name": d, "model": model.to(DTYPES[precision]), "tok": tok, "device": dev,
                        "lock": threading.Lock(), "about": f"{model.num_params() / 1e6:.1f}M parameters, "
-                       f"{tok.spec['name']} tokenizer, {info.get('iter_num', '?')} iterations"})
+                       f"{tok.spec['name']} tokenizer, {info.get('iter_num', '?')} iterations"
+                       + ("" if info.get("instruct") else "; not trained with instructions (words, features)")})
     about = [{"name": m["name"], "about": m["about"]} for m in models]
     page = (Path(__file__).parent / "serve.html").read_text(encoding="utf-8").replace(
         "MODELS = []", f"MODELS = {json.dumps(about)}")

@@ -343,7 +343,8 @@ class Run:
         if self.master:
             save_weights(os.path.join(out_dir, name), {
                 "model": self.model.state_dict(), "model_args": self.model_args, "tokenizer": self.tok.spec,
-                "config": self.config, "iter_num": iter_num, **extra})
+                "config": self.config, "instruct": bool(self.meta.get("instruct")),  # see instruct.py
+                "iter_num": iter_num, **extra})
 
     def save_run(self, iter_num):
         """Write ckpt.pt: everything --init_from=resume needs."""

@@ -1,0 +1,168 @@
+"""Stories on request: prepare.py --instruct writes each story after its instructions, sample.py and eval.py build
+the same header, and eval.py --instruct measures which required words and features the stories have."""
+import json
+
+import numpy as np
+import pytest
+
+import sample
+import serve
+from conftest import TINY, assert_user_error, run_script
+from instruct import forms, has_feature, header, load_instructions, score, summarize, uses, variant_words
+from tokenizer import tokenizer_from_meta
+
+STORY_A = 'Tom had a red ball. He said, "Let us play!" They played all day.'
+STORY_B = "A cat sat in the sun. It was warm and happy."
+STORY_C = "Sue found a big shell by the sea. She kept it in a box."
+ROWS = [
+    {"story": STORY_A, "instruction": {"prompt:": "Write a story...", "words": ["play", "ball", "red"],
+                                       "features": ["Dialogue"]}, "summary": "Tom plays\nwith a ball.",
+     "source": "GPT-4"},
+    {"story": STORY_B, "instruction": None, "summary": None, "source": "GPT-4"},  # no instructions
+    {"story": STORY_C, "instruction": {"words": ["find, shell"], "features": []}, "summary": None,
+     "source": "GPT-4"},  # a comma inside a word: the instruction is malformed
+]
+
+
+def documents(data_dir, split):
+    """The documents of a prepared split, decoded: the text between <|endoftext|> tokens."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    tok = tokenizer_from_meta(meta, str(data_dir))
+    ids = np.fromfile(data_dir / f"{split}.bin", dtype=meta["dtype"]).tolist()
+    return tok.decode(ids).split("<|endoftext|>")[:-1], meta
+
+
+@pytest.fixture(scope="module")
+def instruct_data(tmp_path_factory, hf_home):
+    """The three ROWS as an archive-layout train.json (validation: the first row), prepared with --instruct and a
+    small BPE vocabulary trained on them (no ../shared needed). Returns (folder, data_dir, prepare's stdout)."""
+    folder = tmp_path_factory.mktemp("instruct")
+    (folder / "train.json").write_text(json.dumps(ROWS))
+    (folder / "validation.json").write_text(json.dumps(ROWS[:1]))
+    data_dir = folder / "data"
+    proc = run_script("prepare.py", f"--dataset={folder}", "--instruct", "--tokenizer=bpe", "--vocab_size=300",
+                      f"--data_dir={data_dir}", "--num_proc=1", env={"HF_HOME": str(hf_home)})
+    return folder, data_dir, proc.stdout
+
+
+def test_prepare_instruct_layout(instruct_data):
+    _, data_dir, out = instruct_data
+    docs, meta = documents(data_dir, "train")
+    assert docs == [
+        "Words: play, ball, red\nFeatures: Dialogue\nSummary: Tom plays with a ball.\nStory:\n" + STORY_A,
+        "Story:\n" + STORY_B,   # no instruction: the story alone after Story:
+        "Story:\n" + STORY_C,   # malformed instruction: used without it, and said so
+    ]
+    assert meta["instruct"] is True
+    assert "train: 2 of 3 rows used without instructions" in out
+    assert "row 1: no instruction" in out
+
+
+def test_prepare_without_instruct_is_unchanged(instruct_data, tmp_path, hf_home):
+    folder, _, _ = instruct_data
+    run_script("prepare.py", f"--dataset={folder}", "--tokenizer=bpe", "--vocab_size=300",
+               f"--data_dir={tmp_path}", "--num_proc=1", env={"HF_HOME": str(hf_home)})
+    docs, meta = documents(tmp_path, "train")
+    assert docs == [STORY_A, STORY_B, STORY_C] and "instruct" not in meta
+
+
+def test_variants_ask_for_other_words_of_the_same_story(instruct_data, tmp_path, hf_home):
+    folder, _, _ = instruct_data
+    run_script("prepare.py", f"--dataset={folder}", "--instruct", "--instruct_variants=3", "--tokenizer=bpe",
+               "--vocab_size=300", f"--data_dir={tmp_path}", "--num_proc=1", env={"HF_HOME": str(hf_home)})
+    docs, _ = documents(tmp_path, "train")
+    # the three rows, then a block per extra copy holding the instructed row only, so copies are never adjacent
+    assert len(docs) == 5 and docs[3].endswith(STORY_A) and docs[4].endswith(STORY_A)
+    for k, doc in ((1, docs[3]), (2, docs[4])):
+        words = variant_words(STORY_A, 3, k)
+        assert doc.startswith(header(words, ["Dialogue"], "Tom plays with a ball."))
+        assert len(words) == 3 and all(uses(w, STORY_A) for w in words)
+    assert documents(tmp_path, "validation")[0] == docs[:1]  # validation stays one copy per story
+
+
+def test_header_bytes_are_the_same_in_sample_and_prepare(instruct_data, tmp_path, capsys):
+    _, data_dir, _ = instruct_data
+    out = tmp_path / "out"
+    run_script("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2",
+               "--eval_interval=1", "--vocab_size=0", "--batch_size=2", "--block_size=16")
+    proc = run_script("sample.py", f"--out_dir={out}", "--words=play, ball,red", "--features=Dialogue",
+                      "--summary=Tom plays\nwith a ball.", "--start=", "--num_samples=1", "--max_new_tokens=1",
+                      "--device=cpu")
+    trained = documents(data_dir, "train")[0][0]
+    prompt = trained[:trained.index("Story:\n") + len("Story:\n")]
+    assert proc.stdout.startswith(prompt)
+    assert "not trained with instructions" not in proc.stderr
+    # a model trained without instructions gets the same header, and a note
+    sample.words, sample.features, sample.summary = "play,ball,red", "Dialogue", "Tom plays with a ball."
+    assert sample.instructed("Once", {"instruct": False}) == prompt + "Once"
+    assert "not trained with instructions" in capsys.readouterr().err
+    sample.words = sample.features = sample.summary = ""
+    assert sample.instructed("Once", {}) == "Once"
+    # serve.py's page fields build the same prompt
+    fields = {"words": "play, ball,red", "features": "Dialogue", "summary": "Tom plays\nwith a ball."}
+    assert serve.instructed_prompt("", fields) == prompt and serve.instructed_prompt("Hi", {}) == "Hi"
+
+
+def test_eval_instruct_report(instruct_data, tmp_path):
+    _, data_dir, _ = instruct_data
+    out = tmp_path / "out"
+    run_script("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2",
+               "--eval_interval=1", "--vocab_size=0", "--batch_size=2", "--block_size=16")
+    report, instructions = tmp_path / "eval.json", tmp_path / "instructions.json"
+    instructions.write_text(json.dumps(ROWS[:2]))  # eval.py refuses a malformed row (see the end)
+    run_script("eval.py", f"--out_dir={out}", f"--instruct={instructions}", "--num_samples=2",
+               "--max_new_tokens=4", "--device=cpu", f"--report={report}", "--vocab_tokens=0")
+    result = json.loads(report.read_text())
+    ins = result["instruct"]
+    assert ins["trained_with_instructions"] is True
+    assert ins["words_required"] == 3  # row 0's three words; row 1 asks for none
+    assert ins["Dialogue"]["asked"] == 1 and ins["Dialogue"]["not_asked"] == 1
+    assert [s["prompt"] for s in result["samples"]] == [header(["play", "ball", "red"], ["Dialogue"],
+                                                              "Tom plays with a ball."), "Story:\n"]
+    md = report.with_suffix(".md").read_text()
+    assert "required words used" in md and "| # | words (**used**) |" in md
+    # a malformed instruction in the file: one line naming the file and the row, before the model is loaded
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([ROWS[0], {"story": "x", "instruction": {"words": [1, 2]}}]))
+    proc = run_script("eval.py", f"--out_dir={out}", f"--instruct={bad}", "--device=cpu", check=False)
+    assert_user_error(proc, "bad.json, row 1", "words holds int")
+
+
+def test_inclusion_measure_on_hand_made_stories():
+    story = "Tom JUMPED over the dogs. He was happier than the Cats, and he caught a catfish."
+    assert uses("jump", story) and uses("dog", story) and uses("happy", story)
+    assert uses("cat", story) and uses("catch", story)  # any case; irregular past (caught)
+    assert not uses("cat", "She will catch the ball.")  # "cat" is not in "catch"
+    assert not uses("fish", story)  # nor "fish" in "catfish"
+    assert uses("stop", "It stopped.") and uses("dance", "They were dancing.") and uses("cry", "She cried.")
+    assert uses("big", "The biggest box.") and uses("bring", "He brought it.") and uses("leaf", "Red leaves.")
+    assert not uses("happy", "She smiled happily.")  # a derived word is another word
+    assert uses("ice cream", "They ate ice creams.") and not uses("ice cream", "Ice and cream.")
+    assert {"jump", "jumps", "jumped", "jumping"} <= forms("jump")
+
+
+def test_features_and_summary_of_scores():
+    assert has_feature("Dialogue", 'He said, "Hi!"') and has_feature("Dialogue", "\u201cHello,\u201d she said.")
+    assert not has_feature("Dialogue", 'A "" pair of quotes, or none.')
+    assert has_feature("BadEnding", "anything") is None  # not checkable from the text
+    scores = [score(["dog", "run"], ["Dialogue"], 'The dog ran. "Woof!"'),
+              score(["cat", "big"], ["Dialogue", "BadEnding"], "A big dog."),
+              score(["sun"], [], 'The sun said "hi".')]
+    assert scores[1]["asked"] == ["Dialogue"]
+    total = summarize(scores)
+    assert (total["words_required"], total["words_used"]) == (5, 4) and total["word_share"] == 4 / 5
+    assert total["Dialogue"] == {"asked": 2, "not_asked": 1, "present_when_asked": 0.5,
+                                 "present_when_not_asked": 1.0}
+
+
+def test_header_and_instruction_files():
+    assert header() == "Story:\n"
+    assert header(["dog"], [], "") == "Words: dog\nStory:\n"
+    assert header(" dog ", None, "A\n  dog.") == "Words: dog\nSummary: A dog.\nStory:\n"
+    with pytest.raises(ValueError, match="comma"):
+        header(["dog, cat"])
+    rows = load_instructions("f.jsonl", '{"instruction": {"words": ["a"]}}\n\n{"story": "no instruction"}\n')
+    assert rows == [{"words": ["a"], "features": [], "summary": None},
+                    {"words": [], "features": [], "summary": None}]
+    with pytest.raises(ValueError, match="f.json, row 0: instruction is not an object"):
+        load_instructions("f.json", '[{"instruction": "words"}]')
