@@ -2,11 +2,11 @@
 # a "Words: / Features: / Story:" header. Give it after the modern config, which sets the model and the recipe:
 #   python train.py config/tinystories_1m_modern.py config/tinystories_1m_instruct.py
 # Data (TinyStories' JSON archive, TinyStories_all_data.tar.gz unpacked into data/tinystories-json):
-#   python prepare.py --dataset=data/tinystories-json --instruct --instruct_variants=4 --tokenizer=bpe \
-#                     --vocab_size=4096 --data_dir=data/tinystories-instruct-bpe4096
+#   python prepare.py --dataset=data/tinystories-json --instruct --tokenizer=bpe --vocab_size=4096 \
+#                     --data_dir=data/tinystories-instruct-bpe4096
 # Offline, on the stand-in (880 stories), the run measured in docs/instruct.md:
-#   python prepare.py --dataset=../shared/data/tinystories-instruct --instruct --instruct_variants=4 \
-#                     --tokenizer=bpe --vocab_size=4096 --data_dir=data/instruct-standin
+#   python prepare.py --dataset=../shared/data/tinystories-instruct --instruct --tokenizer=bpe \
+#                     --vocab_size=4096 --data_dir=data/instruct-standin
 #   python train.py config/tinystories_1m_modern.py config/tinystories_1m_instruct.py \
 #                   --data_dir=data/instruct-standin --max_iters=600 --lr_decay_iters=600
 data_dir = "data/tinystories-instruct-bpe4096"
