@@ -10,12 +10,17 @@ import torch
 
 
 HEAD_CHUNK_LOGITS = 2 ** 25  # at most this many logits per chunk of ChunkedHeadLoss: 128 MiB in float32
+# Positions per chunk below that cap: each chunk adds its (vocab_size x n_embd) share of dL/dW to the sum, which
+# costs about as much as the chunk's own logits' element-wise work once the chunk has ~2 n_embd positions, while
+# chunks much larger than that stop fitting the CPU's caches (measured: docs/speed-results.md).
+HEAD_CHUNK_ROWS_PER_CHANNEL = 2
+HEAD_CHUNK_MIN_ROWS = 256
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of a linear head, computed a chunk of positions at a time (at most
-    HEAD_CHUNK_LOGITS // vocab_size of them), so that the logits of all positions (N x vocab_size floats, and as
-    many for their gradient) never exist at once.
+    HEAD_CHUNK_LOGITS // vocab_size of them, see below), so that the logits of all positions (N x vocab_size
+    floats, and as many for their gradient) never exist at once.
 
     For z = x W^T (one row of vocab_size logits per position), the loss is the mean over positions n with
     targets[n] != -1 of logsumexp(z[n]) - z[n, targets[n]], and its gradient with respect to z[n] is
@@ -27,10 +32,9 @@ class ChunkedHeadLoss(torch.autograd.Function):
     dL/dx (N x n_embd) and dL/dW (vocab_size x n_embd, float32), which the weight's .grad needs anyway.
 
     Logits and the matmuls of the gradient run in `dtype` (the autocast precision, as nn.Linear under autocast);
-    log-softmax, softmax and the dL/dW sum over chunks in float32 (or float64 for float64 inputs). On a CPU
-    (2 cores, see README, Performance) the head with its loss takes about 20% longer than the plain path at
-    HEAD_CHUNK_LOGITS = 2**25 (smaller matmuls, and the sum of dL/dW over chunks); smaller chunks save
-    memory and cost more time.
+    log-softmax, softmax and the dL/dW sum over chunks in float32 (or float64 for float64 inputs). A chunk holds
+    at most HEAD_CHUNK_LOGITS logits, and at most max(HEAD_CHUNK_MIN_ROWS, HEAD_CHUNK_ROWS_PER_CHANNEL x n_embd)
+    positions: with a small vocabulary, chunks that fit the caches are faster than one large chunk.
 
     apply(x, weight, targets, dtype, need_grad):
         x: (N, n_embd) hidden states; weight: (vocab_size, n_embd), the head (tied: the token embedding);
@@ -53,8 +57,9 @@ class ChunkedHeadLoss(torch.autograd.Function):
         if need_grad:
             grad_x = torch.empty_like(x)
             grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        n_chunks = -(-x.size(0) * weight.size(0) // HEAD_CHUNK_LOGITS)  # ceil
-        chunk = -(-x.size(0) // n_chunks)  # positions per chunk, as even as can be
+        most = max(HEAD_CHUNK_MIN_ROWS, HEAD_CHUNK_ROWS_PER_CHANNEL * x.size(1))
+        most = max(1, min(HEAD_CHUNK_LOGITS // weight.size(0), most))  # positions per chunk at most
+        chunk = -(-x.size(0) // -(-x.size(0) // most))  # positions per chunk, as even as can be (ceil of ceil)
         with torch.autocast(x.device.type, enabled=False):  # the casts are explicit here
             for start in range(0, x.size(0), chunk):
                 end = min(start + chunk, x.size(0))

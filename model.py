@@ -73,8 +73,16 @@ def make_norm(config, dim):
     the standard deviation, then gain and optional bias) or RMSNorm (divide by the root mean square, then gain;
     Zhang & Sennrich 2019), which skips the mean and the bias and works as well in transformers."""
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=NORM_EPS)
+        return RMSNorm(dim, eps=NORM_EPS)
     return nn.LayerNorm(dim, eps=NORM_EPS, bias=config.bias)
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same state dict), (..., dim) -> same shape, in the input's dtype: the gain is cast to it, so bfloat16
+    queries and keys under autocast take the fused path (a float32 gain warns "Mismatch dtype" and falls back)."""
+
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
 def rope_tables(head_dim, n_positions, theta=ROPE_THETA):
@@ -89,9 +97,10 @@ def apply_rope(x, cos, sin):
     """Rotate queries or keys x (B, T, n_head, head_dim) by the angles of their positions, cos and sin
     (T, 1, head_dim // 2). Channel i is paired with channel i + head_dim/2 (the "rotate half" layout of Llama and
     Hugging Face transformers, so an exported model needs no permutation). The dot product of a rotated query
-    and key then depends on their distance only, not on their absolute positions."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+    and key then depends on their distance only, not on their absolute positions. In x's dtype, as transformers
+    does: no float32 round trip for bfloat16 queries."""
+    x1, x2, cos, sin = *x.chunk(2, dim=-1), cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 def padded_vocab_size(n, multiple=64):
@@ -102,10 +111,8 @@ def padded_vocab_size(n, multiple=64):
 
 class KVCache:
     """Keys and values of every layer for positions already seen, so generation feeds one new token per step.
-
     Preallocated on first use in the dtype and device of the keys (bf16 under autocast): k and v are
-    (n_layer, B, n_head, block_size, head_dim); `pos` counts the filled positions.
-    """
+    (n_layer, B, n_head, block_size, head_dim); `pos` counts the filled positions."""
 
     def __init__(self, config):
         self.n_layer, self.block_size = config.n_layer, config.block_size
@@ -145,8 +152,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         if config.qk_norm:  # bounds the attention logits, which lets higher learning rates train stably
-            self.q_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=NORM_EPS)
-            self.k_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=NORM_EPS)
+            self.q_norm = RMSNorm(config.n_embd // config.n_head, eps=NORM_EPS)
+            self.k_norm = RMSNorm(config.n_embd // config.n_head, eps=NORM_EPS)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -169,10 +176,19 @@ class CausalSelfAttention(nn.Module):
         causal = cache is None or cache.pos == 0
         if cache is not None and T > 1 and cache.pos > 0:
             raise ValueError("a cache holding positions can only be extended one token at a time")
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, causal, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+def attention(q, k, v, causal, dropout_p):
+    """Causal F.scaled_dot_product_attention, q (B, n_head, T, head_dim), k, v (B, n_head, T', head_dim) -> like q.
+    On a CPU in float32 outside autocast: PyTorch's CPU kernel is 2-3x slower in bfloat16 (docs/speed-results.md)."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal,
+                                              dropout_p=dropout_p).to(q.dtype)
 
 
 def swiglu_hidden(n_embd):
@@ -315,19 +331,9 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_token=None,
                  vocab_limit=None, use_cache=True, generator=None):
-        """Continue each row of `idx` by sampling one token at a time: generate_stream's tokens collected.
-
-        Args:
-            idx: prompt token ids, (B, T) int64, T >= 1.
-            max_new_tokens, temperature, top_k, top_p, eos_token, vocab_limit, use_cache, generator:
-                see generate_stream.
-        Returns:
-            (B, T + n) int64 with n <= max_new_tokens (fewer when every row ended with eos_token); see
-            `continuations` for the new tokens of each row cut at eos_token.
-        Raises:
-            UserError (a ValueError): see check_sampling.
-        Call model.eval() first: in training mode dropout stays on.
-        """
+        """Continue each row of `idx` (B, T) by sampling: generate_stream's tokens collected (same arguments).
+        Returns (B, T + n) int64 with n <= max_new_tokens (fewer when every row ended with eos_token; see
+        `continuations`). Raises UserError (a ValueError): see check_sampling. Call model.eval() first."""
         steps = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token, vocab_limit,
                                           use_cache, generator))
         return torch.cat([idx, torch.stack(steps, dim=1)], dim=1)
@@ -406,13 +412,8 @@ def check_sampling(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=1):
 
 
 def continuations(out, prompt_len, eos_token):
-    """The new tokens of each row of GPT.generate's output, cut before the first eos_token.
-
-    Args:
-        out: (B, prompt_len + n) int64 from generate. prompt_len: tokens of the prompt in each row.
-    Returns:
-        list of B (ids, ended): ids a list of int without eos_token; ended True if the row produced eos_token.
-    """
+    """The new tokens of each row of GPT.generate's output `out` (B, prompt_len + n) int64, cut before the first
+    eos_token: a list of B (ids, ended), ids a list of int without eos_token, ended True if the row produced it."""
     rows = [row[prompt_len:] for row in out.tolist()]
     return [(new[:new.index(eos_token)], True) if eos_token in new else (new, False) for new in rows]
 
