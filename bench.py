@@ -10,8 +10,8 @@
    the training step of train.py (forward, backward, clipping, AdamW), median of `steps` timed steps after
    `warmup` steps, in the modes of MODES, each adding one change to the one before: baseline (float32, eager,
    plain AdamW, default allocator), allocator (CPU: keep_freed_memory), autocast (mixed precision in `dtype`),
-   fused (fused AdamW), tuned (the head and cross-entropy in chunks, chunked_loss.ChunkedHeadLoss: what train.py does)
-   and compiled (tuned + torch.compile). Each mode runs in a fresh process, which also gives its peak memory.
+   fused (fused AdamW), train.py (the head and cross-entropy in chunks, chunked_loss.ChunkedHeadLoss, and the
+   config's optimizer, e.g. Muon: exactly what train.py runs by default) and compiled (train.py + torch.compile). Each mode runs in a fresh process, which also gives its peak memory.
    With --nanogpt_dir (a local checkout of github.com/karpathy/nanoGPT, not part of this project) and a CPU
    device, nanoGPT's own train.py runs too, in a subprocess on random tokens with the same shape and batch
    (float32, eager: what it does on a CPU), for its tokens/s and peak resident memory. FLOPs per token = 6 N + 12 n_layer n_embd block_size, with N the
@@ -54,7 +54,7 @@ vocab_size = 50257                      # used when the config does not pin one 
 batch_size = 0                          # 0: the config's micro-batch
 steps = 10                              # timed training steps (the median is reported)
 warmup = 3                              # untimed steps first (compilation happens here)
-compile_mode = True                     # also time the tuned step under torch.compile
+compile_mode = True                     # also time train.py's step under torch.compile
 matmul_size = 0                         # 0: 4096 on GPUs, 2048 on CPUs
 sample_tokens = 200
 prepare_mb = 10.0                       # corpus size of the prepare part at 1x (10x is also measured)
@@ -111,6 +111,11 @@ def model_shape():
     return asdict(GPTConfig(**args)), batch_size or cfg.get("batch_size", 32)
 
 
+def optimizer_of_config():
+    """The `optimizer` setting of the config file (train.py's default, "adamw", when it sets none)."""
+    return runpy.run_path(model_config).get("optimizer", "adamw")
+
+
 def recipe(args):
     """The recipe switches of GPTConfig fields `args` that differ from GPT-2's, as text ("GPT-2" when none do)."""
     changed = [f"{f.name}={args[f.name]}" for f in fields(GPTConfig)
@@ -120,17 +125,19 @@ def recipe(args):
 
 # The training step, one optimisation added at a time:
 # (name, keep freed memory, autocast, fused AdamW, chunked head + cross-entropy, compile).
-# "baseline" is the reference loop (float32, eager, plain AdamW, full logits); "tuned" is what train.py does.
+# "baseline" is the reference loop (float32, eager, plain AdamW, full logits); "train.py" is what train.py does
+# by default (with the config's optimizer).
 MODES = [("baseline", False, False, False, False, False), ("allocator", True, False, False, False, False),
          ("autocast", True, True, False, False, False), ("fused", True, True, True, False, False),
-         ("tuned", True, True, True, True, False), ("compiled", True, True, True, True, True)]
+         ("train.py", True, True, True, True, False), ("compiled", True, True, True, True, True)]
 
 
-def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup):
+def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup, optimizer="adamw"):
     """Time the training step of train.py in one mode of MODES, in this process (bench_train runs each mode in a
     fresh one, so the allocator setting and peak memory are the mode's own). Returns a dict with ms_per_step,
     tokens_per_s, flops_per_token, the dtype used and peak_memory_gb (CUDA: allocated tensors; else the
-    process's peak resident memory, Linux ru_maxrss)."""
+    process's peak resident memory, Linux ru_maxrss). `optimizer` (configure_optimizer's) is used by the modes with
+    the chunked head; the ones before it use AdamW."""
     import resource
     name, keep_memory, use_autocast, fused, chunked, use_compile = next(m for m in MODES if m[0] == mode)
     device_type = dev.split(":")[0]
@@ -141,7 +148,7 @@ def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup):
     model = GPT(cfg).to(dev)
     n = model.num_params(non_embedding=True) + model.lm_head.weight.numel()
     if fused:
-        opt = configure_optimizer(model, 0.1, 1e-4, (0.9, 0.95), device_type)
+        opt = configure_optimizer(model, 0.1, 1e-4, (0.9, 0.95), device_type, optimizer if chunked else "adamw")
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False, fused=False)
     step_dtype = precision if use_autocast else "float32"
@@ -176,7 +183,7 @@ def bench_train(dev, precision, ceilings):
     for mode, *_ in MODES:
         if mode == "compiled" and not compile_mode or mode == "allocator" and not dev == "cpu":
             continue
-        call = json.dumps([mode, args, batch, dev, precision, steps, warmup])
+        call = json.dumps([mode, args, batch, dev, precision, steps, warmup, optimizer_of_config()])
         code = (f"import sys, json; sys.path.insert(0, {here!r}); import bench; "
                 f"print(json.dumps(bench.train_mode(*json.loads(sys.argv[1]))))")
         proc = subprocess.run([sys.executable, "-c", code, call], capture_output=True, text=True)

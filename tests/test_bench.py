@@ -18,12 +18,12 @@ def test_bench_runs_at_tiny_sizes(tmp_path):
     assert "x baseline" in proc.stdout and "tiktoken batch encoding alone" in proc.stdout
     r = json.loads(out.read_text())
     assert r["matmul"]["float32"] > 0 and r["matmul"]["bfloat16"] > 0
-    assert r["train"]["baseline"]["dtype"] == "float32" and r["train"]["tuned"]["tokens_per_s"] > 0
-    assert [m for m in ("baseline", "allocator", "autocast", "fused", "tuned", "compiled") if m in r["train"]] == \
-        ["baseline", "allocator", "autocast", "fused", "tuned"]  # compile_mode=False
+    assert r["train"]["baseline"]["dtype"] == "float32" and r["train"]["train.py"]["tokens_per_s"] > 0
+    assert [m for m in ("baseline", "allocator", "autocast", "fused", "train.py", "compiled") if m in r["train"]] == \
+        ["baseline", "allocator", "autocast", "fused", "train.py"]  # compile_mode=False
     assert "nanogpt" not in r["train"]  # no --nanogpt_dir
     assert r["train"]["baseline"]["speedup"] == 1.0 and r["train"]["autocast"]["dtype"] == "bfloat16"
-    assert 0 < r["train"]["tuned"]["mfu"] and r["train"]["tuned"]["peak_memory_gb"] > 0
+    assert 0 < r["train"]["train.py"]["mfu"] and r["train"]["train.py"]["peak_memory_gb"] > 0
     assert r["sample"]["batch1_cache"] > 0 and r["sample"]["batch8_reforward"] > 0
     assert r["sample"]["batch1_cache_int8"] > 0 and r["sample"]["batch1_cache_float32"] > 0
     assert r["prepare"]["10x"]["mb"] > 5 * r["prepare"]["1x"]["mb"] > 0  # 10 copies of train, one validation
