@@ -11,7 +11,8 @@
    `warmup` steps, in the modes of MODES, each adding one change to the one before: baseline (float32, eager,
    plain AdamW, default allocator), allocator (CPU: keep_freed_memory), autocast (mixed precision in `dtype`),
    fused (fused AdamW), train.py (the head and cross-entropy in chunks, chunked_loss.ChunkedHeadLoss, and the
-   config's optimizer, e.g. Muon: exactly what train.py runs by default) and compiled (train.py + torch.compile). Each mode runs in a fresh process, which also gives its peak memory.
+   config's optimizer, e.g. Muon: exactly what train.py runs by default) and compiled (train.py + torch.compile).
+   Each mode runs in a fresh process, which also gives its peak memory.
    With --nanogpt_dir (a local checkout of github.com/karpathy/nanoGPT, not part of this project) and a CPU
    device, nanoGPT's own train.py runs too, in a subprocess on random tokens with the same shape and batch
    (float32, eager: what it does on a CPU), for its tokens/s and peak resident memory. FLOPs per token = 6 N + 12 n_layer n_embd block_size, with N the

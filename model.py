@@ -116,8 +116,7 @@ class KVCache:
 
     def __init__(self, config):
         self.n_layer, self.block_size = config.n_layer, config.block_size
-        self.k = self.v = None
-        self.pos = 0
+        self.k, self.v, self.pos = None, None, 0
 
     @staticmethod
     def bytes_needed(config, batch, itemsize):
@@ -176,8 +175,7 @@ class CausalSelfAttention(nn.Module):
         causal = cache is None or cache.pos == 0
         if cache is not None and T > 1 and cache.pos > 0:
             raise ValueError("a cache holding positions can only be extended one token at a time")
-        y = attention(q, k, v, causal, self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = attention(q, k, v, causal, self.dropout * self.training).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
