@@ -180,8 +180,8 @@ class CausalSelfAttention(nn.Module):
 
 
 def attention(q, k, v, causal, dropout_p):
-    """Causal F.scaled_dot_product_attention, q (B, n_head, T, head_dim), k, v (B, n_head, T', head_dim) -> like q.
-    On a CPU in float32 outside autocast: PyTorch's CPU kernel is 2-3x slower in bfloat16 (docs/speed-results.md)."""
+    """F.scaled_dot_product_attention (masked if causal), q (B, n_head, T, head_dim), k, v (B, n_head, T', head_dim)
+    -> like q. On a CPU in float32 outside autocast: PyTorch's CPU kernel is 2-3x slower in bfloat16 (docs)."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
     with torch.autocast("cpu", enabled=False):
