@@ -65,7 +65,7 @@ def test_endoftext_rule_edges_and_compressed_text(tmp_path, cache, capsys):
 
 def test_checks_read_in_chunks_find_what_a_chunk_boundary_cuts(tmp_path, monkeypatch):
     import prepare
-    monkeypatch.setattr(prepare, "CHUNK", 4)
+    monkeypatch.setattr(prepare, "_CHUNK", 4)
     path = tmp_path / "train.txt"
     path.write_bytes("Once.\n<|endoftext|>\nTwice.\n".encode())  # the separator line spans five reads
     assert prepare.check_text(str(path), "train")

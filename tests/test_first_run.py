@@ -1,0 +1,39 @@
+"""What a new user meets first: prepare.py offline, its summary, a too-small split; the learning-rate schedule
+following --max_iters; log.csv's clock across a resume."""
+import pytest
+
+import prepare
+from conftest import GPT2_RANKS, SAMPLE, assert_user_error, run_script
+from test_configs import CONFIGS, assignments
+
+pytestmark = pytest.mark.slow  # prepare.py and train.py as subprocesses
+
+
+def test_offline_hub_download_fails_at_once_naming_the_ways_out(tmp_path, hf_home):
+    # the hub made unreachable (a closed local port) and the offline switches off: a user's machine without network
+    env = {"HF_HOME": str(hf_home), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "",
+           "HF_DATASETS_OFFLINE": "", "HTTPS_PROXY": "", "https_proxy": "", "ALL_PROXY": "", "all_proxy": ""}
+    proc = run_script("prepare.py", f"--tokenizer={GPT2_RANKS}", f"--data_dir={tmp_path}/d", check=False, env=env)
+    assert_user_error(proc, "cannot reach 127.0.0.1 to download roneneldan/TinyStories", "--dataset=PATH",
+                      "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1")
+    assert not (tmp_path / "d").exists()
+
+
+def test_summary_is_the_settings_that_apply_and_a_small_split_is_named(tmp_path, hf_home):
+    story = (SAMPLE / "validation.txt").read_text(encoding="utf-8").split("\n\n")[0]
+    folder = tmp_path / "stories"
+    folder.mkdir()
+    (folder / "train.txt").write_text((story + "\n\n") * 200, encoding="utf-8")
+    (folder / "validation.txt").write_text(story + "\n", encoding="utf-8")  # one story: under one batch
+    proc = run_script("prepare.py", f"--dataset={folder}", f"--tokenizer={GPT2_RANKS}", f"--data_dir={tmp_path}/d",
+                      "--num_proc=1", env={"HF_HOME": str(hf_home)})
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("prepare.py --dataset=") and "vocab_size" not in lines[0]  # only --tokenizer=bpe's
+    assert "_CHUNK" not in proc.stdout and "" not in lines  # no internals, no blank lines
+    notes = [line for line in lines if line.startswith("note: ")]
+    assert len(notes) == 1 and "the validation split has" in notes[0] and "--batch_size" in notes[0]
+
+
+def test_smallest_batch_is_the_smallest_configs():
+    batches = [assignments(path).get("batch_size", 32) * assignments(path).get("block_size", 256) for path in CONFIGS]
+    assert prepare._SMALLEST_BATCH == min(batches)
