@@ -738,7 +738,7 @@ def keep_freed_memory():
     A CPU training step allocates and frees hundreds of MB (the logits over a 50k vocabulary alone are
     tokens x 50,304 floats). glibc serves blocks that large with a fresh mmap each time, so every step faults
     those pages in again: on 2 cores, as much kernel time as the math itself. With mmap off and trimming
-    raised, config/tinystories_cpu.py went from 1,069 to 490 ms/iter in bfloat16 (see README, Performance).
+    raised, config/tinystories_cpu.py went from 1,069 to 490 ms/iter in bfloat16 (see docs/performance.md).
     The process then keeps its peak resident size. Does nothing where glibc's mallopt is not available."""
     import ctypes
     try:

@@ -1,4 +1,5 @@
-"""README's bad-input table, one row per case: each mistake gets one line on stderr, exit code 2, nothing lost."""
+"""The bad-input table of docs/robustness.md, one row per case: each mistake gets one line on stderr, exit code 2,
+nothing lost."""
 import json
 
 import pytest
