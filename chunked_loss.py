@@ -28,7 +28,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
 
     Logits and the matmuls of the gradient run in `dtype` (the autocast precision, as nn.Linear under autocast);
     log-softmax, softmax and the dL/dW sum over chunks in float32 (or float64 for float64 inputs). On a CPU
-    (2 cores, see README, Performance) the head with its loss takes about 20% longer than the plain path at
+    (2 cores, see docs/performance.md) the head with its loss takes about 20% longer than the plain path at
     HEAD_CHUNK_LOGITS = 2**25 (smaller matmuls, and the sum of dL/dW over chunks); smaller chunks save
     memory and cost more time.
 

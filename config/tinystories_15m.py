@@ -18,8 +18,7 @@ dropout = 0.0
 bias = False
 
 learning_rate = 1e-3
-max_iters = 20000
+max_iters = 20000  # the learning rate decays to min_lr by the last one
 weight_decay = 0.1
 warmup_iters = 500
-lr_decay_iters = 20000
 min_lr = 1e-4

@@ -19,7 +19,6 @@ n_embd = 128
 dropout = 0.0
 
 learning_rate = 2e-3
-max_iters = 2000
+max_iters = 2000  # the learning rate decays to min_lr by the last one
 warmup_iters = 100
-lr_decay_iters = 2000
 min_lr = 2e-4

@@ -19,8 +19,7 @@ dropout = 0.1
 bias = True
 
 learning_rate = 6e-4
-max_iters = 20000
+max_iters = 20000  # the learning rate decays to min_lr by the last one
 weight_decay = 0.1
 warmup_iters = 1000
-lr_decay_iters = 20000
 min_lr = 6e-5

@@ -16,7 +16,6 @@ n_embd = 128
 dropout = 0.0
 
 learning_rate = 2e-3
-max_iters = 500
+max_iters = 500  # the learning rate decays to min_lr by the last one
 warmup_iters = 50
-lr_decay_iters = 500
 min_lr = 2e-4
