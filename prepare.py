@@ -71,7 +71,7 @@ _CHUNK = 1 << 24  # bytes read at a time when checking a file (leading _: not a 
 # batch_size x block_size of the smallest shipped configs (config/tinystories_cpu.py, *_1m_*): a split with fewer
 # tokens cannot fill one of their batches, and train.py refuses it (tests/test_configs.py keeps this in step)
 _SMALLEST_BATCH = 16 * 128
-_QUIET_BELOW = 64 << 20  # local data under this many bytes is read in seconds: no progress bars
+_QUIET_BELOW = 64 << 20  # bytes of local data read in seconds: prepared without progress bars
 EOT_LINE = re.compile(r"^\s*<\|endoftext\|>\s*$", re.MULTILINE)  # a line holding only <|endoftext|>
 
 
@@ -554,9 +554,9 @@ def fingerprint(source):
 
 def write_split(ds, f, dtype, n_shards, desc="writing", quiet=False):
     """Write the "ids" column of a tokenized split back to back into the binary file object `f` as `dtype`, one
-    contiguous slice of rows at a time, so memory stays bounded (with a progress bar named `desc` unless quiet).
-    Plain writes rather than a memmap: a full disk
-    is then an OSError, not a SIGBUS that kills the process. Returns the number of tokens.
+    contiguous slice of rows at a time, so memory stays bounded, with a progress bar named `desc` unless quiet.
+    Plain writes rather than a memmap: a full disk is then an OSError, not a SIGBUS that kills the process.
+    Returns the number of tokens.
     Raises UserError if an id does not fit `dtype`, OSError if the write fails."""
     from tqdm import tqdm
     table = ds.with_format("arrow")
@@ -587,9 +587,11 @@ def main():
     local = is_local(dataset)
     if not local:
         check_hub_reachable(dataset)
-    if local and sum(os.path.getsize(f) for f in data_files(dataset)) < _QUIET_BELOW:
+    # small local data is read in seconds: no progress bars, whose finished lines would crowd the summary
+    quiet = local and sum(os.path.getsize(f) for f in data_files(dataset)) < _QUIET_BELOW
+    if quiet:
         import datasets
-        datasets.disable_progress_bars()  # their finished bars leave blank lines behind, for a few seconds' work
+        datasets.disable_progress_bars()
     if tokenizer == "bpe":
         if not 256 <= vocab_size <= 1_000_000:
             raise UserError(f"vocab_size={vocab_size}: a byte-level BPE vocabulary holds the 256 bytes and "
@@ -658,8 +660,7 @@ def main():
             staged[0].write(tok.spec["json" if tok.spec["kind"] == "bpe" else "ranks"])
             for name, ds in tokenized.items():
                 staged.append(files.enter_context(atomic_file(os.path.join(data_dir, f"{name}.bin"), "wb")))
-                n_tokens = write_split(ds, staged[-1], dtype, shards, f"writing {name}.bin",
-                                       quiet=local and len(ds) < 100_000)
+                n_tokens = write_split(ds, staged[-1], dtype, shards, f"writing {name}.bin", quiet)
                 n_bytes = int(pc.sum(ds.with_format("arrow")[:]["n_bytes"]).as_py())
                 meta["splits"][name] = {"documents": len(ds), "tokens": n_tokens, "bytes": n_bytes}
                 print(f"{name}: {len(ds):,} documents, {n_tokens:,} tokens, {n_bytes:,} bytes "

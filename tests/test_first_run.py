@@ -1,5 +1,5 @@
 """What a new user meets first: prepare.py offline, its summary, a too-small split; the learning-rate schedule
-following --max_iters; log.csv's clock across a resume."""
+following --max_iters; log.csv's clock across a resume; export.py without its optional package."""
 import csv
 
 import pytest
@@ -71,3 +71,14 @@ def test_elapsed_time_continues_across_a_resume(sample_data, tmp_path):
     rows = read_log(tmp_path / "o")
     elapsed = [float(rows[it]["elapsed_s"]) for it in (0, 10, 20, 30, 40)]
     assert elapsed == sorted(elapsed)  # the clock of the run, not of each process: it never goes back
+
+
+def test_export_without_safetensors_names_the_pip_install(tmp_path):
+    # a safetensors package that cannot be imported, found before the installed one: a machine without it
+    blocked = tmp_path / "blocked" / "safetensors"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('not installed')\n")
+    proc = run_script("export.py", f"--out_dir={tmp_path}", f"--export_dir={tmp_path}/hf", check=False,
+                      env={"PYTHONPATH": str(blocked.parent)})
+    assert_user_error(proc, "export.py needs safetensors: pip install safetensors")
+    assert not (tmp_path / "hf").exists()
