@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tokenizer import load_tokenizer
-from conftest import GPT2_RANKS, SAMPLE, TINY, assert_user_error, run_script
+from conftest import GPT2_RANKS, HAVE_GPT2, SAMPLE, TINY, assert_user_error, run_script
 
 
 def blocks(path):
@@ -75,7 +75,9 @@ def test_train_resume_and_sample_end_to_end(sample_data, tmp_path):
     assert len(samples) == 2
     assert all(s.startswith("Once upon a time") for s in samples)
     assert any(len(s) > len("Once upon a time") for s in samples)  # a story may also end at once
-    assert "\ufffd" not in proc.stdout  # decodable text
+    if HAVE_GPT2:  # decodable text: GPT-2's 50,257 ids leave the lone bytes 0x80-0xff a small share, where the
+        # tests' own stand-in vocabulary gives them a quarter of its ids, and 60 steps do not teach the model that
+        assert "\ufffd" not in proc.stdout
 
     # the checkpoint carries its tokenizer: sampling needs neither the data directory nor the ranks file
     proc2 = run_script("sample.py", f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=30",

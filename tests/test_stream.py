@@ -48,8 +48,29 @@ def runs(tmp_path_factory):
     return runs
 
 
-def test_sample_streams_the_same_stories_as_before(runs):
-    prompt, n, seed = "Tom saw a café 🙂 and", 4, 4
+PROMPT = "Tom saw a café 🙂 and"
+
+
+@pytest.fixture(scope="module")
+def seed(runs):
+    """A seed for 4 stories of 60 tokens at most from PROMPT with the "bpe" model in which the first story ends at
+    <|endoftext|> within 20 tokens (so the second is then printed live), another runs to the limit, and some random
+    bytes decode to U+FFFD: what the streaming tests below look at. Searched for, not fixed, because the stories
+    depend on the vocabulary, which is trained on whichever sample the tests read."""
+    model, tok, _ = load_model(str(runs["bpe"] / "best_model_params.pt"))
+    ids = tok.encode(PROMPT)
+    for candidate in range(200):
+        out = model.generate(torch.tensor([ids] * 4), 60, temperature=0.8, top_p=0.95, eos_token=tok.eot_token,
+                             vocab_limit=tok.vocab_size, generator=torch.Generator().manual_seed(candidate))
+        rows = continuations(out, len(ids), tok.eot_token)
+        if (rows[0][1] and len(rows[0][0]) <= 20 and not all(ended for _, ended in rows)
+                and "\ufffd" in "".join(tok.decode(new) for new, _ in rows)):
+            return candidate
+    pytest.fail("no seed below 200 gives stories that end both ways: is <|endoftext|> in the vocabulary?")
+
+
+def test_sample_streams_the_same_stories_as_before(runs, seed):
+    prompt, n = PROMPT, 4
     proc = run_script("sample.py", f"--out_dir={runs['bpe']}", f"--start={prompt}", f"--num_samples={n}",
                       "--max_new_tokens=60", f"--seed={seed}", "--device=cpu", "--dtype=float32")
     # the stories of generating all rows at once, then printing them (sample.py before streaming)
@@ -65,7 +86,7 @@ def test_sample_streams_the_same_stories_as_before(runs):
     assert re.search(rf"^{tokens} tokens in [\d.]+ s: [\d.]+ tokens/s$", proc.stderr, re.M), proc.stderr
 
 
-def test_sample_prints_each_story_while_it_is_written(runs, monkeypatch, capsys):
+def test_sample_prints_each_story_while_it_is_written(runs, seed, monkeypatch, capsys):
     import sample
     from model import GPT
     printed = []  # what sample.py printed between two steps of generation
@@ -77,8 +98,8 @@ def test_sample_prints_each_story_while_it_is_written(runs, monkeypatch, capsys)
             yield step
 
     monkeypatch.setattr(GPT, "generate_stream", recording)
-    args = {"out_dir": str(runs["bpe"]), "start": "Tom saw a café 🙂 and", "num_samples": 4, "max_new_tokens": 60,
-            "seed": 4, "device": "cpu", "dtype": "float32"}
+    args = {"out_dir": str(runs["bpe"]), "start": PROMPT, "num_samples": 4, "max_new_tokens": 60,
+            "seed": seed, "device": "cpu", "dtype": "float32"}
     for k in args:
         monkeypatch.setattr(sample, k, getattr(sample, k))  # sample.main sets its settings; undo that afterwards
     monkeypatch.setattr(sys, "argv", ["sample.py", *(f"--{k}={v}" for k, v in args.items())])
@@ -86,7 +107,7 @@ def test_sample_prints_each_story_while_it_is_written(runs, monkeypatch, capsys)
     printed.append(capsys.readouterr().out)
     stories = "".join(printed).split("-" * 80 + "\n")
     assert len(stories) == 5 and printed[0] == args["start"]  # the prompt, before the first token
-    first = stories[0]  # it ends after a few tokens (see the test above): then the second story goes on live
+    first = stories[0]  # it ends after a few tokens (see `seed`): then the second story goes on live
     during = [p for p in printed[1:-1] if p]
     assert len(during) > 20 and "".join(printed[1:-1]).startswith(first[len(args["start"]):])
 
