@@ -30,8 +30,8 @@ def load_checkpoint(path, device="cpu"):
         UserError: missing, truncated or corrupt file, or not a checkpoint of this project.
     """
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one with `python train.py config/tinystories_cpu.py` "
-                        f"or point --out_dir at the directory that holds it")
+        raise UserError(f"no checkpoint at {path}: point --out_dir at a training run's folder (each config names "
+                        f"its own: `python train.py config/tinystories_cpu.py` writes out-tinystories-cpu)")
     ckpt = load_torch(path, device)
     if not isinstance(ckpt, dict) or not {"model", "model_args", "tokenizer"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint written by this project's train.py")

@@ -384,7 +384,10 @@ def _replace_dir(tmp, path):
 
 def main():
     configure(globals(), doc=__doc__)
-    from safetensors.torch import save_file
+    try:
+        from safetensors.torch import save_file
+    except ImportError:  # optional: only export.py writes safetensors (requirements-dev.txt has it)
+        raise UserError("export.py needs safetensors: pip install safetensors") from None
     ckpt_path = os.path.join(out_dir, checkpoint)
     dest = os.path.normpath(export_dir)
     cleaned = clean_leftovers(dest)

@@ -37,6 +37,7 @@ import json
 import lzma
 import os
 import re
+import socket
 import time
 import zlib
 
@@ -66,7 +67,11 @@ EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "pa
 COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # what `datasets` also decompresses
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip", ".7z")
 SPLITS = ("train", "validation")
-CHUNK = 1 << 24  # bytes read at a time when checking a file
+_CHUNK = 1 << 24  # bytes read at a time when checking a file (leading _: not a setting)
+# batch_size x block_size of the smallest shipped configs (config/tinystories_cpu.py, *_1m_*): a split with fewer
+# tokens cannot fill one of their batches, and train.py refuses it (tests/test_configs.py keeps this in step)
+_SMALLEST_BATCH = 16 * 128
+_QUIET_BELOW = 64 << 20  # bytes of local data read in seconds: prepared without progress bars
 EOT_LINE = re.compile(r"^\s*<\|endoftext\|>\s*$", re.MULTILINE)  # a line holding only <|endoftext|>
 
 
@@ -158,12 +163,34 @@ def is_local(source):
     return False
 
 
+def check_hub_reachable(source):
+    """Fail fast when the Hugging Face hub cannot be reached, instead of after the hub client's retries.
+
+    Skipped when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set (then `datasets` reads its cache of an earlier
+    download) and behind a proxy (HTTPS_PROXY, ALL_PROXY: only the client knows how to go through it). Otherwise
+    one TCP connection to the hub (HF_ENDPOINT, huggingface.co by default) with a 5 s timeout.
+    Raises UserError naming the local --dataset and the offline variables as the ways out."""
+    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in flags):
+        return
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"cannot reach {url.hostname} to download {source} ({e.strerror or e}; offline?): give "
+                        f"local files with --dataset=PATH, or, if it was downloaded before, read the cached copy "
+                        f"with HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python prepare.py ...") from None
+
+
 def check_text(path, role):
     """Read a .txt, .json or .jsonl file once, decompressed as its name says, before `datasets` does: return True
     when it has a line holding only <|endoftext|> (then those lines, and only those, separate its documents).
     `role` names the file in messages ("the train split", "text file").
     Raises UserError naming the file when it is not UTF-8 (with the byte offset), is not the compressed file
-    its name says, is not a file, or holds no text. Reads CHUNK bytes at a time, so any file size fits in
+    its name says, is not a file, or holds no text. Reads _CHUNK bytes at a time, so any file size fits in
     memory."""
     if not os.path.isfile(path):
         raise UserError(f"{path} ({role}) {'is not a file' if os.path.exists(path) else 'does not exist'}: "
@@ -175,7 +202,7 @@ def check_text(path, role):
     try:
         with COMPRESSIONS.get(compression, open)(path, "rb") as f:
             while True:
-                chunk = f.read(CHUNK)
+                chunk = f.read(_CHUNK)
                 pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk
                 try:
                     text = decoder.decode(chunk, final=not chunk)
@@ -220,7 +247,7 @@ def text_documents(path, separated=None):
     and eval.py --text too: where the file has lines holding only <|endoftext|> (TinyStoriesV2-GPT4-*.txt), the
     runs of lines between them, stripped of surrounding whitespace; else the blocks separated by a blank line
     ("\\n\\n" after universal-newline translation, as `datasets` reads paragraphs). Blocks of only whitespace
-    are skipped. Reads CHUNK characters at a time (and the rest of a line), so memory is bounded by the longest
+    are skipped. Reads _CHUNK characters at a time (and the rest of a line), so memory is bounded by the longest
     line, not the file.
 
     Args:
@@ -246,7 +273,7 @@ def text_documents(path, separated=None):
                 yield text
             return
         rest = ""
-        while chunk := f.read(CHUNK):
+        while chunk := f.read(_CHUNK):
             blocks = (rest + chunk + f.readline()).split("\n\n")
             rest = blocks.pop()
             yield from (b for b in blocks if b and not b.isspace())
@@ -525,17 +552,18 @@ def fingerprint(source):
     return [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths]
 
 
-def write_split(ds, f, dtype, n_shards, desc="writing"):
+def write_split(ds, f, dtype, n_shards, desc="writing", quiet=False):
     """Write the "ids" column of a tokenized split back to back into the binary file object `f` as `dtype`, one
-    contiguous slice of rows at a time, so memory stays bounded. Plain writes rather than a memmap: a full disk
-    is then an OSError, not a SIGBUS that kills the process. Returns the number of tokens.
+    contiguous slice of rows at a time, so memory stays bounded, with a progress bar named `desc` unless quiet.
+    Plain writes rather than a memmap: a full disk is then an OSError, not a SIGBUS that kills the process.
+    Returns the number of tokens.
     Raises UserError if an id does not fit `dtype`, OSError if the write fails."""
     from tqdm import tqdm
     table = ds.with_format("arrow")
     limit = np.iinfo(dtype).max
     n_tokens = 0
     bounds = np.linspace(0, len(ds), min(n_shards, len(ds)) + 1).astype(int)
-    for lo, hi in tqdm(list(zip(bounds[:-1], bounds[1:])), desc=desc):
+    for lo, hi in tqdm(list(zip(bounds[:-1], bounds[1:])), desc=desc, disable=quiet):
         ids = pc.list_flatten(table[lo:hi]["ids"]).to_numpy()
         if ids.size and ids.max() > limit:
             raise UserError(f"token id {ids.max()} does not fit {np.dtype(dtype).name} (max {limit}): "
@@ -547,14 +575,23 @@ def write_split(ds, f, dtype, n_shards, desc="writing"):
 
 def main():
     config = configure(globals(), doc=__doc__)
-    print(json.dumps(config, indent=1))
+    if tokenizer != "bpe":
+        del config["vocab_size"]  # the size of a vocabulary to train: only --tokenizer=bpe has one
+    print("prepare.py " + " ".join(f"--{k}={v}" for k, v in config.items()))
 
     check_values(globals(), {"shards": "count", "num_proc": "count", "seed": "seed", "instruct_variants": "count"})
     if instruct_variants > 1 and not instruct:
         raise UserError("--instruct_variants writes extra instructed copies of each story: add --instruct")
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1 (a share of train), got {val_fraction}")
-    is_local(dataset)
+    local = is_local(dataset)
+    if not local:
+        check_hub_reachable(dataset)
+    # small local data is read in seconds: no progress bars, whose finished lines would crowd the summary
+    quiet = local and sum(os.path.getsize(f) for f in data_files(dataset)) < _QUIET_BELOW
+    if quiet:
+        import datasets
+        datasets.disable_progress_bars()
     if tokenizer == "bpe":
         if not 256 <= vocab_size <= 1_000_000:
             raise UserError(f"vocab_size={vocab_size}: a byte-level BPE vocabulary holds the 256 bytes and "
@@ -623,11 +660,15 @@ def main():
             staged[0].write(tok.spec["json" if tok.spec["kind"] == "bpe" else "ranks"])
             for name, ds in tokenized.items():
                 staged.append(files.enter_context(atomic_file(os.path.join(data_dir, f"{name}.bin"), "wb")))
-                n_tokens = write_split(ds, staged[-1], dtype, shards, f"writing {name}.bin")
+                n_tokens = write_split(ds, staged[-1], dtype, shards, f"writing {name}.bin", quiet)
                 n_bytes = int(pc.sum(ds.with_format("arrow")[:]["n_bytes"]).as_py())
                 meta["splits"][name] = {"documents": len(ds), "tokens": n_tokens, "bytes": n_bytes}
                 print(f"{name}: {len(ds):,} documents, {n_tokens:,} tokens, {n_bytes:,} bytes "
                       f"({n_bytes / n_tokens:.2f} bytes/token)")
+                if n_tokens < _SMALLEST_BATCH:
+                    print(f"note: the {name} split has {n_tokens:,} tokens; train.py needs batch_size x block_size "
+                          f"tokens in each split ({_SMALLEST_BATCH:,} for config/tinystories_cpu.py): add text, or "
+                          f"train with a smaller --batch_size or --block_size")
             for f in staged:  # a full disk shows here, before anything is replaced
                 f.flush()
                 os.fsync(f.fileno())

@@ -88,7 +88,7 @@ max_nonfinite_steps = 8         # stop after this many optimizer steps in a row 
 # learning-rate schedule (get_lr)
 lr_schedule = "cosine"          # "cosine" decay to min_lr, or "wsd": constant, then a linear decay at the end
 warmup_iters = 200              # steps of linear warmup from 0 to learning_rate
-lr_decay_iters = 5000           # the step at which the decay reaches min_lr
+lr_decay_iters = 0              # the step at which the decay reaches min_lr; 0: max_iters, the end of the run
 min_lr = 6e-5                   # the learning rate at the end of the decay
 decay_frac = 0.2                # wsd: the fraction of lr_decay_iters spent decaying
 # system
@@ -183,7 +183,7 @@ def main():
     iter_num = run.iter_num
     x, y = run.batch("train", iter_num, run.first)
     while True:
-        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, lr_schedule, decay_frac)
+        lr = get_lr(iter_num, learning_rate, *run.schedule, min_lr, lr_schedule, decay_frac)
         for group, peak in zip(opt.param_groups, peak_lrs):  # AdamW's groups: lr; Muon's: muon_lr * lr/learning_rate
             group["lr"] = lr * (peak / learning_rate)
 
@@ -230,8 +230,8 @@ class Run:
 
     Attributes main uses: device, device_type, precision, ctx (autocast), ddp, micro_steps (this process's share of
     gradient_accumulation_steps), first (its first micro-batch), model_args (GPTConfig fields: the settings, the
-    checkpoint's shape when fine-tuning, and the data's vocabulary padded), iter_num (where the run starts) and
-    stopping (a stop was requested).
+    checkpoint's shape when fine-tuning, and the data's vocabulary padded), iter_num (where the run starts),
+    schedule (get_lr's warmup and decay end: schedule_span) and stopping (a stop was requested).
     Raises UserError for bad settings, data or checkpoints, before anything is written.
     """
 
@@ -264,6 +264,12 @@ class Run:
         self.resumed_at = self.iter_num if resume else None  # that iteration was evaluated before the stop
         os.makedirs(out_dir, exist_ok=True)
         self.say(json.dumps(config, indent=1))
+        self.schedule = schedule_span(max_iters, warmup_iters, lr_decay_iters)  # (warmup, decay end) for get_lr
+        if self.schedule[0] != warmup_iters:
+            self.say(f"warmup_iters={warmup_iters} is not shorter than the run ({max_iters} iterations): warming up "
+                     f"over the first {self.schedule[0]} instead")
+        self.say(f"learning rate: up to {learning_rate:g} over {self.schedule[0]} iterations, then {lr_schedule} "
+                 f"down to {min_lr:g} at iteration {self.schedule[1]}")
         if self.device_type == "cpu":
             keep_freed_memory()
         self.ctx = autocast(self.device_type, self.precision)
@@ -395,21 +401,35 @@ class Run:
                    self.block_size)
 
 
+def schedule_span(max_iters, warmup_iters, lr_decay_iters):
+    """The warmup and the end of the decay that get_lr uses: (warmup_iters, lr_decay_iters), in optimizer steps.
+
+    lr_decay_iters=0 (the default) ends the decay with the run, at max_iters, so --max_iters alone moves the whole
+    schedule; a warmup as long as that run or longer (a config's warmup, on a run shortened with --max_iters) is
+    cut to a tenth of it, so that every run reaches its peak and then decays. An lr_decay_iters set explicitly is
+    kept (check_settings has checked it is larger than warmup_iters). Resuming with another max_iters therefore
+    stretches or shortens the rest of a default schedule."""
+    if lr_decay_iters:
+        return warmup_iters, lr_decay_iters
+    return (warmup_iters if warmup_iters < max_iters else max_iters // 10), max_iters
+
+
 def check_settings():
     """Reject settings that would fail late or train badly, before any work starts: each value against its kind
     (configurator.check_values), then the settings that must agree with each other. Raises UserError."""
     check_values(globals(), {
         **dict.fromkeys(("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
                          "eval_iters", "log_interval", "max_nonfinite_steps", "n_layer", "n_head", "n_embd"), "count"),
-        **dict.fromkeys(("warmup_iters", "vocab_size"), "count0"),
+        **dict.fromkeys(("warmup_iters", "lr_decay_iters", "vocab_size"), "count0"),
         **dict.fromkeys(("learning_rate", "muon_lr"), "rate"),
         **dict.fromkeys(("min_lr", "weight_decay", "grad_clip"), "rate0"),
         **dict.fromkeys(("beta1", "beta2", "dropout", "muon_momentum"), "fraction"), "seed": "seed"})
     if min_lr > learning_rate:
         raise UserError(f"min_lr={min_lr} is larger than learning_rate={learning_rate}: the schedule decays "
                         f"from learning_rate down to min_lr, so set min_lr below it (e.g. learning_rate/10)")
-    if lr_decay_iters <= warmup_iters:
-        raise UserError(f"lr_decay_iters={lr_decay_iters} must be larger than warmup_iters={warmup_iters}")
+    if lr_decay_iters and lr_decay_iters <= warmup_iters:
+        raise UserError(f"lr_decay_iters={lr_decay_iters} must be larger than warmup_iters={warmup_iters} "
+                        f"(or 0: the decay ends with the run)")
     if init_from not in ("scratch", "resume") and not os.path.isfile(init_from):
         hint = (f"; name a file in that directory, e.g. {os.path.join(init_from, 'best_model_params.pt')}"
                 if os.path.isdir(init_from) else ": no such file")
@@ -738,7 +758,7 @@ def keep_freed_memory():
     A CPU training step allocates and frees hundreds of MB (the logits over a 50k vocabulary alone are
     tokens x 50,304 floats). glibc serves blocks that large with a fresh mmap each time, so every step faults
     those pages in again: on 2 cores, as much kernel time as the math itself. With mmap off and trimming
-    raised, config/tinystories_cpu.py went from 1,069 to 490 ms/iter in bfloat16 (see README, Performance).
+    raised, config/tinystories_cpu.py went from 1,069 to 490 ms/iter in bfloat16 (see docs/performance.md).
     The process then keeps its peak resident size. Does nothing where glibc's mallopt is not available."""
     import ctypes
     try:

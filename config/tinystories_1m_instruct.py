@@ -5,7 +5,7 @@
 #   python prepare.py --dataset=data/tinystories-json --instruct --tokenizer=bpe --vocab_size=4096 \
 #                     --data_dir=data/tinystories-instruct-bpe4096
 # Offline, on the stand-in (880 stories), the run measured in docs/instruct.md:
-#   python prepare.py --dataset=../shared/data/tinystories-instruct --instruct --tokenizer=bpe \
+#   python prepare.py --dataset=INSTRUCT --instruct --tokenizer=bpe \
 #                     --vocab_size=4096 --data_dir=data/instruct-standin
 #   python train.py config/tinystories_1m_modern.py config/tinystories_1m_instruct.py \
 #                   --data_dir=data/instruct-standin --max_iters=600 --lr_decay_iters=600

@@ -1,9 +1,10 @@
 # The modern recipe at the shape of tinystories_1m_bpe.py (4 layers, 128 wide, BPE 4,096 ids, 16 x 128 tokens per
 # iteration, 1.32M parameters): Muon for the blocks' matrices, a warmup-stable-decay schedule, rotary positions,
 # RMSNorm, a SwiGLU MLP and RMSNorm on queries and keys, no biases. It exports as a Qwen3ForCausalLM.
-# Each choice and its measured gain: README, "A modern recipe". The learning rates are the best of the ladder's sweeps.
+# Each choice and its measured gain: docs/recipe.md. The learning rates are the best of the ladder's sweeps.
 # Data: python prepare.py --tokenizer=bpe --vocab_size=4096 --data_dir=data/tinystories-bpe4096
-# (offline: add --dataset=../shared/data/tinystories-sample and use --data_dir=data/sample-bpe4096)
+# (offline: add --dataset=FOLDER, a local copy of TinyStories' text; see README)
+out_dir = "out-tinystories-1m-modern"  # sample.py --out_dir=out-tinystories-1m-modern
 data_dir = "data/tinystories-bpe4096"
 vocab_size = 4096               # refuse data prepared with another vocabulary
 eval_interval = 200
@@ -28,11 +29,8 @@ tie_embeddings = True           # an untied head would add 0.5M parameters (40%)
 optimizer = "muon"
 muon_lr = 0.01
 learning_rate = 3.2e-2          # AdamW, for the embedding and the norm gains: 16x the GPT-2 recipe's best
-max_iters = 2000
+max_iters = 2000  # the learning rate decays to min_lr by the last one
 lr_schedule = "wsd"
 warmup_iters = 100
-lr_decay_iters = 2000
 decay_frac = 0.4
 min_lr = 3.2e-3                 # both learning rates end at 1/10 of their peak
-
-device = "cpu"

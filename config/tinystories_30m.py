@@ -1,7 +1,8 @@
 # The tutorial's model: 6 layers, 6 heads, 384 wide, context 128, dropout 0.1, biases; about 30M parameters
 # (19.3M of them in the GPT-2 token embedding). 131,072 tokens per iteration (32 x 128 x 32).
 # The tutorial decayed to min_lr=5e-4 from learning_rate=1e-4, i.e. the rate rose; here it decays 6e-4 -> 6e-5.
-# A GPU run; on a Mac use --device=mps. Data: python prepare.py
+# A GPU run (device=auto picks CUDA, else Apple's mps, else the CPU). Data: python prepare.py
+out_dir = "out-tinystories-30m"  # sample.py --out_dir=out-tinystories-30m
 data_dir = "data/tinystories"
 eval_interval = 500
 eval_iters = 100
@@ -18,8 +19,7 @@ dropout = 0.1
 bias = True
 
 learning_rate = 6e-4
-max_iters = 20000
+max_iters = 20000  # the learning rate decays to min_lr by the last one
 weight_decay = 0.1
 warmup_iters = 1000
-lr_decay_iters = 20000
 min_lr = 6e-5

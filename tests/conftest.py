@@ -1,15 +1,28 @@
-"""Shared fixtures: paths to ../shared, a helper that runs a script as a user would, and prepared sample data."""
+"""Shared fixtures: the text the tests read, a helper that runs a script as a user would, and prepared sample data.
+
+Text: the TinyStories sample in ../shared (beside the repository) when it is there; otherwise a small corpus of
+simple stories that this file writes from word lists, so that a fresh clone anywhere runs the suite. Likewise
+GPT2_RANKS is GPT-2's vocabulary (../shared/tokenizers/gpt2.tiktoken, or tiktoken's cached download) when it can
+be found offline, otherwise a small stand-in vocabulary in the same .tiktoken format learned from that corpus;
+the few tests that need GPT-2's own ids are marked `needs_gpt2` and skip with a reason saying how to provide it.
+Under CI=true a skipped test counts as a failure: CI provides everything, so every test must run there.
+"""
+import atexit
+import base64
 import os
+import random
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-SAMPLE = SHARED / "data" / "tinystories-sample"
-GPT2_RANKS = SHARED / "tokenizers" / "gpt2.tiktoken"
 sys.path.insert(0, str(ROOT))
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one thread each
     os.environ["OMP_NUM_THREADS"] = "1"  # for the scripts the tests start
@@ -20,6 +33,135 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the co
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--device=cpu",
         "--dtype=float32", "--eval_iters=5", "--log_interval=5", "--warmup_iters=5", "--learning_rate=3e-3",
         "--min_lr=3e-4"]
+
+# --- text: the shared sample, or stories made here -------------------------------------------------------------
+NAMES = ["Lily", "Tom", "Mia", "Ben", "Sue", "Max", "Anna", "Sam", "Lucy", "Tim", "Zoe", "Jack"]
+ANIMALS = ["cat", "dog", "bird", "bunny", "frog", "duck", "bear", "fox", "mouse", "fish"]
+ADJECTIVES = ["little", "happy", "big", "kind", "small", "brave", "shy", "funny", "red", "soft"]
+THINGS = ["ball", "kite", "box", "hat", "cake", "toy", "book", "boat", "flower", "stick"]
+PLACES = ["park", "garden", "house", "forest", "pond", "school", "yard", "beach", "hill", "room"]
+VERBS = ["play", "run", "jump", "sing", "dance", "swim", "read", "paint", "hide", "climb"]
+FEELINGS = ["happy", "sad", "scared", "proud", "tired", "excited", "surprised", "glad"]
+
+
+def make_story(rng):
+    """One short story in the style of TinyStories (a paragraph or two of simple sentences), from the word lists."""
+    name, friend = rng.sample(NAMES, 2)
+    animal, adjective, thing, place, verb = (rng.choice(ANIMALS), rng.choice(ADJECTIVES), rng.choice(THINGS),
+                                             rng.choice(PLACES), rng.choice(VERBS))
+    feeling, later = rng.sample(FEELINGS, 2)
+    first = [f"Once upon a time, there was a {adjective} {animal} named {name}.",
+             f"{name} liked to {verb} in the {place} every day.",
+             f"One day, {name} found a {thing} near the {place}.",
+             f"{name} felt {feeling} and wanted to show it to {friend}."]
+    second = [f'"Look, {friend}! I found a {thing}!" said {name}.',
+              f"{friend} smiled and said, \"Let's {verb} with it together.\"",
+              f"They played with the {thing} until the sun went down.",
+              f"At the end of the day, {name} and {friend} were {later}. They were good friends."]
+    if rng.random() < 0.5:
+        first[1], first[2] = first[2], first[1]
+    return " ".join(first) + ("\n\n" if rng.random() < 0.5 else " ") + " ".join(second[:rng.randint(2, 4)])
+
+
+def write_corpus(folder, seed=1337, documents={"train": 4000, "validation": 2000}):
+    """Write train.txt and validation.txt into `folder` in the shared sample's layout (one story per blank-line
+    separated block; a story may span two blocks, as TinyStories' do). Deterministic for a seed. The sizes follow
+    the shared sample's (4,662 and 2,150 blocks): tests that prepare validation.txt alone get the 0.5% prepare.py
+    holds out of it, 10 stories, which must still fill one batch of TINY (8 x 32 tokens)."""
+    rng = random.Random(seed)
+    for split, n in documents.items():
+        (folder / f"{split}.txt").write_text("\n\n".join(make_story(rng) for _ in range(n)) + "\n", encoding="utf-8")
+
+
+def learn_ranks(text, merges=700):
+    """A byte-level BPE vocabulary (Sennrich et al. 2016) in tiktoken's .tiktoken format: the 256 bytes, then up to
+    `merges` tokens, each the most frequent adjacent pair of tokens over the words of `text` (split roughly as
+    GPT-2's pattern splits them). Every token is two lower-ranked ones joined, which is what tiktoken's merging
+    needs. Returns the file's text ("base64(token bytes) rank" per line)."""
+    words = Counter(re.findall(r" ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+", text))
+    pieces = {tuple(bytes([b]) for b in word.encode()): n for word, n in words.items()}
+    ranks = {bytes([b]): b for b in range(256)}
+    for _ in range(merges):
+        pairs = Counter()
+        for piece, n in pieces.items():
+            for pair in zip(piece, piece[1:]):
+                pairs[pair] += n
+        new = next(((a, b) for (a, b), _ in pairs.most_common() if a + b not in ranks), None)
+        if new is None:
+            break
+        ranks[new[0] + new[1]] = len(ranks)
+        merged = {}
+        for piece, n in pieces.items():
+            out, i = [], 0
+            while i < len(piece):
+                if piece[i:i + 2] == new:
+                    out.append(new[0] + new[1])
+                    i += 2
+                else:
+                    out.append(piece[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+        pieces = merged
+    return "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items())
+
+
+def find_gpt2_ranks():
+    """GPT-2's ranks file when it is available offline: ../shared's, or the copy tiktoken cached on a download."""
+    if (SHARED / "tokenizers" / "gpt2.tiktoken").is_file():
+        return SHARED / "tokenizers" / "gpt2.tiktoken"
+    import hashlib
+    # tiktoken caches a download under the sha1 of its URL, in TIKTOKEN_CACHE_DIR or DATA_GYM_CACHE_DIR or
+    # <tempdir>/data-gym-cache (tiktoken/load.py)
+    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+        os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    if all(os.path.isfile(os.path.join(cache, hashlib.sha1((base + name).encode()).hexdigest()))
+           for name in ("vocab.bpe", "encoder.json")):
+        try:
+            import tiktoken
+            enc = tiktoken.get_encoding("gpt2")
+            path = Path(MADE) / "gpt2.tiktoken"
+            path.write_text("".join(f"{base64.b64encode(enc.decode_single_token_bytes(i)).decode()} {i}\n"
+                                    for i in range(enc.eot_token)))
+            return path
+        except Exception:  # a damaged cache: as if there were none
+            return None
+    return None
+
+
+MADE = tempfile.mkdtemp(prefix="tinystories-tests-")  # this process's made data, removed when it exits
+atexit.register(shutil.rmtree, MADE, ignore_errors=True)
+HAVE_SHARED_SAMPLE = (SHARED / "data" / "tinystories-sample" / "train.txt").is_file()
+if HAVE_SHARED_SAMPLE:
+    SAMPLE = SHARED / "data" / "tinystories-sample"
+else:
+    SAMPLE = Path(MADE) / "tinystories-sample"
+    SAMPLE.mkdir()
+    write_corpus(SAMPLE)
+GPT2_RANKS = find_gpt2_ranks()
+HAVE_GPT2 = GPT2_RANKS is not None
+if not HAVE_GPT2:  # the stand-in: same file format and kind of tokenizer, ~1,000 ids instead of 50,257
+    GPT2_RANKS = Path(MADE) / "standin.tiktoken"
+    GPT2_RANKS.write_text(learn_ranks((SAMPLE / "train.txt").read_text(encoding="utf-8")[:200_000]))
+FORMATS = SHARED / "data" / "tinystories-formats"
+
+needs_gpt2 = pytest.mark.skipif(
+    not HAVE_GPT2, reason="needs GPT-2's own vocabulary offline: put gpt2.tiktoken in ../shared/tokenizers/, or "
+                          "run `python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"` once online")
+needs_formats = pytest.mark.skipif(
+    not FORMATS.is_dir(), reason="needs TinyStories' files in their published layouts in "
+                                 "../shared/data/tinystories-formats/ (TinyStoriesV2-GPT4-*.txt, hub/, all_data/)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skip is a failure: CI installs everything, so a skip there means something is missing."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("CI", "").lower() == "true" and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, where every test must run: {reason}"
 
 
 def run_script(script, *args, cwd=ROOT, check=True, env=None):
@@ -52,7 +194,7 @@ def hf_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory, hf_home):
-    """The shared TinyStories sample prepared with the local GPT-2 ranks file; returns the data directory."""
+    """SAMPLE prepared with GPT2_RANKS (GPT-2's vocabulary, or the stand-in); returns the data directory."""
     data_dir = tmp_path_factory.mktemp("data") / "sample"
     run_script("prepare.py", f"--dataset={SAMPLE}", f"--tokenizer={GPT2_RANKS}", f"--data_dir={data_dir}",
                "--num_proc=2", env={"HF_HOME": str(hf_home)})

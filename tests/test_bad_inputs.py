@@ -1,4 +1,5 @@
-"""README's bad-input table, one row per case: each mistake gets one line on stderr, exit code 2, nothing lost."""
+"""The bad-input table of docs/robustness.md, one row per case: each mistake gets one line on stderr, exit code 2,
+nothing lost."""
 import json
 
 import pytest
@@ -64,8 +65,9 @@ ROWS = [
     ("cuda_missing", "train.py", ["--data_dir={data}", "--device=cuda"],
      ["device 'cuda' is not available on this machine", "available: cpu"]),
     ("mps_off_mac", "train.py", ["--data_dir={data}", "--device=mps"], ["MPS needs a Mac", "available: cpu"]),
-    ("batch_larger_than_data", "train.py", ["--data_dir={data}", "--batch_size=64", "--block_size=2048"],
-     ["is larger than the validation split", "lower batch_size or block_size"]),
+    # 1024 x 2048 tokens: more than either split of the shared sample or of the tests' own corpus
+    ("batch_larger_than_data", "train.py", ["--data_dir={data}", "--batch_size=1024", "--block_size=2048"],
+     ["a batch of 1024 x 2048 = 2,097,152 tokens is larger than the train split", "lower batch_size or block_size"]),
     ("block_size_larger_than_split", "train.py", ["--data_dir={data}", "--block_size=200000"],
      ["not more than block_size=200000"]),
     ("min_lr_above_learning_rate", "train.py", ["--data_dir={data}", "--min_lr=0.01"],

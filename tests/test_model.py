@@ -9,7 +9,7 @@ from checkpoint import quantize_int8
 from optim import configure_optimizer
 from model import GPT, GPTConfig, check_sampling, sample_next
 from tokenizer import load_tokenizer
-from conftest import GPT2_RANKS
+from conftest import GPT2_RANKS, needs_gpt2
 
 
 def tiny(**kw):
@@ -150,6 +150,7 @@ def test_device_and_dtype_errors(device, dtype, have, message):
         resolve_device(device, dtype, **have)
 
 
+@needs_gpt2
 def test_local_gpt2_ranks_round_trip():
     tok = load_tokenizer(str(GPT2_RANKS))
     assert tok.vocab_size == 50257 and tok.eot_token == 50256

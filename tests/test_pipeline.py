@@ -1,12 +1,13 @@
 """prepare.py -> train.py -> sample.py as a user runs them, offline on the shared TinyStories sample."""
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
 
 from tokenizer import load_tokenizer
-from conftest import GPT2_RANKS, SAMPLE, TINY, assert_user_error, run_script
+from conftest import GPT2_RANKS, HAVE_GPT2, SAMPLE, TINY, assert_user_error, run_script
 
 
 def blocks(path):
@@ -18,7 +19,7 @@ def blocks(path):
 def test_meta_json_counts_match_the_bin_files_and_the_text(sample_data):
     meta = json.loads((sample_data / "meta.json").read_text())
     tok = load_tokenizer(str(GPT2_RANKS))
-    assert meta["vocab_size"] == 50257 and meta["eot_token"] == 50256 and meta["dtype"] == "uint16"
+    assert meta["vocab_size"] == tok.vocab_size and meta["eot_token"] == tok.eot_token and meta["dtype"] == "uint16"
     assert meta["tokenizer"]["sha256"] == tok.spec["sha256"]
     for split in ("train", "validation"):
         docs = blocks(SAMPLE / f"{split}.txt")
@@ -39,7 +40,8 @@ def test_rerun_is_a_no_op_and_force_rebuilds(sample_data, hf_home):
     proc = run_script("prepare.py", *args, env={"HF_HOME": str(hf_home)})
     assert "up to date" in proc.stdout and (sample_data / "train.bin").stat().st_mtime_ns == before
     proc = run_script("prepare.py", *args, "--force", "--num_proc=1", env={"HF_HOME": str(hf_home)})
-    assert "train: 4,662 documents" in proc.stdout and (sample_data / "train.bin").stat().st_mtime_ns != before
+    assert f"train: {len(blocks(SAMPLE / 'train.txt')):,} documents" in proc.stdout
+    assert (sample_data / "train.bin").stat().st_mtime_ns != before
 
 
 @pytest.mark.slow
@@ -51,7 +53,10 @@ def test_train_resume_and_sample_end_to_end(sample_data, tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["iter"]) for r in rows] == [0, 30, 60]
     val = [float(r["val_loss"]) for r in rows]
-    assert val[0] > 10.0 and val[2] < val[0] - 2.0  # from ~ln(50257) = 10.8 nats: it learned
+    vocab_size = json.loads((sample_data / "meta.json").read_text())["vocab_size"]
+    # an untrained model guesses about uniformly: ln(vocab_size) nats (10.8 for GPT-2's 50,257 ids); small random
+    # logits of spread s raise that by about s^2 / 2 on average, so the first evaluation cannot be 1 nat below it
+    assert val[0] > math.log(vocab_size) - 1 and val[2] < val[0] - 2.0  # it learned
     for name in ("best_model_params.pt", "ckpt.pt", "loss.png"):
         assert (out / name).stat().st_size > 0
 
@@ -70,7 +75,9 @@ def test_train_resume_and_sample_end_to_end(sample_data, tmp_path):
     assert len(samples) == 2
     assert all(s.startswith("Once upon a time") for s in samples)
     assert any(len(s) > len("Once upon a time") for s in samples)  # a story may also end at once
-    assert "\ufffd" not in proc.stdout  # decodable text
+    if HAVE_GPT2:  # decodable text: GPT-2's 50,257 ids leave the lone bytes 0x80-0xff a small share, where the
+        # tests' own stand-in vocabulary gives them a quarter of its ids, and 60 steps do not teach the model that
+        assert "\ufffd" not in proc.stdout
 
     # the checkpoint carries its tokenizer: sampling needs neither the data directory nor the ranks file
     proc2 = run_script("sample.py", f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=30",

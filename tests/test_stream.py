@@ -1,8 +1,9 @@
 """Stories as they are written: sample.py's streamed output, serve.py's story page over HTTP and in Chromium.
 
 The browser test drives Debian's chromium package (apt-get install chromium; .ci/run installs it) through
-Playwright (requirements.txt). `SAVE_SCREENSHOT=assets/serve.png` also saves its screenshot there, and
-`SERVE_OUT_DIR=dir1,dir2` serves trained models instead of the untrained ones (for README's picture).
+Playwright (requirements-dev.txt); without them it skips, saying what to install. `SAVE_SCREENSHOT=assets/serve.png`
+also saves its screenshot there, and `SERVE_OUT_DIR=dir1,dir2` serves trained models instead of the untrained ones
+(for README's picture).
 """
 import json
 import os
@@ -47,8 +48,29 @@ def runs(tmp_path_factory):
     return runs
 
 
-def test_sample_streams_the_same_stories_as_before(runs):
-    prompt, n, seed = "Tom saw a café 🙂 and", 4, 4
+PROMPT = "Tom saw a café 🙂 and"
+
+
+@pytest.fixture(scope="module")
+def seed(runs):
+    """A seed for 4 stories of 60 tokens at most from PROMPT with the "bpe" model in which the first story ends at
+    <|endoftext|> within 20 tokens (so the second is then printed live), another runs to the limit, and some random
+    bytes decode to U+FFFD: what the streaming tests below look at. Searched for, not fixed, because the stories
+    depend on the vocabulary, which is trained on whichever sample the tests read."""
+    model, tok, _ = load_model(str(runs["bpe"] / "best_model_params.pt"))
+    ids = tok.encode(PROMPT)
+    for candidate in range(200):
+        out = model.generate(torch.tensor([ids] * 4), 60, temperature=0.8, top_p=0.95, eos_token=tok.eot_token,
+                             vocab_limit=tok.vocab_size, generator=torch.Generator().manual_seed(candidate))
+        rows = continuations(out, len(ids), tok.eot_token)
+        if (rows[0][1] and len(rows[0][0]) <= 20 and not all(ended for _, ended in rows)
+                and "\ufffd" in "".join(tok.decode(new) for new, _ in rows)):
+            return candidate
+    pytest.fail("no seed below 200 gives stories that end both ways: is <|endoftext|> in the vocabulary?")
+
+
+def test_sample_streams_the_same_stories_as_before(runs, seed):
+    prompt, n = PROMPT, 4
     proc = run_script("sample.py", f"--out_dir={runs['bpe']}", f"--start={prompt}", f"--num_samples={n}",
                       "--max_new_tokens=60", f"--seed={seed}", "--device=cpu", "--dtype=float32")
     # the stories of generating all rows at once, then printing them (sample.py before streaming)
@@ -58,13 +80,15 @@ def test_sample_streams_the_same_stories_as_before(runs):
                          vocab_limit=tok.vocab_size, generator=torch.Generator().manual_seed(seed))
     rows = continuations(out, len(ids), tok.eot_token)
     assert {ended for _, ended in rows} == {True, False}  # stories that end at <|endoftext|> and at the limit
-    assert proc.stdout == "".join(f"{prompt}{tok.decode(new)}\n{'-' * 80}\n" for new, _ in rows)
+    expected = "".join(f"{prompt}{tok.decode(new)}\n{'-' * 80}\n" for new, _ in rows)
+    # random bytes include \r, which the subprocess pipe, read as text, turns into a line end like any newline
+    assert proc.stdout == expected.replace("\r\n", "\n").replace("\r", "\n")
     assert "\ufffd" in proc.stdout  # random bytes of an untrained model: text held back, then flushed as is
     tokens = sum(len(new) for new, _ in rows)
     assert re.search(rf"^{tokens} tokens in [\d.]+ s: [\d.]+ tokens/s$", proc.stderr, re.M), proc.stderr
 
 
-def test_sample_prints_each_story_while_it_is_written(runs, monkeypatch, capsys):
+def test_sample_prints_each_story_while_it_is_written(runs, seed, monkeypatch, capsys):
     import sample
     from model import GPT
     printed = []  # what sample.py printed between two steps of generation
@@ -76,8 +100,8 @@ def test_sample_prints_each_story_while_it_is_written(runs, monkeypatch, capsys)
             yield step
 
     monkeypatch.setattr(GPT, "generate_stream", recording)
-    args = {"out_dir": str(runs["bpe"]), "start": "Tom saw a café 🙂 and", "num_samples": 4, "max_new_tokens": 60,
-            "seed": 4, "device": "cpu", "dtype": "float32"}
+    args = {"out_dir": str(runs["bpe"]), "start": PROMPT, "num_samples": 4, "max_new_tokens": 60,
+            "seed": seed, "device": "cpu", "dtype": "float32"}
     for k in args:
         monkeypatch.setattr(sample, k, getattr(sample, k))  # sample.main sets its settings; undo that afterwards
     monkeypatch.setattr(sys, "argv", ["sample.py", *(f"--{k}={v}" for k, v in args.items())])
@@ -85,7 +109,7 @@ def test_sample_prints_each_story_while_it_is_written(runs, monkeypatch, capsys)
     printed.append(capsys.readouterr().out)
     stories = "".join(printed).split("-" * 80 + "\n")
     assert len(stories) == 5 and printed[0] == args["start"]  # the prompt, before the first token
-    first = stories[0]  # it ends after a few tokens (see the test above): then the second story goes on live
+    first = stories[0]  # it ends after a few tokens (see `seed`): then the second story goes on live
     during = [p for p in printed[1:-1] if p]
     assert len(during) > 20 and "".join(printed[1:-1]).startswith(first[len(args["start"]):])
 
@@ -170,9 +194,13 @@ def test_raw_bytes_in_the_url_get_400(server):
 
 
 def test_the_page_streams_stories_in_chromium(server, tmp_path):
-    from playwright.sync_api import sync_playwright  # pip install playwright (requirements.txt)
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="needs Playwright: pip install -r requirements-dev.txt")
     chromium = shutil.which("chromium")
-    assert chromium, "needs Debian's chromium package: apt-get install chromium (Playwright's download is not used)"
+    if not chromium:
+        pytest.skip("needs a Chromium browser on PATH as `chromium`: apt-get install chromium (Debian, Ubuntu), "
+                    "or link your Chromium there; Playwright's own download is not used")
+    sync_playwright = sync_api.sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1000, "height": 480})

@@ -205,7 +205,7 @@ def test_eval_text_of_the_v2_file_has_the_prepared_documents():
     import eval as ev
     path = SHARED / "data" / "tinystories-formats" / "TinyStoriesV2-GPT4-valid.txt"
     if not path.exists():
-        pytest.skip(f"needs {path}")
+        pytest.skip(f"needs {path}: TinyStories' published files in ../shared/data/tinystories-formats/")
     docs = ev.text_documents(str(path))
     runs = [r for r in path.read_text(encoding="utf-8").split("<|endoftext|>") if r.strip()]
     assert len(docs) == len(runs) and not any("<|endoftext|>" in d for d in docs)

@@ -102,7 +102,8 @@ def test_bpe_pipeline_end_to_end(tmp_path, hf_home):
 def test_config_that_pins_a_vocabulary_refuses_other_data(sample_data, tmp_path):
     proc = run_script("train.py", "config/tinystories_1m_bpe.py", f"--data_dir={sample_data}",
                       f"--out_dir={tmp_path}", "--max_iters=1", check=False)
-    assert_user_error(proc, "vocabulary of 4096 ids", "has 50257",
+    has = json.loads((sample_data / "meta.json").read_text())["vocab_size"]
+    assert_user_error(proc, "vocabulary of 4096 ids", f"has {has}",
                       "python prepare.py --tokenizer=bpe --vocab_size=4096")
 
 
