@@ -45,6 +45,7 @@ def instruct_data(tmp_path_factory, hf_home):
     return folder, data_dir, proc.stdout
 
 
+@pytest.mark.slow  # starts scripts as subprocesses
 def test_prepare_instruct_layout(instruct_data):
     _, data_dir, out = instruct_data
     docs, meta = documents(data_dir, "train")
@@ -58,6 +59,7 @@ def test_prepare_instruct_layout(instruct_data):
     assert "row 1: no instruction" in out
 
 
+@pytest.mark.slow  # starts scripts as subprocesses
 def test_prepare_without_instruct_is_unchanged(instruct_data, tmp_path, hf_home):
     folder, _, _ = instruct_data
     run_script("prepare.py", f"--dataset={folder}", "--tokenizer=bpe", "--vocab_size=300",
@@ -66,6 +68,7 @@ def test_prepare_without_instruct_is_unchanged(instruct_data, tmp_path, hf_home)
     assert docs == [STORY_A, STORY_B, STORY_C] and "instruct" not in meta
 
 
+@pytest.mark.slow  # starts scripts as subprocesses
 def test_variants_ask_for_other_words_of_the_same_story(instruct_data, tmp_path, hf_home):
     folder, _, _ = instruct_data
     run_script("prepare.py", f"--dataset={folder}", "--instruct", "--instruct_variants=3", "--tokenizer=bpe",
@@ -80,6 +83,7 @@ def test_variants_ask_for_other_words_of_the_same_story(instruct_data, tmp_path,
     assert documents(tmp_path, "validation")[0] == docs[:1]  # validation stays one copy per story
 
 
+@pytest.mark.slow  # starts scripts as subprocesses
 def test_header_bytes_are_the_same_in_sample_and_prepare(instruct_data, tmp_path, capsys):
     _, data_dir, _ = instruct_data
     out = tmp_path / "out"
@@ -103,6 +107,7 @@ def test_header_bytes_are_the_same_in_sample_and_prepare(instruct_data, tmp_path
     assert serve.instructed_prompt("", fields) == prompt and serve.instructed_prompt("Hi", {}) == "Hi"
 
 
+@pytest.mark.slow  # starts scripts as subprocesses
 def test_eval_instruct_report(instruct_data, tmp_path):
     _, data_dir, _ = instruct_data
     out = tmp_path / "out"
