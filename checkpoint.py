@@ -13,6 +13,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from configurator import available_memory
 from errors import UserError
 from files import load_torch
 from model import GPT, GPTConfig
@@ -36,7 +37,7 @@ def load_checkpoint(path, device="cpu"):
     if not isinstance(ckpt, dict) or not {"model", "model_args", "tokenizer"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint written by this project's train.py")
     try:
-        model_config(ckpt)
+        model_config(ckpt["model_args"])
         check_spec(ckpt["tokenizer"])
         check_weights(ckpt["model"], ckpt["model_args"])
         if not isinstance(ckpt.get("config", {}), dict):
@@ -46,9 +47,9 @@ def load_checkpoint(path, device="cpu"):
     return ckpt
 
 
-def model_config(ckpt):
-    """The GPTConfig of a loaded checkpoint's "model_args". Raises UserError if they are not GPTConfig's fields."""
-    args = ckpt["model_args"]
+def model_config(args):
+    """The GPTConfig of a checkpoint's "model_args" (a dict from elsewhere). Raises UserError if they are not
+    GPTConfig's fields."""
     if not isinstance(args, dict):
         raise UserError(f"model_args is a {type(args).__name__}, not a dict")
     try:
@@ -69,7 +70,7 @@ def check_weights(state, model_args):
         raise UserError(f"its weights (the 'model' entry) hold entries that are not tensors: "
                         f"{', '.join(map(str, not_tensors[:3]))}")
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in GPT(model_config({"model_args": model_args})).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in GPT(model_config(model_args)).state_dict().items()}
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
     shapes = [f"{k} is {tuple(state[k].shape)}, not {expected[k]}" for k in expected
@@ -85,9 +86,8 @@ def check_fits(model_args, device, bytes_per_param=4, what="its weights"):
     """Raise UserError, before anything is allocated, when a model of these GPTConfig fields needs more memory than
     `device` has free: parameters (counted on the "meta" device) x bytes_per_param (4: float32 weights; 16 for
     training with AdamW: weights, gradients and two moments). `what` names the need in the message."""
-    from configurator import available_memory
     with torch.device("meta"):
-        n = GPT(model_config({"model_args": model_args})).num_params()
+        n = GPT(model_config(model_args)).num_params()
     need, free = n * bytes_per_param, available_memory(device)
     if free is not None and need > free:
         raise UserError(f"this model has {n / 1e6:,.0f}M parameters: {what} need about {need / 1e9:,.1f} GB, more "
@@ -100,7 +100,7 @@ def model_from_checkpoint(ckpt):
     device, in train mode). Raises UserError if the weights do not fit the shape."""
     device = next(iter(ckpt["model"].values())).device
     check_fits(ckpt["model_args"], device)
-    model = GPT(model_config(ckpt))
+    model = GPT(model_config(ckpt["model_args"]))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

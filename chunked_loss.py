@@ -93,8 +93,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
 
 def chunked_cross_entropy(x, weight, targets):
     """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) -- the same loss and gradients -- without ever
-    holding the full logits (ChunkedHeadLoss), in the autocast precision when autocast is on for x's device. x: (N, n_embd); weight: (vocab_size, n_embd);
-    targets: (N,) int64, -1 ignored. Returns a scalar in nats per token: float32 (float64 for float64 x)."""
+    holding the full logits (ChunkedHeadLoss), in the autocast precision when autocast is on for x's device.
+    x: (N, n_embd); weight: (vocab_size, n_embd); targets: (N,) int64, -1 ignored. Returns a scalar in nats per token: float32 (float64 for float64 x)."""
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)

@@ -45,7 +45,6 @@ Writes the report as JSON (--report, default out_dir/eval.json) and a short Mark
 import json
 import math
 import os
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -56,7 +55,7 @@ import torch
 from checkpoint import load_model, quantize_int8
 from configurator import UserError, autocast, check_values, configure, resolve_device, read_text, run
 from files import write_text_atomic
-from instruct import CHECKABLE, header, load_instructions, score, summarize
+from instruct import CHECKABLE, header, load_instructions, score, summarize, words
 from judge import CRITERIA, judge_samples
 from model import check_sampling, continuations
 from prepare import read_meta, text_documents as prepared_documents
@@ -229,14 +228,6 @@ def encode_documents(tok, docs):
 
 # --------------------------------------------------------------------------------------------------------------
 # 2. Stories
-
-_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")
-
-
-def words(s):
-    """The words of a text: maximal runs of letters, apostrophes allowed inside (don't), lowercased, with the
-    typographic apostrophe (U+2019) read as '. Returns a list of str."""
-    return _WORD.findall(s.lower().replace("\u2019", "'"))
 
 
 def distinct_n(word_lists, n):

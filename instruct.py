@@ -160,13 +160,20 @@ def document(row, story_column="story", variant=0):
 
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")
 
+
+def words(s):
+    """The words of a text: maximal runs of letters, apostrophes allowed inside (don't), lowercased, with the
+    typographic apostrophe (U+2019) read as '. Returns a list of str. (eval.py's story metrics count these too.)"""
+    return _WORD.findall(s.lower().replace("\u2019", "'"))
+
 # Irregular forms TinyStories' verbs, nouns and adjectives take most often; regular ones are derived in `forms`.
 IRREGULAR = {
     "be": "am is are was were been being", "begin": "began begun", "bite": "bit bitten", "blow": "blew blown",
     "break": "broke broken", "bring": "brought", "build": "built", "buy": "bought", "catch": "caught",
     "choose": "chose chosen", "come": "came", "dig": "dug", "do": "did done does", "draw": "drew drawn",
     "dream": "dreamt", "drink": "drank drunk", "drive": "drove driven", "eat": "ate eaten", "fall": "fell fallen",
-    "feed": "fed", "feel": "felt", "fight": "fought", "find": "found", "fly": "flew flown", "forget": "forgot forgotten",
+    "feed": "fed", "feel": "felt", "fight": "fought", "find": "found", "fly": "flew flown",
+    "forget": "forgot forgotten",
     "freeze": "froze frozen", "get": "got gotten", "give": "gave given", "go": "went gone goes", "grow": "grew grown",
     "hang": "hung", "have": "had has", "hear": "heard", "hide": "hid hidden", "hold": "held", "hurt": "hurt",
     "keep": "kept", "know": "knew known", "lay": "laid", "lead": "led", "leave": "left", "lend": "lent", "let": "let",
@@ -211,7 +218,7 @@ def uses(word, text):
     """True when `text` contains `word` or one of its `forms` as a whole word, ignoring case: "cat" is in "Cats!"
     but not in "catch". A required phrase of several words counts when its last word does so in order after the
     others (e.g. "ice cream" -> "ice creams")."""
-    tokens = _WORD.findall(text.lower().replace("\u2019", "'"))
+    tokens = words(text)
     parts = word.lower().split()
     if not parts:
         return False

@@ -446,8 +446,9 @@ def instruct_splits(splits, column):
             # each extra copy in a block of its own, so that two copies of a story are never side by side in a
             # training window (the second could be copied from the first instead of written)
             extra = [ds.map(build, batched=True, remove_columns=ds.column_names, fn_kwargs={"variant": k},
-                            desc=f"variant {k}", load_from_cache_file=False).filter(lambda row: row["instruct_problem"] == "")
-                     .remove_columns("instruct_problem") for k in range(1, instruct_variants)]
+                            desc=f"variant {k}", load_from_cache_file=False)
+                     .filter(lambda row: row["instruct_problem"] == "").remove_columns("instruct_problem")
+                     for k in range(1, instruct_variants)]
             out[name] = datasets.concatenate_datasets([out[name], *extra])
             print(f"train: {instruct_variants - 1} more copies of each instructed story, asking for other words "
                   f"of it: {len(out[name]):,} documents")
