@@ -36,22 +36,25 @@ class ChunkedHeadLoss(torch.autograd.Function):
     at most HEAD_CHUNK_LOGITS logits, and at most max(HEAD_CHUNK_MIN_ROWS, HEAD_CHUNK_ROWS_PER_CHANNEL x n_embd)
     positions: with a small vocabulary, chunks that fit the caches are faster than one large chunk.
 
-    apply(x, weight, targets, dtype, need_grad):
+    apply(x, weight, targets, loss_weights, dtype, need_grad):
         x: (N, n_embd) hidden states; weight: (vocab_size, n_embd), the head (tied: the token embedding);
-        targets: (N,) int64, -1 for positions that do not count; need_grad: form the gradients (False under
-        torch.no_grad, see chunked_cross_entropy). Returns the loss, a scalar in nats per token (float32; float64 for
-        float64 inputs): NaN when every target is -1, as F.cross_entropy gives. A target >= vocab_size raises
+        targets: (N,) int64, -1 for positions that do not count; loss_weights: None (every position counts once)
+        or (N,) float, each position's weight in the mean, so the loss is sum(w * nll) / sum(w) over the counted
+        positions; need_grad: form the gradients (False under torch.no_grad, see chunked_cross_entropy). Returns
+        the loss, a scalar in nats per token (float32; float64 for float64 inputs): NaN when every target is -1
+        (or every weight 0), as F.cross_entropy gives. A target >= vocab_size raises
         RuntimeError (index out of bounds), as there.
         Backward runs once: the saved gradients are consumed (retain_graph cannot reuse them).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, dtype, need_grad):
+    def forward(ctx, x, weight, targets, loss_weights, dtype, need_grad):
         acc = torch.promote_types(dtype, torch.float32)  # float32, or float64 for float64 inputs
         w = weight.to(dtype)
         valid = targets != -1
-        count = valid.sum()
-        scale = valid.to(acc) / count.clamp(min=1)  # d(loss)/d(nll of each position)
+        counts = valid.to(acc) if loss_weights is None else torch.where(valid, loss_weights.to(acc), 0.0)
+        total = counts.sum()
+        scale = counts / torch.where(total > 0, total, 1.0)  # d(loss)/d(nll of each position)
         nll = torch.empty(x.size(0), dtype=acc, device=x.device)
         ctx.grads = None
         if need_grad:
@@ -80,7 +83,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 grad_w += g.t() @ (xc * row_scale).to(dtype)
         if need_grad:
             ctx.grads = grad_x, grad_w.to(weight.dtype)
-        return torch.where(valid, nll, 0.0).sum() / count
+        return (torch.where(valid, nll, 0.0) * counts).sum() / total
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -88,14 +91,16 @@ class ChunkedHeadLoss(torch.autograd.Function):
             raise RuntimeError("backward through ChunkedHeadLoss can run only once (its gradients are consumed)")
         grad_x, grad_w = ctx.grads
         ctx.grads = None
-        return grad_x.mul_(grad_loss), grad_w.mul_(grad_loss), None, None, None
+        return grad_x.mul_(grad_loss), grad_w.mul_(grad_loss), None, None, None, None
 
 
-def chunked_cross_entropy(x, weight, targets):
+def chunked_cross_entropy(x, weight, targets, loss_weights=None):
     """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) -- the same loss and gradients -- without ever
     holding the full logits (ChunkedHeadLoss), in the autocast precision when autocast is on for x's device.
-    x: (N, n_embd); weight: (vocab_size, n_embd); targets: (N,) int64, -1 ignored. Returns a scalar in nats per token: float32 (float64 for float64 x)."""
+    x: (N, n_embd); weight: (vocab_size, n_embd); targets: (N,) int64, -1 ignored; loss_weights: None or (N,)
+    float, the weighted mean sum(w * nll) / sum(w) instead of the plain one. Returns a scalar in nats per token:
+    float32 (float64 for float64 x)."""
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return ChunkedHeadLoss.apply(x, weight, targets, dtype, need_grad)
+    return ChunkedHeadLoss.apply(x, weight, targets, loss_weights, dtype, need_grad)

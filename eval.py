@@ -379,9 +379,10 @@ def instructed_samples(model, tok, dev, ctx, ckpt):
         for length in sorted({len(ids) for ids in encoded}):
             batch = [i for i, ids in enumerate(encoded) if len(ids) == length]
             idx = torch.tensor([encoded[i] for i in batch], dtype=torch.long, device=dev)
-            with ctx:
+            with ctx:  # the header (the whole prompt) stays in every window, as in training
                 out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                     eos_token=tok.eot_token, vocab_limit=tok.vocab_size, generator=generator)
+                                     eos_token=tok.eot_token, vocab_limit=tok.vocab_size, generator=generator,
+                                     keep=length)
             for i, (new, ended) in zip(batch, continuations(out, length, tok.eot_token)):
                 samples[i] = {"prompt": prompts[i], "text": tok.decode(new), "tokens": len(new), "ended": ended}
     finally:

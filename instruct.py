@@ -17,10 +17,13 @@ ends with a newline, so the story's first word is tokenized as it is inside any 
 a token of its own here and nowhere else). sample.py, serve.py and eval.py --instruct build their prompts with
 the same `header` function, so a prompt is byte for byte what the model was trained on.
 
-Kept free of torch and `datasets`: sample.py and serve.py import it without prepare.py's dependencies.
+Kept free of torch and `datasets` (numpy only): sample.py and serve.py import it without prepare.py's
+dependencies.
 """
 
 import re
+
+import numpy as np
 
 STORY = "Story:\n"  # the last line of every header: the story starts after it
 
@@ -82,56 +85,12 @@ def split_list(text):
     return [w.strip() for w in text.split(",") if w.strip()]
 
 
-# Words too common to be asked for: the function words of English and TinyStories' stock phrases.
-STOPWORDS = set("""a about above after again against all also am an and any are as at away back be because been
-before being below between both but by can could did do does doing down during each even ever every few for from
-further had has have having he her here hers herself him himself his how i if in into is it its itself just let
-like me more most much my myself never no nor not now of off on once one only or other our ours out over own said
-same say says she should so some still such than that the their them then there these they this those through
-time to too under until up upon very was way we well were what when where which while who whom why will with
-would yes yet you your day named once""".split())
-
-
-def content_words(story):
-    """The words of a story that an instruction could ask for: lowercase runs of letters of three or more, never
-    written with a capital inside a sentence (names: Lily, Max), not in STOPWORDS. Returns a sorted list of str."""
-    found = set()
-    for m in re.finditer(r"[A-Za-z]+(?:'[A-Za-z]+)?", story):
-        found.add(m.group())
-    names = {w.lower() for w in found if w[0].isupper() and w.lower() not in found}
-    return sorted(w for w in found if w.islower() and len(w) >= 3 and "'" not in w and w not in STOPWORDS
-                  and w not in names)
-
-
-EARLY_WORDS = 60  # variant_words draws from the story's first this many words
-
-
-def variant_words(story, count, key, within=EARLY_WORDS):
-    """`count` words drawn from the content_words of the story's first `within` words (all of the story's when
-    there are fewer than `count` there), the same for the same (story, key): the words of an extra training header
-    for the same story (prepare.py --instruct_variants), so that a story is seen with several word sets and the
-    model learns to use the words it is given rather than which story goes with which words. Early words, because
-    a training window of block_size tokens that holds the header holds only the story's beginning: a word used
-    late is never seen together with the header that asked for it (docs/instruct.md measures this).
-    Returns a list of str (fewer when the story has fewer content words)."""
-    import hashlib
-    import random
-    head = " ".join(story.split()[:within])
-    pool = content_words(head)
-    if len(pool) < count:
-        pool = content_words(story)
-    rng = random.Random(hashlib.sha256(f"{key}\0{story}".encode()).digest())
-    return rng.sample(pool, min(count, len(pool)))
-
-
-def document(row, story_column="story", variant=0):
+def document(row, story_column="story"):
     """The training text of one archive row: header(instruction words, features, summary) + the story.
 
     Args:
         row: dict with the story (str) under story_column, and optionally "instruction" (a dict with "words" and
             "features") and "summary" (str).
-        variant: 0 for the row's own instruction; k > 0 for an extra copy whose words are variant_words(story,
-            as many as the instruction has, k), with the row's features and summary.
     Returns:
         (text, problem): problem is "" when the row's instructions were used, or says why they were not (the row
         then becomes "Story:\\n" + story, used without them).
@@ -147,12 +106,124 @@ def document(row, story_column="story", variant=0):
             raise ValueError(f"instruction holds {type(instruction).__name__}, not an object with words and "
                              f"features")
         instruction = instruction or {}
-        words = instruction.get("words")
-        if variant:  # an extra copy: as many other words of the story as the instruction asks for
-            words = variant_words(story, len(_items(words, "words")) or 3, variant)
-        return header(words, instruction.get("features"), summary) + story, ""
+        return header(instruction.get("words"), instruction.get("features"), summary) + story, ""
     except ValueError as e:
         return STORY + story, str(e)
+
+
+def header_chars(prompt):
+    """The length in characters of the instruction header `prompt` starts with (header's lines, up to and including
+    "Story:\n"), or 0 when it does not start with one. sample.py, serve.py and eval.py keep that many characters'
+    tokens at the start of every generation window (GPT.generate's `keep`), as training does."""
+    end = prompt.find(STORY)
+    if end < 0 or (end and prompt[end - 1] != "\n"):
+        return 0
+    if any(line.split(": ", 1)[0] not in ("Words", "Features", "Summary") for line in prompt[:end].splitlines()):
+        return 0
+    return end + len(STORY)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training windows that see their story's instructions
+
+class TrainingWindows:
+    """Training windows over data prepared with --instruct (train.py uses them for its training batches): each
+    window holds the header of the story it is in, and the loss can weigh up the tokens that start a word the
+    header asked for.
+
+    A window of a flat token stream that starts inside a story usually does not hold its header: the story's
+    words are then learned without the request that made them likely, and a model learns to follow
+    instructions only from the few windows that start before a story. So a window that would start after its
+    story's header starts with that header instead (its tokens, then the window's own), and the header's
+    predictions there count for nothing (target -1: the step from "Story:" to the middle of a story is not
+    text). A window that starts inside a header starts at its story's beginning. Headers longer than half a
+    window are not repeated. Generation keeps the header in the same way (GPT.generate_stream's `keep`).
+
+    `word_weight` (train.py's instruct_word_weight) is the loss weight of the story token where an asked-for word
+    is first used (its first token, " dog" or " Dog"), against 1 for every other token: the asked-for words are a
+    few tokens in hundreds, so their share of the gradient is small unless it is weighed up. Only the first use:
+    weighing every use teaches the model to repeat the words all through the story (docs/instruct.md measures
+    both).
+
+    Args:
+        tokens: the token stream (1-D numpy array or memmap of a split).
+        tok: its Tokenizer (tokenizer.py): eot_token, encode, decode.
+        word_weight: float > 0.
+    Call: windows(tokens, starts, block_size) -> (x, y, w): x and y (len(starts), block_size) int64, y[b, t] the
+        token after x[b, :t+1] or -1, and w (len(starts), block_size) float32 loss weights; starts (the windows'
+        first positions, each <= len(tokens) - block_size - 1) as get_batch draws them.
+    """
+
+    def __init__(self, tokens, tok, word_weight=1.0):
+        self.tok, self.word_weight = tok, word_weight
+        self.starts, self.ends = document_headers(tokens, tok.eot_token, tok.encode(STORY))
+        self.first_uses = {}  # document -> stream positions where its story first uses each asked-for word
+
+    def first_use(self, tokens, d):
+        """The stream positions at which document d's story first uses each word its header asks for (the word's
+        first token, " dog" or " Dog" for "dog"), as an int64 array; words the story never uses have none."""
+        if d not in self.first_uses:
+            head = self.tok.decode(np.asarray(tokens[self.starts[d]:self.ends[d]]).tolist())
+            words = next((split_list(line[len("Words: "):]) for line in head.splitlines()
+                          if line.startswith("Words: ")), [])
+            end = self.starts[d + 1] if d + 1 < len(self.starts) else len(tokens)
+            story = np.asarray(tokens[self.ends[d]:end])
+            found = []
+            for w in words:
+                hits = np.flatnonzero(np.isin(story, [self.tok.encode(" " + f)[0] for f in (w, w[:1].upper() + w[1:])]))
+                found += [self.ends[d] + hits[0]] if len(hits) else []
+            self.first_uses[d] = np.array(found, dtype=np.int64)
+        return self.first_uses[d]
+
+    def __call__(self, tokens, starts, block_size):
+        n = len(starts)
+        x, y = np.empty((n, block_size), np.int64), np.empty((n, block_size), np.int64)
+        w = np.ones((n, block_size), np.float32)
+        for b, r in enumerate(starts):
+            d = np.searchsorted(self.starts, r, side="right") - 1
+            first, head_end = self.starts[d], self.ends[d]
+            if r < head_end:
+                r = first
+            lead = head_end - first if r > first and head_end - first <= block_size // 2 else 0
+            row = np.concatenate([tokens[first:first + lead], tokens[r:r + block_size + 1 - lead]]).astype(np.int64)
+            x[b], y[b] = row[:-1], row[1:]
+            y[b, :lead] = -1
+            if self.word_weight == 1:
+                continue
+            where = np.arange(r + 1, r + block_size + 1 - lead)  # each later target's position in the stream
+            for k in np.unique(np.searchsorted(self.starts, where, side="right") - 1):
+                w[b, lead:][np.isin(where, self.first_use(tokens, k))] = self.word_weight
+        return x, y, w
+
+
+def document_headers(tokens, eot_token, story_ids, chunk=1 << 24):
+    """Where each document of a token stream starts and where its header ends.
+
+    Args:
+        tokens: 1-D numpy array or memmap; documents end with eot_token (the last one may not).
+        story_ids: the token ids of STORY, the header's last line.
+        chunk: tokens read at a time, so that a large split is never in memory whole.
+    Returns:
+        (starts, ends): int64 arrays, one entry per document: its first position, and the position after the first
+        story_ids inside it (== its start when it has none: no header).
+    """
+    n, k = len(tokens), len(story_ids)
+    eots, hits = [], []
+    for lo in range(0, n, chunk):
+        part = np.asarray(tokens[lo:min(n, lo + chunk + k - 1)])
+        eots.append(np.flatnonzero(part[:chunk] == eot_token) + lo)
+        match = np.ones(max(0, len(part) - k + 1), dtype=bool)
+        for j, t in enumerate(story_ids):
+            match &= part[j:j + len(match)] == t
+        hits.append(np.flatnonzero(match) + lo + k)
+    eots, hits = np.concatenate(eots), np.concatenate(hits)
+    starts = np.concatenate([[0], eots + 1])
+    starts = starts[starts < n]  # no document after a final end-of-text
+    limits = np.append(eots, n)[:len(starts)]  # each document's end-of-text (or the stream's end)
+    j = np.searchsorted(hits, starts + k)  # the first header end that leaves room for story_ids in the document
+    found = hits[np.minimum(j, len(hits) - 1)] if len(hits) else starts
+    ends = np.where((j < len(hits)) & (found <= limits), found, starts)
+    return starts.astype(np.int64), ends.astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -284,7 +284,7 @@ class GPT(nn.Module):
             n -= sum(e.weight.numel() for k, e in self.transformer.items() if k in ("wte", "wpe"))
         return n
 
-    def forward(self, idx, targets=None, cache=None, full_logits=False):
+    def forward(self, idx, targets=None, cache=None, full_logits=False, loss_weights=None):
         """Next-token logits and, given targets, the mean cross-entropy.
 
         Args:
@@ -294,6 +294,8 @@ class GPT(nn.Module):
             full_logits: with targets, also return the logits of every position and take the loss from them
                 (the plain path). By default the loss comes from chunked_cross_entropy, which never holds the
                 (B, T, vocab_size) logits, and the logits returned are None.
+            loss_weights: None, or (B, T) float: each position's weight in the mean loss, which is then
+                sum(w * nll) / sum(w) (train.py weighs the words an instruction asked for: docs/instruct.md).
         Returns:
             (logits, loss): with targets, loss a scalar in nats per token and logits None, or (B, T, vocab_size)
             with full_logits (or a head that is not an nn.Linear, such as quantize_int8's); without targets,
@@ -321,24 +323,29 @@ class GPT(nn.Module):
             return self.lm_head(x[:, [-1], :]), None
         if full_logits or not isinstance(self.lm_head, nn.Linear):  # the plain path (also int8's quantized head)
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-            return logits, loss
-        # = F.cross_entropy(self.lm_head(x), targets, ignore_index=-1), without holding all the logits at once
-        return None, chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+            nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
+                                  reduction="none")  # 0 where the target is -1
+            counts = (targets.view(-1) != -1).float()
+            if loss_weights is not None:
+                counts = counts * loss_weights.reshape(-1).float()
+            return logits, (nll * counts).sum() / counts.sum()
+        # = the same loss from self.lm_head(x), without holding all the logits at once
+        return None, chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                           None if loss_weights is None else loss_weights.reshape(-1))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_token=None,
-                 vocab_limit=None, use_cache=True, generator=None):
+                 vocab_limit=None, use_cache=True, generator=None, keep=0):
         """Continue each row of `idx` (B, T) by sampling: generate_stream's tokens collected (same arguments).
         Returns (B, T + n) int64 with n <= max_new_tokens (fewer when every row ended with eos_token; see
         `continuations`). Raises UserError (a ValueError): see check_sampling. Call model.eval() first."""
         steps = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token, vocab_limit,
-                                          use_cache, generator))
+                                          use_cache, generator, keep))
         return torch.cat([idx, torch.stack(steps, dim=1)], dim=1)
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_token=None,
-                        vocab_limit=None, use_cache=True, generator=None):
+                        vocab_limit=None, use_cache=True, generator=None, keep=0):
         """Sample a continuation of each row of `idx` one token at a time, yielding each step's tokens as soon as
         they are drawn (for printing stories while they are written; `generate` collects them).
 
@@ -354,28 +361,32 @@ class GPT(nn.Module):
             use_cache: keep keys and values of past positions (KVCache) so each step runs one position.
                 Without it, each step re-runs the whole context; the result is the same.
             generator: torch.Generator for reproducible sampling.
+            keep: the first `keep` tokens of idx (an instruction header, docs/instruct.md) stay at the start of
+                every window, as they do in training; ignored unless keep < block_size // 2.
         Yields:
             (B,) int64 on idx's device: the next token of every row, at most max_new_tokens times.
         Raises:
             UserError (a ValueError), at the first step: see check_sampling.
 
         Contexts longer than block_size: when the window is full, generation continues from its last
-        block_size // 2 tokens (the cache is rebuilt from them with one forward pass), so a cached step
-        stays cheap. Both modes use the same windows, so greedy output is identical with and without cache.
+        block_size // 2 tokens (the first `keep` tokens, then the latest ones; the cache is rebuilt from them with
+        one forward pass), so a cached step stays cheap. Both modes use the same windows, so greedy output is
+        identical with and without cache.
         """
         check_sampling(temperature, top_k, top_p, max_new_tokens)
         block = self.config.block_size
-        start = max(0, idx.size(1) - block)  # first token of the current window
+        keep = keep if 0 < keep < block // 2 else 0
+        tail = max(keep, idx.size(1) - (block - keep))  # the window: idx[:, :keep], then idx[:, tail:]
         cache = None
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            if idx.size(1) - start > block:
-                start, cache = idx.size(1) - block // 2, None
+            if keep + idx.size(1) - tail > block:
+                tail, cache = idx.size(1) - (block // 2 - keep), None
             if not use_cache:
-                logits, _ = self(idx[:, start:])
+                logits, _ = self(torch.cat([idx[:, :keep], idx[:, tail:]], dim=1))
             elif cache is None:
                 cache = KVCache(self.config)
-                logits, _ = self(idx[:, start:], cache=cache)
+                logits, _ = self(torch.cat([idx[:, :keep], idx[:, tail:]], dim=1), cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
             next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, vocab_limit, generator)

@@ -60,7 +60,6 @@ num_proc = max(1, (os.cpu_count() or 1) // 2)  # tokenizer processes
 shards = 1024                       # write each split in this many pieces, so memory stays bounded
 force = False                       # rebuild even if meta.json says the data is up to date
 instruct = False                    # each story after its instructions (Words:/Features:/Summary:/Story:, see instruct.py)
-instruct_variants = 1               # --instruct: each train story this many times, the extra ones asking for other words of it
 # -----------------------------------------------------------------------------
 
 EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -416,14 +415,13 @@ def instruct_splits(splits, column):
     header of the row's instruction words, features and summary, then the story in `column`. Rows without usable
     instructions are kept as plain stories after "Story:"; prints how many per split and the first one's reason.
     Returns (splits, "instruct_text")."""
-    import datasets
     from instruct import document
 
-    def build(batch, variant=0):
+    def build(batch):
         keys = list(batch)
         texts, problems = [], []
         for values in zip(*batch.values()):
-            text, problem = document(dict(zip(keys, values)), column, variant)
+            text, problem = document(dict(zip(keys, values)), column)
             texts.append(text)
             problems.append(problem)
         return {"instruct_text": texts, "instruct_problem": problems}
@@ -442,16 +440,6 @@ def instruct_splits(splits, column):
             print(f"{name}: {len(bad):,} of {len(problems):,} rows used without instructions, as 'Story:' and "
                   f"the story (first: row {bad[0]}: {problems[bad[0]]})")
         out[name] = built.remove_columns("instruct_problem")
-        if name == "train" and instruct_variants > 1:
-            # each extra copy in a block of its own, so that two copies of a story are never side by side in a
-            # training window (the second could be copied from the first instead of written)
-            extra = [ds.map(build, batched=True, remove_columns=ds.column_names, fn_kwargs={"variant": k},
-                            desc=f"variant {k}", load_from_cache_file=False)
-                     .filter(lambda row: row["instruct_problem"] == "").remove_columns("instruct_problem")
-                     for k in range(1, instruct_variants)]
-            out[name] = datasets.concatenate_datasets([out[name], *extra])
-            print(f"train: {instruct_variants - 1} more copies of each instructed story, asking for other words "
-                  f"of it: {len(out[name]):,} documents")
     return out, "instruct_text"
 
 
@@ -580,9 +568,7 @@ def main():
         del config["vocab_size"]  # the size of a vocabulary to train: only --tokenizer=bpe has one
     print("prepare.py " + " ".join(f"--{k}={v}" for k, v in config.items()))
 
-    check_values(globals(), {"shards": "count", "num_proc": "count", "seed": "seed", "instruct_variants": "count"})
-    if instruct_variants > 1 and not instruct:
-        raise UserError("--instruct_variants writes extra instructed copies of each story: add --instruct")
+    check_values(globals(), {"shards": "count", "num_proc": "count", "seed": "seed"})
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1 (a share of train), got {val_fraction}")
     local = is_local(dataset)
@@ -602,7 +588,7 @@ def main():
         tok = load_tokenizer(tokenizer)
         tok_id = {"tokenizer_sha256": tok.spec["sha256"]}
     inputs = {"dataset": fingerprint(dataset), **tok_id, "text_column": text_column,
-              "val_fraction": val_fraction, "seed": seed, **({"instruct": instruct_variants} if instruct else {})}
+              "val_fraction": val_fraction, "seed": seed, **({"instruct": True} if instruct else {})}
     meta_path = os.path.join(data_dir, "meta.json")
     if os.path.isdir(data_dir):
         lock_dir(data_dir, "prepare.py")  # one writer, and no train.py reading it meanwhile

@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import check_fits, load_checkpoint
 from configurator import UserError, autocast, check_values, configure, resolve_device, run
 from files import append_line, atomic_file, load_torch, lock_dir, save_torch, write_text_atomic
+from instruct import TrainingWindows
 from model import GPT, GPTConfig, padded_vocab_size
 from optim import OPTIMIZERS, clip_and_step, configure_optimizer
 from prepare import read_meta
@@ -96,6 +97,8 @@ device = "auto"                 # auto, cpu, mps, cuda, cuda:N
 dtype = "auto"                  # auto, float32, bfloat16, float16 (autocast precision)
 compile = False                 # torch.compile the model
 seed = 1337                     # seeds the weights, the batches and dropout
+# data prepared with --instruct (docs/instruct.md)
+instruct_word_weight = 1.0      # the loss weight of story tokens that start a word the story's header asked for
 # -----------------------------------------------------------------------------
 
 
@@ -134,9 +137,7 @@ def get_batch(path, dtype, batch_size, block_size, device, generator):
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
     rows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
     x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-    if device.startswith("cuda"):
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+    return to_device(x, device), to_device(y, device)
 
 
 @torch.no_grad()
@@ -181,7 +182,7 @@ def main():
         model = DDP(model, device_ids=[local_rank()] if run.device_type == "cuda" else None)
 
     iter_num = run.iter_num
-    x, y = run.batch("train", iter_num, run.first)
+    x, y, w = run.train_batch(iter_num, run.first)  # w (loss weights): None, except for instructed data
     while True:
         lr = get_lr(iter_num, learning_rate, *run.schedule, min_lr, lr_schedule, decay_frac)
         for group, peak in zip(opt.param_groups, peak_lrs):  # AdamW's groups: lr; Muon's: muon_lr * lr/learning_rate
@@ -201,11 +202,11 @@ def main():
             # DDP averages the gradients across processes during backward: only on the last micro-step
             with model.no_sync() if run.ddp and not last else nullcontext():
                 with ctx:
-                    _, loss = model(x, y)
+                    _, loss = model(x, y, loss_weights=w)
                     loss = loss / run.micro_steps  # averaged over processes: 1/gradient_accumulation_steps each
                 loss_sum = loss_sum + loss.detach()
                 # fetch the next batch while the device works on this one
-                x, y = run.batch("train", *((iter_num, run.first + micro_step + 1) if not last else
+                x, y, w = run.train_batch(*((iter_num, run.first + micro_step + 1) if not last else
                                             (iter_num + 1, run.first)))
                 scaler.scale(loss).backward()
 
@@ -274,6 +275,8 @@ class Run:
             keep_freed_memory()
         self.ctx = autocast(self.device_type, self.precision)
         self.paths = {s: os.path.join(data_dir, f"{s}.bin") for s in ("train", "validation")}
+        self.windows = (TrainingWindows(np.memmap(self.paths["train"], dtype=self.meta["dtype"], mode="r"),
+                                        self.tok, instruct_word_weight) if self.meta.get("instruct") else None)
         self.sampler = torch.Generator()
         self.log_path = os.path.join(out_dir, "log.csv")
         self.tokens_per_iter = batch_size * self.block_size * gradient_accumulation_steps
@@ -317,6 +320,17 @@ class Run:
         self.sampler.manual_seed(batch_seed(seed, split, *where))
         return get_batch(self.paths[split], self.meta["dtype"], batch_size, self.block_size, self.device,
                          self.sampler)
+
+    def train_batch(self, iter_num, micro_step):
+        """The training batch (x, y, w) of a micro-step: batch("train", ...) and w None, or for data prepared with
+        --instruct, windows that hold their stories' headers (instruct.TrainingWindows, from the same window
+        starts) and w, (batch_size, block_size) float32 loss weights that weigh up the asked-for words."""
+        if self.windows is None:
+            return (*self.batch("train", iter_num, micro_step), None)
+        self.sampler.manual_seed(batch_seed(seed, "train", iter_num, micro_step))
+        data = np.memmap(self.paths["train"], dtype=self.meta["dtype"], mode="r")
+        starts = torch.randint(len(data) - self.block_size, (batch_size,), generator=self.sampler).numpy()
+        return tuple(to_device(torch.from_numpy(a), self.device) for a in self.windows(data, starts, self.block_size))
 
     def evaluation_due(self, iter_num):
         """Whether to evaluate before step `iter_num`: every eval_interval and at the end, not twice at a resume."""
@@ -422,7 +436,7 @@ def check_settings():
                          "eval_iters", "log_interval", "max_nonfinite_steps", "n_layer", "n_head", "n_embd"), "count"),
         **dict.fromkeys(("warmup_iters", "lr_decay_iters", "vocab_size"), "count0"),
         **dict.fromkeys(("learning_rate", "muon_lr"), "rate"),
-        **dict.fromkeys(("min_lr", "weight_decay", "grad_clip"), "rate0"),
+        **dict.fromkeys(("min_lr", "weight_decay", "grad_clip"), "rate0"), "instruct_word_weight": "rate",
         **dict.fromkeys(("beta1", "beta2", "dropout", "muon_momentum"), "fraction"), "seed": "seed"})
     if min_lr > learning_rate:
         raise UserError(f"min_lr={min_lr} is larger than learning_rate={learning_rate}: the schedule decays "
@@ -585,6 +599,13 @@ def agree_on_step(loss_sum, grad_norm, scaler, stop, ddp, world_size, dev):
     finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | scaler.is_enabled())
     finite, stopping = torch.stack([finite, status[1] > 0]).tolist()  # the one host sync
     return loss_sum, bool(finite), bool(stopping)
+
+
+def to_device(t, device):
+    """A CPU tensor on `device`; to a GPU through pinned memory, so the copy overlaps the work already queued."""
+    if device.startswith("cuda"):
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def batch_seed(*key):

@@ -8,8 +8,10 @@ import pytest
 import sample
 import serve
 from conftest import TINY, assert_user_error, run_script
-from instruct import forms, has_feature, header, load_instructions, score, summarize, uses, variant_words
-from tokenizer import tokenizer_from_meta
+from conftest import GPT2_RANKS
+from instruct import (TrainingWindows, document_headers, forms, has_feature, header, header_chars, load_instructions,
+                      score, summarize, uses)
+from tokenizer import load_tokenizer, tokenizer_from_meta
 
 STORY_A = 'Tom had a red ball. He said, "Let us play!" They played all day.'
 STORY_B = "A cat sat in the sun. It was warm and happy."
@@ -66,21 +68,6 @@ def test_prepare_without_instruct_is_unchanged(instruct_data, tmp_path, hf_home)
                f"--data_dir={tmp_path}", "--num_proc=1", env={"HF_HOME": str(hf_home)})
     docs, meta = documents(tmp_path, "train")
     assert docs == [STORY_A, STORY_B, STORY_C] and "instruct" not in meta
-
-
-@pytest.mark.slow  # starts scripts as subprocesses
-def test_variants_ask_for_other_words_of_the_same_story(instruct_data, tmp_path, hf_home):
-    folder, _, _ = instruct_data
-    run_script("prepare.py", f"--dataset={folder}", "--instruct", "--instruct_variants=3", "--tokenizer=bpe",
-               "--vocab_size=300", f"--data_dir={tmp_path}", "--num_proc=1", env={"HF_HOME": str(hf_home)})
-    docs, _ = documents(tmp_path, "train")
-    # the three rows, then a block per extra copy holding the instructed row only, so copies are never adjacent
-    assert len(docs) == 5 and docs[3].endswith(STORY_A) and docs[4].endswith(STORY_A)
-    for k, doc in ((1, docs[3]), (2, docs[4])):
-        words = variant_words(STORY_A, 3, k)
-        assert doc.startswith(header(words, ["Dialogue"], "Tom plays with a ball."))
-        assert len(words) == 3 and all(uses(w, STORY_A) for w in words)
-    assert documents(tmp_path, "validation")[0] == docs[:1]  # validation stays one copy per story
 
 
 @pytest.mark.slow  # starts scripts as subprocesses
@@ -171,3 +158,76 @@ def test_header_and_instruction_files():
                     {"words": [], "features": [], "summary": None}]
     with pytest.raises(ValueError, match="f.json, row 0: instruction is not an object"):
         load_instructions("f.json", '[{"instruction": "words"}]')
+
+
+def test_document_headers_finds_each_story_start_and_header_end():
+    # ids: 9 is <|endoftext|>, (7, 8) the header's last line; the third document has no header
+    stream = np.array([1, 2, 7, 8, 3, 4, 9, 7, 8, 5, 9, 6, 6, 9, 1, 7, 8])
+    for chunk in (1 << 24, 4):  # read whole, and in chunks that split the (7, 8) pairs
+        starts, ends = document_headers(stream, 9, [7, 8], chunk=chunk)
+        assert starts.tolist() == [0, 7, 11, 14] and ends.tolist() == [4, 9, 11, 17]
+
+
+@pytest.fixture(scope="module")
+def stream():
+    """Three documents: two with headers as prepare.py --instruct writes them, one story without any."""
+    tok = load_tokenizer(str(GPT2_RANKS))
+    docs = [header(["play", "ball", "red"], ["Dialogue"]) + STORY_A + " The ball was red and they play ball.",
+            STORY_B, header(["shell"]) + STORY_C]
+    ids = sum((tok.encode(d) + [tok.eot_token] for d in docs), [])
+    return tok, np.array(ids, dtype=np.uint16), docs
+
+
+def test_training_windows_hold_their_story_header(stream):
+    tok, tokens, docs = stream
+    windows = TrainingWindows(tokens, tok)
+    head = tok.encode(header(["play", "ball", "red"], ["Dialogue"]))
+    n = len(tok.encode(docs[0]))
+    block = 2 * len(head) + 2
+    later = [len(head) + 5, 3]  # inside the first story; inside its header
+    x, y, w = windows(tokens, np.array(later), block)
+    assert x[0, :len(head)].tolist() == head and (y[0, :len(head)] == -1).all()  # the header, its targets unscored
+    assert x[0, len(head):].tolist() == tokens[later[0]:later[0] + block - len(head)].tolist()
+    assert y[0, len(head):].tolist() == tokens[later[0] + 1:later[0] + 1 + block - len(head)].tolist()
+    assert x[1].tolist() == tokens[:block].tolist() and y[1].tolist() == tokens[1:block + 1].tolist()
+    assert (w == 1).all()
+    # a story without a header: a plain window
+    plain = n + 1 + 4
+    x, y, _ = windows(tokens, np.array([plain]), block)
+    assert x[0].tolist() == tokens[plain:plain + block].tolist() and (y[0] != -1).all()
+
+
+def test_training_windows_weigh_the_first_use_of_each_asked_for_word(stream):
+    tok, tokens, docs = stream
+    windows = TrainingWindows(tokens, tok, word_weight=4.0)
+    block = len(tokens) - 1
+    x, y, w = windows(tokens, np.array([0]), block)  # every document in one natural window
+
+    def expected(words, header_end, end):
+        """Weights of the targets y[0, :end] (target j is stream token j + 1): 4 where the story after header_end
+        first uses an asked-for word (its first token, " word" or " Word"), else 1."""
+        weights = np.ones(end)
+        for word in words:
+            ids = [tok.encode(" " + f)[0] for f in (word, word.capitalize())]
+            weights[next(j for j in range(header_end - 1, end) if y[0, j] in ids)] = 4.0
+        return weights
+
+    second = len(tok.encode(docs[0])) + 1
+    third = second + len(tok.encode(docs[1])) + 1
+    first = expected(["play", "ball", "red"], len(tok.encode(header(["play", "ball", "red"], ["Dialogue"]))), second)
+    assert (w[0, :second] == first).all()  # one each, not the header's own: " red" and " ball" come twice more
+    assert (w[0, second:third] == 1.0).all()  # no header, nothing asked
+    last = expected(["shell"], third + len(tok.encode(header(["shell"]))), block)
+    assert (w[0, third:] == last[third:]).all() and (w[0] == 4.0).sum() == 4
+    # a window that starts after a first use weighs nothing in that story: its later uses are plain tokens
+    later = tok.encode(docs[0]).index(tok.encode(" ball")[0], len(tok.encode(header(["play", "ball", "red"],
+                                                                                   ["Dialogue"]))) + 8)
+    _, _, w = windows(tokens, np.array([later]), 8)
+    assert (w == 1.0).all()
+
+
+def test_header_chars_finds_a_prompt_header():
+    text = header(["dog"], ["Dialogue"], "A dog.")
+    assert header_chars(text + "Once") == len(text) and header_chars(text) == len(text)
+    assert header_chars("Once upon a time") == 0 and header_chars("Once.\nStory:\nA") == 0
+    assert header_chars("Story:\nA dog") == len("Story:\n")

@@ -115,3 +115,28 @@ def test_backward_runs_once(chunks_of_5):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="only once"):
         loss.backward()
+
+
+def test_weighted_loss_is_the_weighted_mean_in_both_paths(chunks_of_5):
+    # loss = sum(w * nll) / sum(w) over the targets that count, and both paths give the same gradients
+    net = tiny().double()
+    idx, targets = batch()
+    weights = torch.ones(idx.shape, dtype=torch.float64)
+    weights[2, ::3] = 3.0
+    weights[0, 2] = 5.0  # on an ignored target: still not counted
+    nll = F.cross_entropy(net(idx, targets, full_logits=True)[0].view(-1, V), targets.view(-1), ignore_index=-1,
+                          reduction="none")
+    counted = (targets.view(-1) != -1).double() * weights.view(-1)
+    expected = (nll * counted).sum() / counted.sum()
+    loss, grads, grad_x = grads_of(net, lambda: net(idx, targets, loss_weights=weights)[1])
+    plain, plain_grads, plain_grad_x = grads_of(net, lambda: net(idx, targets, full_logits=True,
+                                                                  loss_weights=weights)[1])
+    assert abs(loss.item() - expected.item()) < 1e-12
+    # the plain path takes its loss in float32 (as the unweighted test above): equal within float32 rounding
+    assert abs(plain.item() - expected.item()) < 1e-6
+    assert torch.allclose(grad_x, plain_grad_x, rtol=1e-5, atol=1e-9)
+    for k in grads:
+        assert torch.allclose(grads[k], plain_grads[k], rtol=1e-5, atol=1e-9), k
+    # weights of 1 are the plain mean
+    ones = torch.ones(idx.shape, dtype=torch.float64)
+    assert abs(net(idx, targets, loss_weights=ones)[1].item() - net(idx, targets)[1].item()) < 1e-12

@@ -188,3 +188,19 @@ def test_int8_resolves_to_cpu_float32_and_refuses_other_devices():
         resolve_device("cpu", "bfloat16", cuda=False, mps=False, quantize="int8")
     with pytest.raises(UserError, match="only quantization is int8"):
         resolve_device("cpu", "auto", cuda=False, mps=False, quantize="int4")
+
+
+def test_generation_keeps_the_first_tokens_in_every_window():
+    # an instruction header stays in view after the window slides (keep), as training windows hold it
+    model = tiny().double().eval()
+    idx = torch.randint(0, 96, (2, 5))
+    windows = []
+    hook = model.register_forward_pre_hook(lambda module, args: windows.append(args[0].clone()))
+    out = model.generate(idx, 40, temperature=0, use_cache=False, keep=3)
+    hook.remove()
+    assert len(windows) == 40 and all(w.size(1) <= 16 for w in windows)
+    assert all(torch.equal(w[:, :3], idx[:, :3]) for w in windows)
+    for w, n in zip(windows, range(5, 45)):  # the window before token n: the kept 3, then the latest tokens
+        assert torch.equal(w[:, 3:], out[:, n - (w.size(1) - 3):n]) or torch.equal(w, out[:, :n])
+    assert any(w.size(1) < 16 and not torch.equal(w, out[:, :w.size(1)]) for w in windows)  # it did slide
+    assert torch.equal(out, model.generate(idx, 40, temperature=0, use_cache=True, keep=3))
