@@ -139,11 +139,10 @@ class TrainingWindows:
     text). A window that starts inside a header starts at its story's beginning. Headers longer than half a
     window are not repeated. Generation keeps the header in the same way (GPT.generate_stream's `keep`).
 
-    `word_weight` (train.py's instruct_word_weight) is the loss weight of the story token where an asked-for word
-    is first used (its first token, " dog" or " Dog"), against 1 for every other token: the asked-for words are a
-    few tokens in hundreds, so their share of the gradient is small unless it is weighed up. Only the first use:
-    weighing every use teaches the model to repeat the words all through the story (docs/instruct.md measures
-    both).
+    `word_weight` (train.py's instruct_word_weight) is the loss weight of each story token that starts a word its
+    header asked for (" dog" or " Dog" for "dog"), against 1 for every other token: the asked-for words are a few
+    tokens in hundreds, so their share of the gradient is small unless it is weighed up (docs/instruct.md
+    measures it, and the price: the stories then repeat the words more than TinyStories' own do).
 
     Args:
         tokens: the token stream (1-D numpy array or memmap of a split).
@@ -157,23 +156,17 @@ class TrainingWindows:
     def __init__(self, tokens, tok, word_weight=1.0):
         self.tok, self.word_weight = tok, word_weight
         self.starts, self.ends = document_headers(tokens, tok.eot_token, tok.encode(STORY))
-        self.first_uses = {}  # document -> stream positions where its story first uses each asked-for word
+        self.asked_ids = {}  # document -> the token ids that start its asked-for words
 
-    def first_use(self, tokens, d):
-        """The stream positions at which document d's story first uses each word its header asks for (the word's
-        first token, " dog" or " Dog" for "dog"), as an int64 array; words the story never uses have none."""
-        if d not in self.first_uses:
+    def asked(self, tokens, d):
+        """The token ids that start a word document d's header asks for (" dog" and " Dog" for "dog")."""
+        if d not in self.asked_ids:
             head = self.tok.decode(np.asarray(tokens[self.starts[d]:self.ends[d]]).tolist())
             words = next((split_list(line[len("Words: "):]) for line in head.splitlines()
                           if line.startswith("Words: ")), [])
-            end = self.starts[d + 1] if d + 1 < len(self.starts) else len(tokens)
-            story = np.asarray(tokens[self.ends[d]:end])
-            found = []
-            for w in words:
-                hits = np.flatnonzero(np.isin(story, [self.tok.encode(" " + f)[0] for f in (w, w[:1].upper() + w[1:])]))
-                found += [self.ends[d] + hits[0]] if len(hits) else []
-            self.first_uses[d] = np.array(found, dtype=np.int64)
-        return self.first_uses[d]
+            self.asked_ids[d] = np.array(sorted({self.tok.encode(" " + form)[0] for w in words
+                                                 for form in (w, w[:1].upper() + w[1:])}), dtype=np.int64)
+        return self.asked_ids[d]
 
     def __call__(self, tokens, starts, block_size):
         n = len(starts)
@@ -191,8 +184,10 @@ class TrainingWindows:
             if self.word_weight == 1:
                 continue
             where = np.arange(r + 1, r + block_size + 1 - lead)  # each later target's position in the stream
-            for k in np.unique(np.searchsorted(self.starts, where, side="right") - 1):
-                w[b, lead:][np.isin(where, self.first_use(tokens, k))] = self.word_weight
+            docs = np.searchsorted(self.starts, where, side="right") - 1
+            for k in np.unique(docs):
+                story = (docs == k) & (where >= self.ends[k]) & np.isin(y[b, lead:], self.asked(tokens, k))
+                w[b, lead:][story] = self.word_weight
         return x, y, w
 
 

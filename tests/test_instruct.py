@@ -197,33 +197,27 @@ def test_training_windows_hold_their_story_header(stream):
     assert x[0].tolist() == tokens[plain:plain + block].tolist() and (y[0] != -1).all()
 
 
-def test_training_windows_weigh_the_first_use_of_each_asked_for_word(stream):
+def test_training_windows_weigh_the_asked_for_words_in_the_story(stream):
     tok, tokens, docs = stream
     windows = TrainingWindows(tokens, tok, word_weight=4.0)
     block = len(tokens) - 1
     x, y, w = windows(tokens, np.array([0]), block)  # every document in one natural window
 
-    def expected(words, header_end, end):
-        """Weights of the targets y[0, :end] (target j is stream token j + 1): 4 where the story after header_end
-        first uses an asked-for word (its first token, " word" or " Word"), else 1."""
-        weights = np.ones(end)
-        for word in words:
-            ids = [tok.encode(" " + f)[0] for f in (word, word.capitalize())]
-            weights[next(j for j in range(header_end - 1, end) if y[0, j] in ids)] = 4.0
-        return weights
+    def expected(words, start, header_end, end):
+        """Weights of the targets y[0, start:end] (target j is stream token j + 1): 4 where it starts an asked-for
+        word (" word" or " Word") after the header, else 1."""
+        asked = [tok.encode(" " + f)[0] for word in words for f in (word, word.capitalize())]
+        story = np.arange(start, end) + 1 >= header_end
+        return np.where(story & np.isin(y[0, start:end], asked), 4.0, 1.0)
 
     second = len(tok.encode(docs[0])) + 1
     third = second + len(tok.encode(docs[1])) + 1
-    first = expected(["play", "ball", "red"], len(tok.encode(header(["play", "ball", "red"], ["Dialogue"]))), second)
-    assert (w[0, :second] == first).all()  # one each, not the header's own: " red" and " ball" come twice more
+    first = expected(["play", "ball", "red"], 0, len(tok.encode(header(["play", "ball", "red"], ["Dialogue"]))),
+                     second)
+    assert (w[0, :second] == first).all() and (first == 4.0).sum() == 7  # the story's uses, not the header's
     assert (w[0, second:third] == 1.0).all()  # no header, nothing asked
-    last = expected(["shell"], third + len(tok.encode(header(["shell"]))), block)
-    assert (w[0, third:] == last[third:]).all() and (w[0] == 4.0).sum() == 4
-    # a window that starts after a first use weighs nothing in that story: its later uses are plain tokens
-    later = tok.encode(docs[0]).index(tok.encode(" ball")[0], len(tok.encode(header(["play", "ball", "red"],
-                                                                                   ["Dialogue"]))) + 8)
-    _, _, w = windows(tokens, np.array([later]), 8)
-    assert (w == 1.0).all()
+    last = expected(["shell"], third, third + len(tok.encode(header(["shell"]))), block)
+    assert (w[0, third:] == last).all() and (last == 4.0).sum() == 1
 
 
 def test_header_chars_finds_a_prompt_header():
