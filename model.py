@@ -265,7 +265,8 @@ class GPT(nn.Module):
         # An untied head starts at zero (as in the modded-nanogpt speedrun): every token starts equally likely.
         # With zero_init_proj those projections start at zero instead (as in the modded-nanogpt speedrun, Jordan et
         # al. 2024): every block starts as the identity and the first steps train the embedding and the head
-        # directly; the gradients still reach c_proj (they depend on its input, not on its weights).
+        # directly; the gradients still reach c_proj (they depend on its input, not on its weights). Off by default:
+        # with Muon in the 1M one-pass ladder it scored 0.3% worse (docs/speed-results.md).
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
