@@ -5,7 +5,7 @@
 # size: muon_lr is the 1M ladder's best at torch's Muon momentum 0.95 (Muon's update size does not depend on the
 # width; Jordan et al. 2024), learning_rate the low end of the ladder's flat optimum for AdamW (8e-3 to 3.2e-2),
 # since this run is 10x longer and 3x wider. The 1M config's lower momenta (Muon 0.8 at muon_lr 0.02, AdamW
-# beta1 0.8) won in 114 iterations of 2,048 tokens; this run (20,000 of 65,536, not tried with them) keeps 0.95, 0.9.
+# beta1 0.6) won in 114 iterations of 2,048 tokens; this run (20,000 of 65,536, not tried with them) keeps 0.95, 0.9.
 # Data: python prepare.py --tokenizer=bpe --vocab_size=4096 --data_dir=data/tinystories-bpe4096
 out_dir = "out-tinystories-15m-modern"  # sample.py --out_dir=out-tinystories-15m-modern
 data_dir = "data/tinystories-bpe4096"
