@@ -39,7 +39,6 @@ class GPTConfig:
     mlp: str = "gelu"             # "gelu" (GPT-2), "swiglu" (Shazeer 2020) or "relu2" (So et al. 2021)
     qk_norm: bool = False         # RMSNorm on each head's queries and keys (Henry et al. 2020; Qwen3)
     tie_embeddings: bool = True   # the head reuses the token embedding (Press & Wolf 2017)
-    zero_init_proj: bool = False  # the projections into the residual stream start at zero (init only; see GPT)
 
     def __post_init__(self):
         for f in fields(self):  # a checkpoint from elsewhere may hold anything
@@ -263,17 +262,10 @@ class GPT(nn.Module):
         # GPT-2 initialisation: N(0, 0.02) everywhere, zero biases, and the projections that write into the
         # residual stream scaled by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth.
         # An untied head starts at zero (as in the modded-nanogpt speedrun): every token starts equally likely.
-        # With zero_init_proj those projections start at zero instead (as in the modded-nanogpt speedrun, Jordan et
-        # al. 2024): every block starts as the identity and the first steps train the embedding and the head
-        # directly; the gradients still reach c_proj (they depend on its input, not on its weights). Off by default:
-        # with Muon in the 1M one-pass ladder it scored 0.3% worse (docs/speed-results.md).
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                if config.zero_init_proj:
-                    nn.init.zeros_(p)
-                else:
-                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if not config.tie_embeddings:
             nn.init.zeros_(self.lm_head.weight)
 

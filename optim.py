@@ -38,16 +38,15 @@ class Optimizers:
 
 
 def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
-                        muon_lr=0.02, muon_momentum=0.95, muon_nesterov=True):
+                        muon_lr=0.02, muon_momentum=0.95):
     """The optimizer of a GPT's parameters.
 
     "adamw": AdamW (Loshchilov & Hutter 2019) with decoupled weight decay on the matmul and embedding weights
     (every parameter with 2 or more dimensions) and none on biases and norm gains.
     "muon": Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers"; PyTorch's torch.optim.Muon) for
-    the 2-D weight matrices inside the blocks, at muon_lr with muon_momentum (in Nesterov's form unless
-    muon_nesterov is False) and the same weight decay: it orthogonalises each matrix's momentum (Newton-Schulz
-    iterations), so every direction of the update moves by the same amount. AdamW, as above, for the rest:
-    embeddings, head, norm gains, biases.
+    the 2-D weight matrices inside the blocks, at muon_lr with muon_momentum and the same weight decay: it
+    orthogonalises each matrix's momentum (Newton-Schulz iterations), so every direction of the update moves
+    by the same amount. AdamW, as above, for the rest: embeddings, head, norm gains, biases.
     Each group's "lr" starts at its peak learning rate; train.py scales it by the schedule.
     AdamW uses the fused kernel where this PyTorch has one for the device, else the multi-tensor (foreach) one.
 
@@ -71,8 +70,7 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, 
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **kw)
     if optimizer == "adamw":
         return adamw
-    return Optimizers(torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum, nesterov=muon_nesterov,
-                                       weight_decay=weight_decay),
+    return Optimizers(torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay),
                       adamw)
 
 

@@ -75,12 +75,10 @@ norm = "layernorm"              # "layernorm" or "rmsnorm"
 mlp = "gelu"                    # "gelu", "swiglu" or "relu2"
 qk_norm = False                 # RMSNorm on queries and keys
 tie_embeddings = True           # the head reuses the token embedding
-zero_init_proj = False          # the projections into the residual stream start at zero (model.py's GPT)
 # optimizer
 optimizer = "adamw"             # "adamw" for everything, or "muon" for the blocks' matrices and AdamW for the rest
 muon_lr = 0.02                  # Muon's peak learning rate (the schedule scales it like learning_rate)
 muon_momentum = 0.95            # Muon's momentum
-muon_nesterov = True            # Muon's momentum in Nesterov's form (torch.optim.Muon's default), else plain
 learning_rate = 6e-4            # AdamW's peak learning rate, reached after warmup_iters
 max_iters = 5000                # optimizer steps in total
 weight_decay = 0.1              # decoupled weight decay of the matrices and embeddings
@@ -174,7 +172,7 @@ def main():
     run.load_weights(model)  # resuming or fine-tuning: the checkpoint's weights
     model.to(dev)
     opt = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), run.device_type, optimizer,
-                              muon_lr, muon_momentum, muon_nesterov)
+                              muon_lr, muon_momentum)
     peak_lrs = [group["lr"] for group in opt.param_groups]  # the schedule scales each group's own peak
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.precision == "float16" and run.device_type == "cuda")
     run.start(model, opt, scaler)  # resuming: the optimizer's, the scaler's and the random generators' states

@@ -121,20 +121,9 @@ def re_escape(s):
     return re.escape(s)
 
 
-def test_zero_init_proj_starts_the_residual_projections_at_zero_and_they_still_learn():
-    model = tiny(**MODERN, zero_init_proj=True)
-    projections = [p for n, p in model.named_parameters() if n.endswith("c_proj.weight")]
-    assert len(projections) == 4 and all(not p.any() for p in projections)
-    assert model.transformer.h[0].attn.c_attn.weight.std() > 0  # the other matrices keep GPT-2's init
-    idx = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
-    model(idx, idx)[1].backward()
-    assert all(p.grad.abs().sum() > 0 for p in projections)
-
-
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     model = tiny(**MODERN, tie_embeddings=False)
-    opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu", "muon", muon_lr=0.02, muon_momentum=0.9,
-                              muon_nesterov=False)
+    opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu", "muon", muon_lr=0.02, muon_momentum=0.9)
     muon, adamw = opt.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -142,7 +131,6 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     assert hidden == {f"transformer.h.{i}.{m}.weight" for i in range(2)
                       for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert muon.param_groups[0]["lr"] == 0.02 and muon.param_groups[0]["momentum"] == 0.9
-    assert muon.param_groups[0]["nesterov"] is False
     decayed, plain = adamw.param_groups
     assert {names[id(p)] for p in decayed["params"]} == {"transformer.wte.weight", "lm_head.weight"}
     assert all(p.dim() == 1 for p in plain["params"]) and plain["weight_decay"] == 0.0
