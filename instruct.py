@@ -284,14 +284,17 @@ def uses(word, text):
     """True when `text` contains `word` or one of its `forms` as a whole word, ignoring case: "cat" is in "Cats!"
     but not in "catch". A required phrase of several words counts when its last word does so in order after the
     others (e.g. "ice cream" -> "ice creams")."""
+    return count_uses(word, text) > 0
+
+
+def count_uses(word, text):
+    """How many times `text` uses `word`, as `uses` counts a use. Returns int."""
     tokens = words(text)
     parts = word.lower().split()
     if not parts:
-        return False
-    if len(parts) == 1:
-        return not forms(parts[0]).isdisjoint(tokens)
+        return 0
     last = forms(parts[-1])
-    return any(tokens[i:i + len(parts) - 1] == parts[:-1] and tokens[i + len(parts) - 1] in last
+    return sum(tokens[i:i + len(parts) - 1] == parts[:-1] and tokens[i + len(parts) - 1] in last
                for i in range(len(tokens) - len(parts) + 1))
 
 
@@ -307,10 +310,11 @@ def score(words, features, text):
     Args:
         words: the required words (list of str); features: the features asked for (list of str); text: the story.
     Returns:
-        dict: used (list of bool, one per word: `uses`), features (dict name -> True/False for every CHECKABLE
+        dict: used (list of bool, one per word: `uses`), count (list of int: `count_uses`), features (dict name -> True/False for every CHECKABLE
         feature: does the text show it), asked (list of the CHECKABLE features asked for).
     """
-    return {"used": [uses(w, text) for w in words],
+    counts = [count_uses(w, text) for w in words]
+    return {"used": [c > 0 for c in counts], "count": counts,
             "features": {name: test(text) for name, test in CHECKABLE.items()},
             "asked": [f for f in features if f in CHECKABLE]}
 
@@ -320,12 +324,15 @@ def summarize(scores):
 
     Returns:
         dict: words_required (int), words_used (int), word_share (used / required; None when no word was
-        required), and per CHECKABLE feature a dict with asked and not_asked (story counts) and present_when_asked,
+        required), uses_per_used_word (how many times a story that uses a required word uses it, on average;
+        TinyStories' own stories: about 2; None when none was used), and per CHECKABLE feature a dict with asked and not_asked (story counts) and present_when_asked,
         present_when_not_asked (shares of those stories whose text shows it; None when there are none).
     """
     required = sum(len(s["used"]) for s in scores)
     used = sum(sum(s["used"]) for s in scores)
-    out = {"words_required": required, "words_used": used, "word_share": used / required if required else None}
+    counts = [c for s in scores for c in s["count"] if c]
+    out = {"words_required": required, "words_used": used, "word_share": used / required if required else None,
+           "uses_per_used_word": sum(counts) / len(counts) if counts else None}
     for name in CHECKABLE:
         asked = [s["features"][name] for s in scores if name in s["asked"]]
         other = [s["features"][name] for s in scores if name not in s["asked"]]

@@ -139,10 +139,11 @@ def test_features_and_summary_of_scores():
     assert has_feature("BadEnding", "anything") is None  # not checkable from the text
     scores = [score(["dog", "run"], ["Dialogue"], 'The dog ran. "Woof!"'),
               score(["cat", "big"], ["Dialogue", "BadEnding"], "A big dog."),
-              score(["sun"], [], 'The sun said "hi".')]
-    assert scores[1]["asked"] == ["Dialogue"]
+              score(["sun"], [], 'The sun said "hi". Suns shine; sunny days.')]  # "sunny" is another word
+    assert scores[1]["asked"] == ["Dialogue"] and scores[2]["count"] == [2] and scores[0]["count"] == [1, 1]
     total = summarize(scores)
     assert (total["words_required"], total["words_used"]) == (5, 4) and total["word_share"] == 4 / 5
+    assert total["uses_per_used_word"] == (1 + 1 + 1 + 2) / 4
     assert total["Dialogue"] == {"asked": 2, "not_asked": 1, "present_when_asked": 0.5,
                                  "present_when_not_asked": 1.0}
 
