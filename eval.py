@@ -403,7 +403,8 @@ def instruct_rows(results):
             ("trained with instructions", "yes" if ins["trained_with_instructions"] else "no"),
             ("required words used", f"{_fmt(ins['word_share'], 'pct')} ({ins['words_used']} of "
                                     f"{ins['words_required']})"),
-            ("uses per used word", "-" if ins["uses_per_used_word"] is None else f"{ins['uses_per_used_word']:.2f}")]
+            ("uses per used word", "-" if ins.get("uses_per_used_word") is None  # None in older reports too
+             else f"{ins['uses_per_used_word']:.2f}")]
     for name in CHECKABLE:
         f = ins[name]
         rows.append((f"{name}: present when asked / not", f"{_fmt(f['present_when_asked'], 'pct')} of "

@@ -156,17 +156,13 @@ class TrainingWindows:
     def __init__(self, tokens, tok, word_weight=1.0):
         self.tok, self.word_weight = tok, word_weight
         self.starts, self.ends = document_headers(tokens, tok.eot_token, tok.encode(STORY))
-        self.asked_ids = {}  # document -> the token ids that start its asked-for words
-
     def asked(self, tokens, d):
-        """The token ids that start a word document d's header asks for (" dog" and " Dog" for "dog")."""
-        if d not in self.asked_ids:
-            head = self.tok.decode(np.asarray(tokens[self.starts[d]:self.ends[d]]).tolist())
-            words = next((split_list(line[len("Words: "):]) for line in head.splitlines()
-                          if line.startswith("Words: ")), [])
-            self.asked_ids[d] = np.array(sorted({self.tok.encode(" " + form)[0] for w in words
-                                                 for form in (w, w[:1].upper() + w[1:])}), dtype=np.int64)
-        return self.asked_ids[d]
+        """The token ids that start a word document d's header asks for (" dog" and " Dog" for "dog"), as a list.
+        Read from the header each time (a few dozen microseconds): a cache would grow with the data set."""
+        head = self.tok.decode(np.asarray(tokens[self.starts[d]:self.ends[d]]).tolist())
+        words = next((split_list(line[len("Words: "):]) for line in head.splitlines() if line.startswith("Words: ")),
+                     [])
+        return [self.tok.encode(" " + form)[0] for w in words for form in (w, w[:1].upper() + w[1:])]
 
     def __call__(self, tokens, starts, block_size):
         n = len(starts)
@@ -310,8 +306,9 @@ def score(words, features, text):
     Args:
         words: the required words (list of str); features: the features asked for (list of str); text: the story.
     Returns:
-        dict: used (list of bool, one per word: `uses`), count (list of int: `count_uses`), features (dict name -> True/False for every CHECKABLE
-        feature: does the text show it), asked (list of the CHECKABLE features asked for).
+        dict: used (list of bool, one per word: `uses`), count (list of int: `count_uses`), features (dict
+        name -> True/False for every CHECKABLE feature: does the text show it), asked (list of the CHECKABLE
+        features asked for).
     """
     counts = [count_uses(w, text) for w in words]
     return {"used": [c > 0 for c in counts], "count": counts,
@@ -325,8 +322,9 @@ def summarize(scores):
     Returns:
         dict: words_required (int), words_used (int), word_share (used / required; None when no word was
         required), uses_per_used_word (how many times a story that uses a required word uses it, on average;
-        TinyStories' own stories: about 2; None when none was used), and per CHECKABLE feature a dict with asked and not_asked (story counts) and present_when_asked,
-        present_when_not_asked (shares of those stories whose text shows it; None when there are none).
+        TinyStories' own stories: about 2; None when none was used), and per CHECKABLE feature a dict with asked
+        and not_asked (story counts) and present_when_asked, present_when_not_asked (shares of those stories whose
+        text shows it; None when there are none).
     """
     required = sum(len(s["used"]) for s in scores)
     used = sum(sum(s["used"]) for s in scores)
