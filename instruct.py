@@ -123,6 +123,12 @@ def header_chars(prompt):
     return end + len(STORY)
 
 
+def header_tokens(tok, prompt):
+    """The number of tokens of the instruction header `prompt` starts with (0 without one): the `keep` that
+    sample.py and serve.py give GPT.generate_stream. tok: a Tokenizer (tokenizer.py)."""
+    return len(tok.encode(prompt[:header_chars(prompt)]))
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Training windows that see their story's instructions
 

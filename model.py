@@ -325,9 +325,8 @@ class GPT(nn.Module):
             logits = self.lm_head(x)
             nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
                                   reduction="none")  # 0 where the target is -1
-            counts = (targets.view(-1) != -1).float()
-            if loss_weights is not None:
-                counts = counts * loss_weights.reshape(-1).float()
+            weights = 1.0 if loss_weights is None else loss_weights.reshape(-1).float()
+            counts = (targets.view(-1) != -1).float() * weights
             return logits, (nll * counts).sum() / counts.sum()
         # = the same loss from self.lm_head(x), without holding all the logits at once
         return None, chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),

@@ -19,7 +19,7 @@ import torch
 from checkpoint import load_model, quantize_int8
 from configurator import (DTYPES, UserError, available_memory, check_values, configure, read_text, resolve_device,
                           run)
-from instruct import header, header_chars, split_list
+from instruct import header, header_tokens, split_list
 from model import KVCache, check_sampling
 from tokenizer import StreamDecoder
 
@@ -83,10 +83,9 @@ def main():
     ids = tok.encode_prompt(prompt)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
     generator = torch.Generator(device=dev).manual_seed(seed)
-    keep = len(tok.encode(prompt[:header_chars(prompt)]))  # an instruction header stays in view
     steps = model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                   eos_token=tok.eot_token, vocab_limit=tok.vocab_size, generator=generator,
-                                  keep=keep)
+                                  keep=header_tokens(tok, prompt))  # an instruction header stays in view
     # All rows are sampled together as one batch (one forward pass per token for every story), so the random
     # draws, and the stories, are those of generating them at once. The story on screen is printed as its tokens
     # arrive; the ones after it collect tokens meanwhile and, when their turn comes, print what they have so far

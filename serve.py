@@ -40,7 +40,7 @@ import torch
 
 from checkpoint import load_model
 from configurator import DTYPES, UserError, check_values, configure, resolve_device, run
-from instruct import header, header_chars, split_list
+from instruct import header, header_tokens, split_list
 from model import check_sampling
 from tokenizer import StreamDecoder
 
@@ -202,7 +202,7 @@ class Handler(BaseHTTPRequestHandler):
         dec, n = StreamDecoder(tok), 0
         with m["lock"]:  # one story at a time per model
             t0 = time.perf_counter()
-            keep = len(tok.encode(req["prompt"][:header_chars(req["prompt"])]))  # an instruction header stays
+            keep = header_tokens(tok, req["prompt"])  # an instruction header stays in view, as in training
             for step in m["model"].generate_stream(idx, req["max_new_tokens"], req["temperature"], req["top_k"],
                                                    req["top_p"], tok.eot_token, tok.vocab_size, keep=keep):
                 t = int(step[0])
