@@ -6,7 +6,8 @@
     python bench.py --only=train --nanogpt_dir=../nanoGPT   # and nanoGPT's train.py on the same shape, side by side
 
 1. matmul: FLOP/s of a large square matmul in float32 and in bfloat16: the device's ceilings.
-2. train: tokens/s, achieved FLOP/s and MFU (model FLOPs utilisation: achieved / ceiling of the dtype in use) of
+2. train: tokens/s, achieved FLOP/s and MFU (model FLOPs utilisation: achieved / ceiling of the dtype in use,
+   with the ceiling's matmul timed again just before each step, the median of the steps' ratios) of
    the training step of train.py (forward, backward, clipping, AdamW), median of `steps` timed steps after
    `warmup` steps, in the modes of MODES, each adding one change to the one before: baseline (float32, eager,
    plain AdamW, default allocator), allocator (CPU: keep_freed_memory), autocast (mixed precision in `dtype`),
@@ -136,7 +137,8 @@ MODES = [("baseline", False, False, False, False, False), ("allocator", True, Fa
 def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup, optimizer="adamw"):
     """Time the training step of train.py in one mode of MODES, in this process (bench_train runs each mode in a
     fresh one, so the allocator setting and peak memory are the mode's own). Returns a dict with ms_per_step,
-    tokens_per_s, flops_per_token, the dtype used and peak_memory_gb (CUDA: allocated tensors; else the
+    tokens_per_s, flops_per_token, the dtype used, mfu (the median over the steps of each one's model FLOP/s over
+    the matmul FLOP/s timed just before it), ceiling_tflops (the median of those) and peak_memory_gb (CUDA: allocated tensors; else the
     process's peak resident memory, Linux ru_maxrss). `optimizer` (configure_optimizer's) is used by the modes with
     the chunked head; the ones before it use AdamW."""
     import resource
@@ -147,7 +149,7 @@ def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup, optimizer="
     cfg = GPTConfig(**args)
     torch.manual_seed(0)
     model = GPT(cfg).to(dev)
-    n = model.num_params(non_embedding=True) + model.lm_head.weight.numel()
+    n_params = model.num_params(non_embedding=True) + model.lm_head.weight.numel()
     if fused:
         opt = configure_optimizer(model, 0.1, 1e-4, (0.9, 0.95), device_type, optimizer if chunked else "adamw")
     else:
@@ -166,16 +168,29 @@ def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup, optimizer="
         loss.backward()
         clip_and_step(model, opt, scaler, grad_clip=1.0)
 
-    seconds = timed(step, dev, n_steps, n_warmup)
+    # MFU against the matmul ceiling timed just before each step: on a shared machine the ceiling itself moves by
+    # 2x within seconds, so a ceiling measured minutes earlier would make the ratio a coin toss
+    n = matmul_size or (4096 if device_type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=dev, dtype=DTYPES[step_dtype]) for _ in range(2))
+    for _ in range(n_warmup):
+        step()
+    times, ceilings = [], []
+    for _ in range(n_steps):
+        ceilings.append(2 * n ** 3 / timed(lambda: a @ b, dev, 3, 1))
+        times.append(timed(step, dev, 1, 0))
+    seconds = statistics.median(times)
     if device_type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2 ** 30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 2 ** 30
+    flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    mfu = statistics.median(batch * cfg.block_size * flops_per_token / t / c for t, c in zip(times, ceilings))
     return {"dtype": step_dtype, "ms_per_step": seconds * 1e3, "tokens_per_s": batch * cfg.block_size / seconds,
-            "flops_per_token": 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size, "peak_memory_gb": peak}
+            "flops_per_token": flops_per_token, "peak_memory_gb": peak, "mfu": mfu,
+            "ceiling_tflops": statistics.median(ceilings) / 1e12}
 
 
-def bench_train(dev, precision, ceilings):
+def bench_train(dev, precision):
     """Tokens/s, FLOP/s, MFU and peak memory of the training step in each mode of MODES, each in a fresh process.
     FLOPs per token = 6 N + 12 n_layer n_embd block_size (see the module docstring)."""
     args, batch = model_shape()
@@ -191,9 +206,7 @@ def bench_train(dev, precision, ceilings):
         if proc.returncode:
             raise RuntimeError(f"train mode {mode} failed:\n{proc.stderr}")
         r = results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-        ceiling = ceilings.get(r["dtype"]) if ceilings else None
         r["tflops"] = r["tokens_per_s"] * r["flops_per_token"] / 1e12
-        r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / ceiling if ceiling else None
         r["speedup"] = r["tokens_per_s"] / results["baseline"]["tokens_per_s"]
     nanogpt = bench_nanogpt(args, batch, dev)
     if nanogpt:
@@ -384,7 +397,7 @@ def main():
         print(f"matmul {n}x{n}: float32 {results['matmul']['float32'] / 1e12:.3f} TFLOP/s, "
               f"bfloat16 {results['matmul']['bfloat16'] / 1e12:.3f} TFLOP/s")
     if "train" in parts:
-        r = results["train"] = bench_train(dev, precision, results["matmul"])
+        r = results["train"] = bench_train(dev, precision)
         print(f"train {model_config}: {r['params'] / 1e6:.2f}M parameters ({r['params']:,}), recipe "
               f"{recipe(r['model'])}, batch {r['model']['batch_size']} x {r['model']['block_size']}; each mode "
               f"adds one change to the one above:")
@@ -392,7 +405,7 @@ def main():
             if mode in r:
                 m = r[mode]
                 print(f"  {mode:9s} {m['dtype']:9s} {m['ms_per_step']:9.1f} ms/step {m['tokens_per_s']:11,.0f} "
-                      f"tokens/s {m['tflops']:8.3f} TFLOP/s  MFU {m['mfu'] * 100:5.1f}%  "
+                      f"tokens/s {m['tflops']:8.3f} TFLOP/s  MFU {m['mfu'] * 100:5.1f}% of {m['ceiling_tflops']:.3f}  "
                       f"peak {m['peak_memory_gb']:.2f} GB  {m['speedup']:.2f}x baseline"
                       + (f"  memory {m['memory_over_nanogpt']:.2f}x nanoGPT" if "nanogpt" in r else ""))
         if "nanogpt" in r:

@@ -9,17 +9,16 @@ chunked_cross_entropy in one line; tests/test_memory.py checks it against the pl
 import torch
 
 
-HEAD_CHUNK_LOGITS = 2 ** 25  # at most this many logits per chunk of ChunkedHeadLoss: 128 MiB in float32
-# Positions per chunk below that cap: each chunk adds its (vocab_size x n_embd) share of dL/dW to the sum, which
-# costs about as much as the chunk's own logits' element-wise work once the chunk has ~2 n_embd positions, while
-# chunks much larger than that stop fitting the CPU's caches (measured: docs/speed-results.md).
-HEAD_CHUNK_ROWS_PER_CHANNEL = 2
-HEAD_CHUNK_MIN_ROWS = 256
+HEAD_CHUNK_BYTES = 2 ** 28  # at most this many bytes of logits (in the matmul dtype) per chunk: 256 MiB
+# The log-softmax and softmax of a chunk's logits run a block of positions at a time, each block at most this many
+# logits (2 MiB of float32), so that its float32 values stay in the CPU's cache between the element-wise steps
+# instead of going to memory and back at each one (measured: docs/speed-results.md).
+HEAD_BLOCK_LOGITS = 2 ** 19
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of a linear head, computed a chunk of positions at a time (at most
-    HEAD_CHUNK_LOGITS // vocab_size of them, see below), so that the logits of all positions (N x vocab_size
+    HEAD_CHUNK_BYTES of logits, see below), so that the logits of all positions (N x vocab_size
     floats, and as many for their gradient) never exist at once.
 
     For z = x W^T (one row of vocab_size logits per position), the loss is the mean over positions n with
@@ -33,8 +32,9 @@ class ChunkedHeadLoss(torch.autograd.Function):
 
     Logits and the matmuls of the gradient run in `dtype` (the autocast precision, as nn.Linear under autocast);
     log-softmax, softmax and the dL/dW sum over chunks in float32 (or float64 for float64 inputs). A chunk holds
-    at most HEAD_CHUNK_LOGITS logits, and at most max(HEAD_CHUNK_MIN_ROWS, HEAD_CHUNK_ROWS_PER_CHANNEL x n_embd)
-    positions: with a small vocabulary, chunks that fit the caches are faster than one large chunk.
+    at most HEAD_CHUNK_BYTES of logits in `dtype`; its log-softmax and softmax run a block of at most
+    HEAD_BLOCK_LOGITS logits at a time, whose float32 values stay in the CPU's cache, and the block's gradient
+    overwrites its logits in place (no second chunk-sized buffer).
 
     apply(x, weight, targets, loss_weights, dtype, need_grad):
         x: (N, n_embd) hidden states; weight: (vocab_size, n_embd), the head (tied: the token embedding);
@@ -60,27 +60,33 @@ class ChunkedHeadLoss(torch.autograd.Function):
         if need_grad:
             grad_x = torch.empty_like(x)
             grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        most = max(HEAD_CHUNK_MIN_ROWS, HEAD_CHUNK_ROWS_PER_CHANNEL * x.size(1))
-        most = max(1, min(HEAD_CHUNK_LOGITS // weight.size(0), most))  # positions per chunk at most
+        vocab_size = weight.size(0)
+        most = max(1, HEAD_CHUNK_BYTES // (vocab_size * w.element_size()))  # positions per chunk at most
         chunk = -(-x.size(0) // -(-x.size(0) // most))  # positions per chunk, as even as can be (ceil of ceil)
+        block = max(1, HEAD_BLOCK_LOGITS // vocab_size)  # positions per element-wise block
+        t_all = targets.clamp(min=0)[:, None]
+        minus_one = -valid[:, None].to(acc)  # the one-hot target to subtract, 0 for ignored positions
         with torch.autocast(x.device.type, enabled=False):  # the casts are explicit here
             for start in range(0, x.size(0), chunk):
                 end = min(start + chunk, x.size(0))
-                xc, t = x[start:end].to(dtype), targets[start:end].clamp(min=0)[:, None]
-                # this chunk's (n, vocab_size) log-probabilities in float32, straight from the logits in dtype
-                logp = torch.log_softmax(xc @ w.t(), dim=1, dtype=acc)
-                nll[start:end] = -logp.gather(1, t).squeeze(1)
+                xc = x[start:end].to(dtype)
+                z = xc @ w.t()  # (n, vocab_size) logits in dtype
+                for b in range(start, end, block):
+                    e = min(b + block, end)
+                    zb, t = z[b - start:e - start], t_all[b:e]
+                    # the block's log-probabilities in float32, straight from its logits in dtype
+                    logp = torch.log_softmax(zb, dim=1, dtype=acc)
+                    nll[b:e] = -logp.gather(1, t).squeeze(1)
+                    if need_grad:  # softmax minus the one-hot target, written over the block's logits
+                        zb.copy_(logp.exp_().scatter_add_(1, t, minus_one[b:e]))
                 if not need_grad:
                     continue
-                p = logp.exp_()  # softmax, in place; then minus the one-hot target
-                p.scatter_add_(1, t, -valid[start:end, None].to(acc))
-                g = p.to(dtype)
-                del logp, p
-                # each row of g times its position's weight in the mean (0 for ignored targets), applied to the
-                # small (n, n_embd) factors rather than to g
+                # z now holds the gradient of each position's nll; each row times its position's weight in the
+                # mean (0 for ignored targets), applied to the small (n, n_embd) factors rather than to z
                 row_scale = scale[start:end, None]
-                grad_x[start:end] = (g @ w) * row_scale
-                grad_w += g.t() @ (xc * row_scale).to(dtype)
+                grad_x[start:end] = (z @ w) * row_scale
+                grad_w += z.t() @ (xc * row_scale).to(dtype)
+                del z
         if need_grad:
             ctx.grads = grad_x, grad_w.to(weight.dtype)
         return (torch.where(valid, nll, 0.0) * counts).sum() / total

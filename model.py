@@ -155,7 +155,7 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = RMSNorm(config.n_embd // config.n_head, eps=NORM_EPS)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x, cache=None, layer=0, rope=None):
         """x (B, T, n_embd); rope: (cos, sin) of the T positions, (T, 1, head_dim // 2) (see apply_rope), or None."""
@@ -180,13 +180,49 @@ class CausalSelfAttention(nn.Module):
 
 
 def attention(q, k, v, causal, dropout_p):
-    """F.scaled_dot_product_attention (masked if causal), q (B, n_head, T, head_dim), k, v (B, n_head, T', head_dim)
-    -> like q. On a CPU in float32 outside autocast: PyTorch's CPU kernel is 2-3x slower in bfloat16 (docs)."""
+    """softmax(q k^T / sqrt(head_dim), masked if causal) v, with dropout_p dropout on the attention weights,
+    q (B, n_head, T, head_dim), k, v (B, n_head, T', head_dim) -> like q (causal needs T' = T).
+    F.scaled_dot_product_attention does it, except on a CPU: there it runs in float32 outside autocast (PyTorch's
+    CPU kernel is 2-3x slower in bfloat16), and with dropout it is written out here so that the weights' mask
+    comes from `dropout` (PyTorch takes its unfused path then anyway). Measured: docs/speed-results.md."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
     with torch.autocast("cpu", enabled=False):
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal,
-                                              dropout_p=dropout_p).to(q.dtype)
+        qf, kf, vf = q.float(), k.float(), v.float()
+        if dropout_p == 0:
+            return F.scaled_dot_product_attention(qf, kf, vf, is_causal=causal).to(q.dtype)
+        *batch, T, D = qf.shape
+        # the causal mask as -inf above the diagonal, added by the same call that scales q k^T (one pass, not three)
+        mask = torch.zeros(T, kf.size(-2), device=q.device)
+        if causal:
+            mask = mask.masked_fill(torch.ones_like(mask, dtype=torch.bool).triu(1), float("-inf"))
+        att = torch.baddbmm(mask, qf.reshape(-1, T, D), kf.reshape(-1, kf.size(-2), D).mT, alpha=1.0 / math.sqrt(D))
+        y = dropout(att.softmax(dim=-1), dropout_p) @ vf.reshape(-1, vf.size(-2), D)
+        return y.view(*batch, T, D).to(q.dtype)
+
+
+def dropout(x, p, training=True):
+    """Inverted dropout (Srivastava et al. 2014): in training, each element of x (any shape) becomes 0 with
+    probability p and the others are scaled by 1 / (1 - p), so the expected output is x; x itself otherwise.
+    On a CPU the mask comes from 16 random bits per element, cut from 64-bit random numbers: PyTorch's CPU dropout
+    draws a random number per element, one at a time, and took 2-4x as long (docs/speed-results.md). p is then
+    rounded to a multiple of 1/65536 (0.1 -> 0.100006), and the scale uses the rounded p. Other devices use
+    F.dropout."""
+    if not training or p == 0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    dropped = min(round(p * 65536), 65535)  # of the 65,536 values of 16 random bits, this many drop the element
+    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # all 64 bits random
+    keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= dropped - 32768
+    return torch.where(keep, x, 0) * (65536 / (65536 - dropped))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, through `dropout` above (a faster mask on a CPU)."""
+
+    def forward(self, x):
+        return dropout(x, self.p, self.training)
 
 
 def swiglu_hidden(n_embd):
@@ -208,7 +244,7 @@ class MLP(nn.Module):
         hidden = swiglu_hidden(config.n_embd) if self.kind == "swiglu" else 4 * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x):
         h = self.c_fc(x)
@@ -247,7 +283,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if learned else {}),
-            drop=nn.Dropout(config.dropout),
+            drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=make_norm(config, config.n_embd),
         ))

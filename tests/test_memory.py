@@ -18,8 +18,10 @@ def tiny(**kw):
 
 @pytest.fixture
 def chunks_of_5(monkeypatch):
-    """5 positions per chunk: 48 positions make 10 chunks, the last one short."""
-    monkeypatch.setattr(chunked_loss, "HEAD_CHUNK_LOGITS", 5 * V)
+    """5 positions per chunk (float64 logits; 10 in bfloat16): 48 positions make 10 chunks, the last one short;
+    2 positions per element-wise block, so a chunk ends in a short block."""
+    monkeypatch.setattr(chunked_loss, "HEAD_CHUNK_BYTES", 5 * V * 8)
+    monkeypatch.setattr(chunked_loss, "HEAD_BLOCK_LOGITS", 2 * V)
 
 
 def batch():

@@ -204,3 +204,38 @@ def test_generation_keeps_the_first_tokens_in_every_window():
         assert torch.equal(w[:, 3:], out[:, n - (w.size(1) - 3):n]) or torch.equal(w, out[:, :n])
     assert any(w.size(1) < 16 and not torch.equal(w, out[:, :w.size(1)]) for w in windows)  # it did slide
     assert torch.equal(out, model.generate(idx, 40, temperature=0, use_cache=True, keep=3))
+
+
+def test_dropout_keeps_each_element_with_probability_one_minus_p_and_scales_it():
+    import model as model_module
+    n, p = 10 ** 6, 0.1
+    torch.manual_seed(0)
+    y = model_module.dropout(torch.ones(n), p)
+    kept = y != 0
+    dropped = round(p * 65536) / 65536  # p as the 16-bit mask rounds it
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / (1 - dropped)))
+    # the number dropped is Binomial(n, dropped): within 6 standard deviations of its mean
+    sd = (n * dropped * (1 - dropped)) ** 0.5
+    assert abs((~kept).sum().item() - n * dropped) < 6 * sd
+    torch.manual_seed(0)
+    assert torch.equal(model_module.dropout(torch.ones(n), p), y)  # the seed decides the mask
+    assert model_module.dropout(torch.ones(n), p, training=False).eq(1).all()
+    x = torch.randn(3, 5, requires_grad=True)  # the gradient flows through the kept elements only
+    out = model_module.dropout(x, 0.5)
+    out.sum().backward()
+    assert torch.equal(x.grad, (out != 0).float() * 2)
+
+
+def test_written_out_attention_with_dropout_is_scaled_dot_product_attention():
+    import model as model_module
+    from torch.nn import functional as F
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 8, 4, generator=g) for _ in range(3))
+    # a p this small drops nothing (it rounds to 0 of 65,536), so the written-out path must equal PyTorch's
+    # attention to float32 rounding; a larger p must drop some weights
+    for causal in (True, False):
+        ours = model_module.attention(q, k, v, causal, dropout_p=1e-9)
+        assert torch.allclose(ours, F.scaled_dot_product_attention(q, k, v, is_causal=causal), rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    assert not torch.allclose(model_module.attention(q, k, v, True, dropout_p=0.5),
+                              F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-3)

@@ -10,6 +10,7 @@ from checkpoint import model_from_checkpoint
 from conftest import TINY, assert_user_error, run_script
 from configurator import UserError
 from checkpoint import quantize_int8
+import optim
 from optim import configure_optimizer
 from model import GPT, GPTConfig, apply_rope, rope_tables, swiglu_hidden
 from train import get_lr
@@ -125,7 +126,7 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     model = tiny(**MODERN, tie_embeddings=False)
     opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu", "muon", muon_lr=0.02, muon_momentum=0.9)
     muon, adamw = opt.optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
     hidden = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     assert hidden == {f"transformer.h.{i}.{m}.weight" for i in range(2)
@@ -147,6 +148,55 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     with pytest.raises(UserError, match="optimizer='sgd' is not one of"):
         configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu", "sgd")
 
+
+
+def muon_pair(momentum=0.8, nesterov=True):
+    """Our Muon and torch.optim.Muon on copies of the same matrices (tall, wide, square; two of one shape)."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64) * 0.02)
+            for s in [(48, 16), (48, 16), (16, 40), (16, 16)]]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kw = dict(lr=0.02, momentum=momentum, weight_decay=0.1, nesterov=nesterov)
+    return ours, optim.Muon(ours, **kw), theirs, torch.optim.Muon(theirs, **kw)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_gives_torch_muons_update(monkeypatch, nesterov):
+    # both orthogonalise in float64 here, so the two updates agree to float64 rounding: what is compared is the
+    # momentum, the batching of one shape's matrices, the step's scale and the weight decay, not bfloat16's rounding
+    import torch.optim._muon as torch_muon
+
+    def float64_newton_schulz(grad, ns_coefficients, ns_steps, eps):
+        return optim.orthogonalize(grad[None], ns_steps, eps)[0]
+    monkeypatch.setattr(optim, "NS_DTYPE", torch.float64)
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", float64_newton_schulz)
+    ours, ours_opt, theirs, theirs_opt = muon_pair(nesterov=nesterov)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=g, dtype=torch.float64)
+            b.grad = a.grad.clone()
+        ours_opt.step()
+        theirs_opt.step()
+        for a, b in zip(ours, theirs):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    # a checkpoint of either loads into the other
+    theirs_opt.load_state_dict(ours_opt.state_dict())
+    ours_opt.load_state_dict(theirs_opt.state_dict())
+    assert torch.equal(ours_opt.state[ours[0]]["momentum_buffer"], theirs_opt.state[theirs[0]]["momentum_buffer"])
+
+
+def test_orthogonalize_of_a_batch_is_each_matrix_alone_and_near_orthogonal(monkeypatch):
+    monkeypatch.setattr(optim, "NS_DTYPE", torch.float64)
+    g = torch.randn(3, 24, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    together = optim.orthogonalize(g)
+    for i in range(3):
+        assert torch.allclose(together[i], optim.orthogonalize(g[i:i + 1])[0], rtol=0, atol=1e-12)
+    # the quintic iteration leaves singular values between about 0.5 and 1.5 (Jordan et al. 2024), not at 1
+    s = torch.linalg.svdvals(together)
+    assert s.min() > 0.5 and s.max() < 1.5
+    with pytest.raises(ValueError, match="2-D matrices only"):
+        optim.Muon([torch.nn.Parameter(torch.zeros(4))])
 
 def test_muon_refuses_a_model_without_block_matrices():
     model = tiny(n_layer=1)
