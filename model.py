@@ -205,7 +205,7 @@ def dropout(x, p, training=True):
     """Inverted dropout (Srivastava et al. 2014): in training, each element of x (any shape) becomes 0 with
     probability p and the others are scaled by 1 / (1 - p), so the expected output is x; x itself otherwise.
     On a CPU the mask comes from 16 random bits per element, cut from 64-bit random numbers: PyTorch's CPU dropout
-    draws a random number per element, one at a time, and took 2-4x as long (docs/speed-results.md). p is then
+    draws a random number per element, one at a time, and took 1.5-2.3x as long (docs/speed-results.md). p is then
     rounded to a multiple of 1/65536 (0.1 -> 0.100006), and the scale uses the rounded p. Other devices use
     F.dropout."""
     if not training or p == 0:
