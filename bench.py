@@ -21,9 +21,11 @@
    2022, app. B).
 3. sample: new tokens/s for 200 new tokens at batch 1 and batch 8, with the KV cache and with full re-forward;
    on CPU also float32 and int8 (dynamic quantization) at batch 1.
-4. prepare: MB/s of text and tokens/s of prepare.py on a corpus made by repeating the shared TinyStories sample to
-   10 x `prepare_mb` MB, against tiktoken's own batch encoding of the same documents on the same cores, and the
-   peak resident memory of prepare.py (all its processes) on that corpus and on one a tenth of its size.
+4. prepare: MB/s of text and tokens/s of prepare.py on a corpus made by repeating the shared TinyStories sample's
+   training text to 10 x `prepare_mb` MB, against tiktoken's own batch encoding of the same documents on the same
+   cores, and the peak resident memory of prepare.py (all its processes) on that corpus and on one a tenth of its
+   size. A `prepare_mb` below the sample's size takes its first stories instead (and the same share of the
+   validation stories), so that small sizes stay small.
 Nothing here is part of the test suite; tests/test_bench.py only checks that it runs at tiny sizes.
 """
 
@@ -59,7 +61,7 @@ warmup = 3                              # untimed steps first (compilation happe
 compile_mode = True                     # also time train.py's step under torch.compile
 matmul_size = 0                         # 0: 4096 on GPUs, 2048 on CPUs
 sample_tokens = 200
-prepare_mb = 10.0                       # corpus size of the prepare part at 1x (10x is also measured)
+prepare_mb = 10.0                       # training text of the prepare part at 1x, MB (10x is also measured)
 sample_dir = "../shared/data/tinystories-sample"
 ranks = "../shared/tokenizers/gpt2.tiktoken"
 device = "auto"
@@ -337,11 +339,22 @@ def run_prepare(corpus_dir, data_dir, hf_home):
     return time.perf_counter() - t, *peak
 
 
+def first_stories(text, share):
+    """The stories (blocks separated by a blank line) at the start of `text` that fill about `share` of its bytes;
+    at least one."""
+    data = text.encode()
+    cut = data.find(b"\n\n", int(share * len(data)))
+    return text if cut < 0 else data[:cut].decode() + "\n"
+
+
 def bench_prepare():
     """prepare.py throughput and memory against the tokenizer's own batch encoding."""
     text = open(os.path.join(sample_dir, "train.txt"), encoding="utf-8").read()
     val = open(os.path.join(sample_dir, "validation.txt"), encoding="utf-8").read()
-    copies = max(1, round(prepare_mb * 1e6 / len(text.encode())))
+    share = prepare_mb * 1e6 / len(text.encode())
+    if share < 1:  # less than the sample: its first stories, and as large a share of the validation stories
+        text, val = first_stories(text, share), first_stories(val, share)
+    copies = max(1, round(share))
     tok = load_tokenizer(ranks)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

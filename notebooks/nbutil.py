@@ -124,14 +124,15 @@ def stories(path="", limit=None, split="train"):
 def train_small(name, data_dir, max_iters, **settings):
     """Train config/tinystories_1m_bpe.py's model on `data_dir` with train.py for `max_iters` iterations into
     NOTEBOOK_WORK/name, unless that folder already holds a finished run, and return the path of its
-    best_model_params.pt. `settings` are more train.py settings (name=value). Evaluates 5 times along the run."""
+    best_model_params.pt. `settings` are more train.py settings (name=value). Evaluates 5 times along the run
+    (twice in quick mode: each evaluation also saves the checkpoints)."""
     out_dir = os.path.join(WORK, name)
     best = shown(os.path.join(out_dir, "best_model_params.pt"))
     if os.path.isfile(best):
         return best
     warmup = max(1, max_iters // 10)
     args = {"data_dir": os.path.abspath(data_dir), "out_dir": out_dir, "vocab_size": 0, "max_iters": max_iters,
-            "lr_decay_iters": max_iters, "warmup_iters": warmup, "eval_interval": max(1, max_iters // 5),
+            "lr_decay_iters": max_iters, "warmup_iters": warmup, "eval_interval": max(1, max_iters // quick(5, 2)),
             "eval_iters": quick(20, 2), "log_interval": max(1, max_iters // 5), **settings}
     run_script("train.py", SMALL_CONFIG, *(f"--{k}={v}" for k, v in args.items()))
     return best

@@ -47,6 +47,16 @@ def instruct_data(tmp_path_factory, hf_home):
     return folder, data_dir, proc.stdout
 
 
+@pytest.fixture(scope="module")
+def instruct_run(instruct_data, tmp_path_factory):
+    """A tiny model trained 2 steps on instruct_data: its out_dir (sample.py and eval.py only read it)."""
+    _, data_dir, _ = instruct_data
+    out = tmp_path_factory.mktemp("instruct_run") / "out"
+    run_script("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2",
+               "--eval_interval=1", "--vocab_size=0", "--batch_size=2", "--block_size=16")
+    return out
+
+
 @pytest.mark.slow  # starts scripts as subprocesses
 def test_prepare_instruct_layout(instruct_data):
     _, data_dir, out = instruct_data
@@ -71,12 +81,9 @@ def test_prepare_without_instruct_is_unchanged(instruct_data, tmp_path, hf_home)
 
 
 @pytest.mark.slow  # starts scripts as subprocesses
-def test_header_bytes_are_the_same_in_sample_and_prepare(instruct_data, tmp_path, capsys):
+def test_header_bytes_are_the_same_in_sample_and_prepare(instruct_data, instruct_run, capsys):
     _, data_dir, _ = instruct_data
-    out = tmp_path / "out"
-    run_script("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2",
-               "--eval_interval=1", "--vocab_size=0", "--batch_size=2", "--block_size=16")
-    proc = run_script("sample.py", f"--out_dir={out}", "--words=play, ball,red", "--features=Dialogue",
+    proc = run_script("sample.py", f"--out_dir={instruct_run}", "--words=play, ball,red", "--features=Dialogue",
                       "--summary=Tom plays\nwith a ball.", "--start=", "--num_samples=1", "--max_new_tokens=1",
                       "--device=cpu")
     trained = documents(data_dir, "train")[0][0]
@@ -95,11 +102,8 @@ def test_header_bytes_are_the_same_in_sample_and_prepare(instruct_data, tmp_path
 
 
 @pytest.mark.slow  # starts scripts as subprocesses
-def test_eval_instruct_report(instruct_data, tmp_path):
-    _, data_dir, _ = instruct_data
-    out = tmp_path / "out"
-    run_script("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2",
-               "--eval_interval=1", "--vocab_size=0", "--batch_size=2", "--block_size=16")
+def test_eval_instruct_report(instruct_run, tmp_path):
+    out = instruct_run
     report, instructions = tmp_path / "eval.json", tmp_path / "instructions.json"
     instructions.write_text(json.dumps(ROWS[:2]))  # eval.py refuses a malformed row (see the end)
     run_script("eval.py", f"--out_dir={out}", f"--instruct={instructions}", "--num_samples=2",

@@ -1,8 +1,10 @@
 """The notebooks in notebooks/ run top to bottom without an error, each from a clean kernel.
 
-They run in their quick mode (NOTEBOOK_QUICK=1: a few training steps, little text, few samples), in a private
-work directory, so the test checks that every cell works with the project's current code, not the numbers the
-committed outputs show (those come from full runs: see the first cell of each notebook).
+They run in their quick mode (NOTEBOOK_QUICK=1: a few training steps, little text, few samples), so the test checks
+that every cell works with the project's current code, not the numbers the committed outputs show (those come from
+full runs: see the first cell of each notebook). Their work directory is private to the test session and shared by
+the notebooks, as out-notebooks/ is outside the tests: the sample is prepared once, and a small model that one
+notebook trained is used by the next as it would be for a user (nbutil.find_data and nbutil.train_small).
 """
 import os
 
@@ -15,9 +17,15 @@ SAMPLE_DIR = SHARED / "data" / "tinystories-sample"
 NOTEBOOKS = ["tokenization", "model", "training", "evaluation"]
 
 
+@pytest.fixture(scope="session")
+def notebook_work(tmp_path_factory):
+    """NOTEBOOK_WORK of the notebooks of this test session (of this worker, under pytest -n)."""
+    return tmp_path_factory.mktemp("notebooks")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs(name, tmp_path, monkeypatch, hf_home):
+def test_notebook_runs(name, notebook_work, monkeypatch, hf_home):
     if not os.environ.get("CI"):
         if not HAVE_SHARED_SAMPLE:  # the notebooks read ../shared themselves, not the tests' own corpus
             pytest.skip(f"needs the TinyStories sample at {SAMPLE_DIR} (the notebooks would prepare or download "
@@ -28,7 +36,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch, hf_home):
     from nbclient.exceptions import CellExecutionError
 
     monkeypatch.setenv("NOTEBOOK_QUICK", "1")
-    monkeypatch.setenv("NOTEBOOK_WORK", str(tmp_path))  # data and models of this run only
+    monkeypatch.setenv("NOTEBOOK_WORK", str(notebook_work))
     monkeypatch.setenv("HF_HOME", str(hf_home))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     path = ROOT / "notebooks" / f"{name}.ipynb"

@@ -60,17 +60,17 @@ def test_train_resume_and_sample_end_to_end(sample_data, tmp_path):
     for name in ("best_model_params.pt", "ckpt.pt", "loss.png"):
         assert (out / name).stat().st_size > 0
 
-    proc = run_script("train.py", *TINY, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=70",
-                      "--eval_interval=30", "--lr_decay_iters=60", check=False)
-    assert_user_error(proc, "already holds a run", "--init_from=resume")  # a fresh start never clobbers a run
+    # (a fresh start in this out_dir is refused: test_bad_inputs.py's run_exists row, test_survive3.py after a run)
     proc = run_script("train.py", *TINY, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=70",
                       "--eval_interval=30", "--lr_decay_iters=60", "--init_from=resume")
     assert "resuming from iteration 60" in proc.stdout and "iter 70:" in proc.stdout
     with open(out / "log.csv") as f:
         assert [int(r["iter"]) for r in csv.DictReader(f)] == [0, 30, 60, 70]  # iteration 60 logged once
 
+    # from another folder: the checkpoint carries its tokenizer, so sampling needs neither the data directory nor
+    # the ranks file (that a seed gives the same stories: test_stream.py, against the model's own generate)
     proc = run_script("sample.py", f"--out_dir={out}", "--start=Once upon a time", "--num_samples=2",
-                      "--max_new_tokens=30", "--device=cpu")
+                      "--max_new_tokens=30", "--device=cpu", cwd=tmp_path)
     samples = [s.strip() for s in proc.stdout.split("-" * 80) if s.strip()]
     assert len(samples) == 2
     assert all(s.startswith("Once upon a time") for s in samples)
@@ -78,11 +78,6 @@ def test_train_resume_and_sample_end_to_end(sample_data, tmp_path):
     if HAVE_GPT2:  # decodable text: GPT-2's 50,257 ids leave the lone bytes 0x80-0xff a small share, where the
         # tests' own stand-in vocabulary gives them a quarter of its ids, and 60 steps do not teach the model that
         assert "\ufffd" not in proc.stdout
-
-    # the checkpoint carries its tokenizer: sampling needs neither the data directory nor the ranks file
-    proc2 = run_script("sample.py", f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=30",
-                       "--device=cpu", "--start=Once upon a time", cwd=tmp_path)
-    assert proc2.stdout == proc.stdout  # same seed, same stories
 
 
 @pytest.mark.slow

@@ -224,8 +224,11 @@ def test_resume_refuses_other_switches_or_another_optimizer(sample_data, tmp_pat
     out = tmp_path / "o"
     fast = [*TINY, f"--data_dir={sample_data}", f"--out_dir={out}", "--eval_iters=2", "--eval_interval=2"]
     run_script("train.py", *fast, "--max_iters=2", "--optimizer=muon", "--norm=rmsnorm")
-    proc = run_script("train.py", *fast, "--max_iters=4", "--init_from=resume", "--optimizer=muon", check=False)
-    assert_user_error(proc, "model shape or recipe differs", "norm: rmsnorm there, layernorm here")
+    # a changed shape and a changed switch: one refusal names both
+    proc = run_script("train.py", *fast, "--max_iters=4", "--init_from=resume", "--optimizer=muon", "--n_layer=3",
+                      check=False)
+    assert_user_error(proc, "model shape or recipe differs", "n_layer: 2 there, 3 here",
+                      "norm: rmsnorm there, layernorm here")
     proc = run_script("train.py", *fast, "--max_iters=4", "--init_from=resume", "--norm=rmsnorm", check=False)
     assert_user_error(proc, "was trained with optimizer='muon', not 'adamw'", "--optimizer=muon")
     proc = run_script("train.py", *fast, "--max_iters=4", "--init_from=resume", "--norm=rmsnorm",
