@@ -15,7 +15,7 @@ parent's environment, and the parent's hash seed (the order of sets of strings).
 differs from the parent's in a variable that Python's start or PRELOAD's imports might read (any variable but
 those of LATE, which only the scripts and the libraries they import themselves read) runs in a fresh interpreter
 instead, as does a run asked for with fresh=True (tests that compare separate runs bit for bit use it for one of
-them), and every run when TESTS_FRESH_PYTHON=1 or on another system than Linux.
+them), and every run when TESTS_FRESH_PYTHON=1 or on another system than Linux (5.3 or later).
 """
 import io
 import locale
@@ -35,6 +35,19 @@ LATE = ("HF_", "WANDB_", "TRANSFORMERS_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "H
         "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy",
         "PYTEST_CURRENT_TEST",  # pytest's, during each test
         "TORCHINDUCTOR_CACHE_DIR")  # read when compiling; importing torch._dynamo sets it in the pytest process
+
+
+def has_pidfd():
+    """Whether this system has pidfd_open (Linux 5.3 and later), which the parent waits on its children with.
+    Elsewhere every run gets a fresh interpreter (on macOS, forking after importing torch is not safe anyway)."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
+HAS_PIDFD = has_pidfd()
 
 
 def send(fd, obj):
@@ -117,8 +130,8 @@ class WarmPython:
 
     def can_run(self, env):
         """Whether a run with the environment `env` may be forked from the parent (see the module's docstring)."""
-        if os.environ.get("TESTS_FRESH_PYTHON", "") not in ("", "0") or not hasattr(os, "pidfd_open"):
-            return False  # asked for, or not Linux (macOS: forking after importing torch is not safe there)
+        if os.environ.get("TESTS_FRESH_PYTHON", "") not in ("", "0") or not HAS_PIDFD:
+            return False
         changed = {k for k in env.keys() | self.base_env.keys() if env.get(k) != self.base_env.get(k)}
         return all(k.startswith(LATE) for k in changed)
 
