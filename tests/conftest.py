@@ -6,6 +6,9 @@ GPT2_RANKS is GPT-2's vocabulary (../shared/tokenizers/gpt2.tiktoken, or tiktoke
 be found offline, otherwise a small stand-in vocabulary in the same .tiktoken format learned from that corpus;
 the few tests that need GPT-2's own ids are marked `needs_gpt2` and skip with a reason saying how to provide it.
 Under CI=true a skipped test counts as a failure: CI provides everything, so every test must run there.
+
+run_script starts most scripts in a process forked from one that has imported torch already (warm_python.py),
+which saves the import in every run; TESTS_FRESH_PYTHON=1 starts a fresh interpreter for each instead.
 """
 import atexit
 import base64
@@ -20,6 +23,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from warm_python import WarmPython
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -164,12 +169,21 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped under CI=true, where every test must run: {reason}"
 
 
-def run_script(script, *args, cwd=ROOT, check=True, env=None):
-    """Run `python script args...` from the repository root, offline; return the CompletedProcess."""
-    full_env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-                **(env or {})}
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=600)
+SCRIPT_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # for every run_script
+WARM = WarmPython({**os.environ, **SCRIPT_ENV})  # this environment: before any test changes os.environ
+atexit.register(WARM.close)
+
+
+def run_script(script, *args, cwd=ROOT, check=True, env=None, fresh=False):
+    """Run `python script args...` from the repository root, offline; return the CompletedProcess.
+    The process is forked from one that has imported torch already (warm_python.py) unless `env` changes what
+    that one was started with, or `fresh`: then it is a fresh interpreter."""
+    full_env = {**os.environ, **SCRIPT_ENV, **(env or {})}
+    if not fresh and WARM.can_run(full_env):
+        proc = WARM.run(ROOT / script, args, cwd, full_env, timeout=600)
+    else:
+        proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=full_env,
+                              capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

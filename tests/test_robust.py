@@ -51,7 +51,9 @@ MODERN = ["--optimizer=muon", "--lr_schedule=wsd", "--pos_embedding=rope", "--no
 def test_stopped_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(sample_data, tmp_path):
     common = [*FAST, f"--data_dir={sample_data}", "--dropout=0.1", "--gradient_accumulation_steps=2",
               "--eval_interval=4", "--warmup_iters=3", "--lr_decay_iters=12", *MODERN]
-    run_script("train.py", *common, f"--out_dir={tmp_path}/a", "--max_iters=12")
+    # the uninterrupted run in a fresh interpreter, the others forked from the warm one (conftest.run_script):
+    # processes that differ as a user's do, down to the hash seed
+    run_script("train.py", *common, f"--out_dir={tmp_path}/a", "--max_iters=12", fresh=True)
     run_script("train.py", *common, f"--out_dir={tmp_path}/b", "--max_iters=7")  # stops between evaluations
     proc = run_script("train.py", *common, f"--out_dir={tmp_path}/b", "--max_iters=12", "--init_from=resume")
     assert "settings changed since the checkpoint: max_iters 7 -> 12" in proc.stdout
