@@ -17,6 +17,7 @@ those of LATE, which only the scripts and the libraries they import themselves r
 instead, as does a run asked for with fresh=True (tests that compare separate runs bit for bit use it for one of
 them), and every run when TESTS_FRESH_PYTHON=1 or on another system than Linux (5.3 or later).
 """
+import gc
 import io
 import locale
 import os
@@ -81,6 +82,10 @@ def serve():
     os.close(devnull)
     for name in PRELOAD:
         __import__(name)
+    # what the imports made lives as long as any child: out of the garbage collector's sight (gc.freeze, as its
+    # documentation advises before forking), no child's collections walk through it, nor copy its pages in doing
+    # so; that halves what a short run costs
+    gc.freeze()
     while (request := receive(requests)) is not None:
         pid = os.fork()
         if pid == 0:
