@@ -93,6 +93,11 @@ def timed(fn, dev, repeat, warm):
     return statistics.median(times)
 
 
+def ceiling_size(device_type):
+    """The side of the square matmul that measures the ceiling: matmul_size, else 4096 on GPUs and 2048 on CPUs."""
+    return matmul_size or (4096 if device_type == "cuda" else 2048)
+
+
 def bench_matmul(dev, n):
     """FLOP/s of an n x n matmul in float32 and bfloat16 (2 n^3 FLOPs each)."""
     out = {}
@@ -136,13 +141,15 @@ MODES = [("baseline", False, False, False, False, False), ("allocator", True, Fa
          ("train.py", True, True, True, True, False), ("compiled", True, True, True, True, True)]
 
 
-def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup, optimizer="adamw"):
+def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup, optimizer="adamw", ceiling_n=2048):
     """Time the training step of train.py in one mode of MODES, in this process (bench_train runs each mode in a
     fresh one, so the allocator setting and peak memory are the mode's own). Returns a dict with ms_per_step,
     tokens_per_s, flops_per_token, the dtype used, mfu (the median over the steps of each one's model FLOP/s over
-    the matmul FLOP/s timed just before it), ceiling_tflops (the median of those) and peak_memory_gb (CUDA: allocated tensors; else the
+    the matmul FLOP/s timed just before it), ceiling_tflops (the median of those) and peak_memory_gb (CUDA:
+    allocated tensors; else the
     process's peak resident memory, Linux ru_maxrss). `optimizer` (configure_optimizer's) is used by the modes with
-    the chunked head; the ones before it use AdamW."""
+    the chunked head; the ones before it use AdamW. ceiling_n: the side of the ceiling's matmul (this process does not
+    see the settings of bench.py's command line: bench_train passes ceiling_size's)."""
     import resource
     name, keep_memory, use_autocast, fused, chunked, use_compile = next(m for m in MODES if m[0] == mode)
     device_type = dev.split(":")[0]
@@ -172,7 +179,7 @@ def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup, optimizer="
 
     # MFU against the matmul ceiling timed just before each step: on a shared machine the ceiling itself moves by
     # 2x within seconds, so a ceiling measured minutes earlier would make the ratio a coin toss
-    n = matmul_size or (4096 if device_type == "cuda" else 2048)
+    n = ceiling_n
     a, b = (torch.randn(n, n, device=dev, dtype=DTYPES[step_dtype]) for _ in range(2))
     for _ in range(n_warmup):
         step()
@@ -201,7 +208,8 @@ def bench_train(dev, precision):
     for mode, *_ in MODES:
         if mode == "compiled" and not compile_mode or mode == "allocator" and not dev == "cpu":
             continue
-        call = json.dumps([mode, args, batch, dev, precision, steps, warmup, optimizer_of_config()])
+        call = json.dumps([mode, args, batch, dev, precision, steps, warmup, optimizer_of_config(),
+                           ceiling_size(dev.split(":")[0])])
         code = (f"import sys, json; sys.path.insert(0, {here!r}); import bench; "
                 f"print(json.dumps(bench.train_mode(*json.loads(sys.argv[1]))))")
         proc = subprocess.run([sys.executable, "-c", code, call], capture_output=True, text=True)
@@ -405,7 +413,7 @@ def main():
                "threads": torch.get_num_threads(), "config": config}
     print(f"{machine}; device {dev}, dtype {precision}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     if {"matmul", "train"} & parts:
-        n = matmul_size or (4096 if device_type == "cuda" else 2048)
+        n = ceiling_size(device_type)
         results["matmul"] = bench_matmul(dev, n)
         print(f"matmul {n}x{n}: float32 {results['matmul']['float32'] / 1e12:.3f} TFLOP/s, "
               f"bfloat16 {results['matmul']['bfloat16'] / 1e12:.3f} TFLOP/s")
