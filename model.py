@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import fused
 from chunked_loss import chunked_cross_entropy
 from errors import UserError
 
@@ -79,9 +80,14 @@ def make_norm(config, dim):
 
 class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm (same state dict), (..., dim) -> same shape, in the input's dtype: the gain is cast to it, so bfloat16
-    queries and keys under autocast take the fused path (a float32 gain warns "Mismatch dtype" and falls back)."""
+    queries and keys under autocast take the fused path (a float32 gain warns "Mismatch dtype" and falls back).
+    Training on a CPU goes through fused.rms_norm instead (the same result in float32, returned in the autocast
+    dtype for the next matmul, with a backward in fewer passes)."""
 
     def forward(self, x):
+        if x.device.type == "cpu" and torch.is_grad_enabled():
+            autocast = torch.is_autocast_enabled("cpu")
+            return fused.rms_norm(x, self.weight, self.eps, torch.get_autocast_dtype("cpu") if autocast else None)
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
@@ -162,12 +168,18 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))
-        # per-head norm and rotation on the contiguous (B, T, n_head, head_dim) layout: cheaper than on the transpose
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if hasattr(self, "q_norm") and rope is not None and q.device.type == "cpu" and torch.is_grad_enabled():
+            # training on a CPU: both steps below in one function, with its backward written out (fused.py)
+            q, k = (fused.norm_rope(t, norm.weight, rope[0][:, 0], rope[1][:, 0], norm.eps)
+                    for t, norm in ((q, self.q_norm), (k, self.k_norm)))
+            v = v.transpose(1, 2)
+        else:
+            # per-head norm and rotation on the contiguous (B, T, n_head, head_dim) layout: cheaper than on the transpose
+            if hasattr(self, "q_norm"):
+                q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # With a cache, one query row looks at every cached key: no mask is needed. A first pass over a
