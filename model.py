@@ -1,5 +1,6 @@
 """A GPT-2-style decoder-only transformer written on PyTorch primitives: the network, its KV cache for
-generation, and sampling. (Its loss in chunks is in chunked_loss.py, its optimizers in optim.py.)
+generation, and sampling. (Its loss in chunks is in chunked_loss.py, its optimizers in optim.py, and its norms
+for training on a CPU in fused.py.)
 
 Architecture (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"; the transformer of
 Vaswani et al. 2017 with LayerNorm moved before each sub-block):
@@ -168,8 +169,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))
-        if hasattr(self, "q_norm") and rope is not None and q.device.type == "cpu" and torch.is_grad_enabled():
-            # training on a CPU: both steps below in one function, with its backward written out (fused.py)
+        training_on_cpu = x.device.type == "cpu" and torch.is_grad_enabled() and cache is None
+        if hasattr(self, "q_norm") and rope is not None and training_on_cpu:
+            # both steps below in one function, with its backward written out (fused.py); out (B, n_head, T, head_dim)
             q, k = (fused.norm_rope(t, norm.weight, rope[0][:, 0], rope[1][:, 0], norm.eps)
                     for t, norm in ((q, self.q_norm), (k, self.k_norm)))
             v = v.transpose(1, 2)
