@@ -2,8 +2,9 @@
 element-wise layers on a CPU, where PyTorch runs them as many small passes over memory (its CPU `rms_norm` and
 its backward are composites of pow, mean, rsqrt and mul, and autograd saves a tensor at each step).
 
-Each function below computes exactly what model.py's reference path computes (F.rms_norm, then apply_rope), in
-float32 (float64 for float64 input), and its gradients by the formulas given, in fewer passes. model.py uses them
+Each function below computes what model.py's reference path computes (F.rms_norm, then apply_rope), rounding
+aside, in float32 (float64 for float64 input), and its gradients by the formulas given, in fewer passes. Neither
+raises errors of its own: inputs of the wrong shape fail inside torch's operations. model.py uses them
 for training on a CPU; tests/test_fused.py checks them against the reference path and with gradcheck.
 Measured: docs/speed-results.md.
 """
@@ -59,9 +60,9 @@ def rotate_half(x):
 
 
 class NormRopeFunction(torch.autograd.Function):
-    """Per-head RMSNorm with gain w, then rotary positions in model.apply_rope's layout (channel i paired with
-    i + D/2), written as one function: with y = x r w (r as in RMSNormFunction) and cos/sin tables widened to D,
-    c = (cos, cos) and s = (-sin, sin),
+    """Per-head RMSNorm with gain w, then rotary positions (Su et al. 2021) in model.apply_rope's layout
+    (channel i paired with i + D/2), written as one function: with y = x r w (r as in RMSNormFunction) and the
+    cos/sin tables widened to D, c = (cos, cos) and s = (-sin, sin),
         out = y c + rotate_half(y) s,
     and backward, with g = dL/dout, the inverse rotation gy = g c - rotate_half(g) s, then RMSNorm's backward.
     x (B, T, n_head, D) in any float dtype (a strided view is fine), w (D,), cos and sin (T, D/2) -> out
@@ -76,6 +77,7 @@ class NormRopeFunction(torch.autograd.Function):
         xs.mul_(r)  # x r, kept for backward
         w = weight.to(ct)
         c, s = torch.cat([cos, cos], dim=-1).to(ct), torch.cat([-sin, sin], dim=-1).to(ct)  # (T, D)
+        # the gain folded into the (T, D) tables: rotate_half(xs w) = rotate_half(xs) rotate_half(w)
         out = torch.mul(xs, w * c).addcmul_(rotate_half(xs), rotate_half(w) * s)
         ctx.save_for_backward(xs, r, w, c, s)
         ctx.in_dtype, ctx.w_dtype = x.dtype, weight.dtype

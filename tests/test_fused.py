@@ -1,7 +1,6 @@
 """fused.py: RMSNorm and RMSNorm + rotary with hand-written backward passes. Checked with gradcheck (float64, finite
 differences) and against model.py's reference path (F.rms_norm, apply_rope) in float32, and in the model: training
 on a CPU goes through them and gives the loss and gradients of the reference path."""
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -72,7 +71,7 @@ def test_training_on_a_cpu_uses_them_and_matches_the_reference_path(monkeypatch)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**MODERN))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:  # gains away from 1, so that a wrong gain gradient shows
                 p.add_(0.3 * torch.randn_like(p))
     idx = torch.randint(0, 96, (2, 3, 16), generator=torch.Generator().manual_seed(0))
