@@ -19,6 +19,7 @@ def compute_dtype(x):
 
 def inverse_rms(x, eps):
     """r = 1 / sqrt(mean(x^2) + eps) over the last dim of x (..., C) -> (..., 1), in compute_dtype(x)."""
+    # the norm reads x once, in any dtype and layout, summing in the compute dtype; squaring it back is (..., 1) work
     ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=compute_dtype(x))
     return ss.square_().div_(x.size(-1)).add_(eps).rsqrt_()
 
@@ -36,20 +37,21 @@ class RMSNormFunction(torch.autograd.Function):
         return y.to(out_dtype)
 
     @staticmethod
+    @torch.autocast("cpu", enabled=False)  # under autocast, backward()'s matmul and vecdot would run in bfloat16
     def backward(ctx, g):
         x, r, weight = ctx.saved_tensors
-        C = x.size(-1)
-        gw = torch.mul(g, weight.to(r.dtype))  # dL/d(x r), in the compute dtype
-        dot = torch.linalg.vecdot(gw, x.to(r.dtype)).unsqueeze(-1)
-        grad_x = gw.mul_(r).addcmul_(x, dot.mul_(r.pow(3)), value=-1 / C)
-        grad_w = (r.reshape(1, -1) @ torch.mul(g, x).to(r.dtype).reshape(-1, C)).reshape(C)
+        C, xc = x.size(-1), x.to(r.dtype)  # xc: x itself for float32 x, so every product below is in float32
+        gw = torch.mul(g, weight.to(r.dtype))  # dL/d(x r)
+        dot = torch.linalg.vecdot(gw, xc).unsqueeze(-1)
+        grad_x = gw.mul_(r).addcmul_(xc, dot.mul_(r.pow(3)), value=-1 / C)
+        grad_w = (r.reshape(1, -1) @ torch.mul(g, xc).reshape(-1, C)).reshape(C)
         return grad_x.to(x.dtype), grad_w.to(weight.dtype), None, None
 
 
 def rms_norm(x, weight, eps, out_dtype=None):
     """RMSNorm of x (..., C) with gain weight (C,) -> (..., C) in out_dtype (default x's dtype): F.rms_norm's result,
-    computed in float32, with the backward of RMSNormFunction. out_dtype=bfloat16 under autocast saves the cast
-    that the next matmul would make."""
+    computed in float32 (float64 for float64 x), with the backward of RMSNormFunction. out_dtype=bfloat16 under
+    autocast saves the cast that the next matmul would make."""
     return RMSNormFunction.apply(x, weight, eps, out_dtype or x.dtype)
 
 
@@ -66,7 +68,8 @@ class NormRopeFunction(torch.autograd.Function):
         out = y c + rotate_half(y) s,
     and backward, with g = dL/dout, the inverse rotation gy = g c - rotate_half(g) s, then RMSNorm's backward.
     x (B, T, n_head, D) in any float dtype (a strided view is fine), w (D,), cos and sin (T, D/2) -> out
-    (B, n_head, T, D) contiguous, in compute_dtype(x): transposed for attention, which wants that layout."""
+    (B, n_head, T, D) contiguous, in compute_dtype(x): transposed for attention, which wants that layout. cos and
+    sin are constants (no gradient)."""
 
     @staticmethod
     def forward(ctx, x, weight, cos, sin, eps):
@@ -84,6 +87,7 @@ class NormRopeFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autocast("cpu", enabled=False)  # under autocast, backward()'s matmul and vecdot would run in bfloat16
     def backward(ctx, g):
         xs, r, w, c, s = ctx.saved_tensors
         D = xs.size(-1)
@@ -97,5 +101,6 @@ class NormRopeFunction(torch.autograd.Function):
 
 def norm_rope(x, weight, cos, sin, eps):
     """rotary(RMSNorm(x) * weight) of queries or keys x (B, T, n_head, D) at positions with angles cos, sin (T, D/2)
-    -> (B, n_head, T, D) in float32 (see NormRopeFunction): model.py's q_norm then apply_rope, transposed."""
+    -> (B, n_head, T, D) in float32, float64 for float64 x (see NormRopeFunction): model.py's q_norm then
+    apply_rope, transposed."""
     return NormRopeFunction.apply(x, weight, cos, sin, eps)

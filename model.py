@@ -86,10 +86,15 @@ class RMSNorm(nn.RMSNorm):
     dtype for the next matmul, with a backward in fewer passes)."""
 
     def forward(self, x):
-        if x.device.type == "cpu" and torch.is_grad_enabled():
-            autocast = torch.is_autocast_enabled("cpu")
-            return fused.rms_norm(x, self.weight, self.eps, torch.get_autocast_dtype("cpu") if autocast else None)
+        if training_on_cpu(x):
+            cast = torch.is_autocast_enabled("cpu") and x.dtype == torch.float32  # what autocast casts
+            return fused.rms_norm(x, self.weight, self.eps, torch.get_autocast_dtype("cpu") if cast else None)
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
+def training_on_cpu(x):
+    """True when x is on a CPU with gradients on: then the norms and rotary go through fused.py."""
+    return x.device.type == "cpu" and torch.is_grad_enabled()
 
 
 def rope_tables(head_dim, n_positions, theta=ROPE_THETA):
@@ -169,14 +174,15 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))
-        training_on_cpu = x.device.type == "cpu" and torch.is_grad_enabled() and cache is None
-        if hasattr(self, "q_norm") and rope is not None and training_on_cpu:
+        if hasattr(self, "q_norm") and rope is not None and training_on_cpu(x) and cache is None:
             # both steps below in one function, with its backward written out (fused.py); out (B, n_head, T, head_dim)
+            # in float32. rope's tables lose their head axis: (T, 1, head_dim // 2) -> (T, head_dim // 2)
             q, k = (fused.norm_rope(t, norm.weight, rope[0][:, 0], rope[1][:, 0], norm.eps)
                     for t, norm in ((q, self.q_norm), (k, self.k_norm)))
             v = v.transpose(1, 2)
         else:
-            # per-head norm and rotation on the contiguous (B, T, n_head, head_dim) layout: cheaper than on the transpose
+            # per-head norm and rotation on the contiguous (B, T, n_head, head_dim) layout: cheaper than on the
+            # transpose
             if hasattr(self, "q_norm"):
                 q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:
@@ -195,7 +201,8 @@ class CausalSelfAttention(nn.Module):
 
 def attention(q, k, v, causal, dropout_p):
     """softmax(q k^T / sqrt(head_dim), masked if causal) v, with dropout_p dropout on the attention weights,
-    q (B, n_head, T, head_dim), k, v (B, n_head, T', head_dim) -> like q (causal needs T' = T).
+    q (B, n_head, T, head_dim), k, v (B, n_head, T', head_dim) -> like q (causal needs T' = T), in v's dtype: the
+    autocast dtype, also when fused.norm_rope made q and k float32.
     F.scaled_dot_product_attention does it, except on a CPU: there it runs in float32 outside autocast (PyTorch's
     CPU kernel is 2-3x slower in bfloat16), and with dropout it is written out here so that the weights' mask
     comes from `dropout` (PyTorch takes its unfused path then anyway). Measured: docs/speed-results.md."""
@@ -204,7 +211,7 @@ def attention(q, k, v, causal, dropout_p):
     with torch.autocast("cpu", enabled=False):
         qf, kf, vf = q.float(), k.float(), v.float()
         if dropout_p == 0:
-            return F.scaled_dot_product_attention(qf, kf, vf, is_causal=causal).to(q.dtype)
+            return F.scaled_dot_product_attention(qf, kf, vf, is_causal=causal).to(v.dtype)
         *batch, T, D = qf.shape
         # the causal mask as -inf above the diagonal, added by the same call that scales q k^T (one pass, not three)
         mask = torch.zeros(T, kf.size(-2), device=q.device)
@@ -212,7 +219,7 @@ def attention(q, k, v, causal, dropout_p):
             mask = mask.masked_fill(torch.ones_like(mask, dtype=torch.bool).triu(1), float("-inf"))
         att = torch.baddbmm(mask, qf.reshape(-1, T, D), kf.reshape(-1, kf.size(-2), D).mT, alpha=1.0 / math.sqrt(D))
         y = dropout(att.softmax(dim=-1), dropout_p) @ vf.reshape(-1, vf.size(-2), D)
-        return y.view(*batch, T, D).to(q.dtype)
+        return y.view(*batch, T, D).to(v.dtype)
 
 
 def dropout(x, p, training=True):
