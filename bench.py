@@ -146,10 +146,9 @@ def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup, optimizer="
     fresh one, so the allocator setting and peak memory are the mode's own). Returns a dict with ms_per_step,
     tokens_per_s, flops_per_token, the dtype used, mfu (the median over the steps of each one's model FLOP/s over
     the matmul FLOP/s timed just before it), ceiling_tflops (the median of those) and peak_memory_gb (CUDA:
-    allocated tensors; else the
-    process's peak resident memory, Linux ru_maxrss). `optimizer` (configure_optimizer's) is used by the modes with
-    the chunked head; the ones before it use AdamW. ceiling_n: the side of the ceiling's matmul (this process does not
-    see the settings of bench.py's command line: bench_train passes ceiling_size's)."""
+    allocated tensors; else the process's peak resident memory, Linux ru_maxrss). `optimizer` (configure_optimizer's)
+    is used by the modes with the chunked head; the ones before it use AdamW. ceiling_n: the side of the ceiling's
+    matmul (this process does not see the settings of bench.py's command line: bench_train passes ceiling_size's)."""
     import resource
     name, keep_memory, use_autocast, fused, chunked, use_compile = next(m for m in MODES if m[0] == mode)
     device_type = dev.split(":")[0]

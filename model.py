@@ -79,9 +79,15 @@ def make_norm(config, dim):
     return nn.LayerNorm(dim, eps=NORM_EPS, bias=config.bias)
 
 
+def training_on_cpu(x):
+    """True when x is on a CPU with gradients on: then the norms and rotary go through fused.py."""
+    return x.device.type == "cpu" and torch.is_grad_enabled()
+
+
 class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm (same state dict), (..., dim) -> same shape, in the input's dtype: the gain is cast to it, so bfloat16
-    queries and keys under autocast take the fused path (a float32 gain warns "Mismatch dtype" and falls back).
+    queries and keys under autocast take PyTorch's fused kernel (a float32 gain warns "Mismatch dtype" and falls
+    back).
     Training on a CPU goes through fused.rms_norm instead (the same result in float32, returned in the autocast
     dtype for the next matmul, with a backward in fewer passes)."""
 
@@ -90,11 +96,6 @@ class RMSNorm(nn.RMSNorm):
             cast = torch.is_autocast_enabled("cpu") and x.dtype == torch.float32  # what autocast casts
             return fused.rms_norm(x, self.weight, self.eps, torch.get_autocast_dtype("cpu") if cast else None)
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
-
-
-def training_on_cpu(x):
-    """True when x is on a CPU with gradients on: then the norms and rotary go through fused.py."""
-    return x.device.type == "cpu" and torch.is_grad_enabled()
 
 
 def rope_tables(head_dim, n_positions, theta=ROPE_THETA):
