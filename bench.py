@@ -11,12 +11,14 @@
    the training step of train.py (forward, backward, clipping, AdamW), median of `steps` timed steps after
    `warmup` steps, in the modes of MODES, each adding one change to the one before: baseline (float32, eager,
    plain AdamW, default allocator), allocator (CPU: keep_freed_memory), autocast (mixed precision in `dtype`),
-   fused (fused AdamW), train.py (the head and cross-entropy in chunks, chunked_loss.ChunkedHeadLoss, and the
-   config's optimizer, e.g. Muon: exactly what train.py runs by default) and compiled (train.py + torch.compile).
+   fused (fused AdamW), train.py (fast.speed_up: the head and cross-entropy in chunks and, on a CPU, the fused
+   norms, attention and dropout; and the config's optimizer, e.g. Muon: exactly what train.py runs by default)
+   and compiled (train.py + torch.compile).
    Each mode runs in a fresh process, which also gives its peak memory.
    With --nanogpt_dir (a local checkout of github.com/karpathy/nanoGPT, not part of this project) and a CPU
    device, nanoGPT's own train.py runs too, in a subprocess on random tokens with the same shape and batch
-   (float32, eager: what it does on a CPU), for its tokens/s and peak resident memory. FLOPs per token = 6 N + 12 n_layer n_embd block_size, with N the
+   (float32, eager: what it does on a CPU), for its tokens/s and peak resident memory.
+   FLOPs per token = 6 N + 12 n_layer n_embd block_size, with N the
    non-embedding parameters plus the LM head (Kaplan et al. 2020, with the attention term of Chowdhery et al.
    2022, app. B).
 3. sample: new tokens/s for 200 new tokens at batch 1 and batch 8, with the KV cache and with full re-forward;
@@ -47,9 +49,10 @@ from configurator import DTYPES, UserError, autocast, configure, resolve_device,
 from checkpoint import quantize_int8
 from files import write_text_atomic
 from model import GPT, RECIPE, GPTConfig, padded_vocab_size
-from optim import clip_and_step, configure_optimizer
+from fast import speed_up
+from optim import configure_optimizer
+from plumbing import keep_freed_memory
 from tokenizer import load_tokenizer
-from train import keep_freed_memory
 
 # -----------------------------------------------------------------------------
 only = "matmul,train,sample,prepare"    # which parts to run
@@ -133,8 +136,8 @@ def recipe(args):
 
 
 # The training step, one optimisation added at a time:
-# (name, keep freed memory, autocast, fused AdamW, chunked head + cross-entropy, compile).
-# "baseline" is the reference loop (float32, eager, plain AdamW, full logits); "train.py" is what train.py does
+# (name, keep freed memory, autocast, fused AdamW, fast.speed_up, compile).
+# "baseline" is the reference loop (model.py's GPT in float32, eager, plain AdamW); "train.py" is what train.py does
 # by default (with the config's optimizer).
 MODES = [("baseline", False, False, False, False, False), ("allocator", True, False, False, False, False),
          ("autocast", True, True, False, False, False), ("fused", True, True, True, False, False),
@@ -147,10 +150,10 @@ def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup, optimizer="
     tokens_per_s, flops_per_token, the dtype used, mfu (the median over the steps of each one's model FLOP/s over
     the matmul FLOP/s timed just before it), ceiling_tflops (the median of those) and peak_memory_gb (CUDA:
     allocated tensors; else the process's peak resident memory, Linux ru_maxrss). `optimizer` (configure_optimizer's)
-    is used by the modes with the chunked head; the ones before it use AdamW. ceiling_n: the side of the ceiling's
+    is used by the modes with the fast path; the ones before it use AdamW. ceiling_n: the side of the ceiling's
     matmul (this process does not see the settings of bench.py's command line: bench_train passes ceiling_size's)."""
     import resource
-    name, keep_memory, use_autocast, fused, chunked, use_compile = next(m for m in MODES if m[0] == mode)
+    name, keep_memory, use_autocast, fused, fast, use_compile = next(m for m in MODES if m[0] == mode)
     device_type = dev.split(":")[0]
     if keep_memory and device_type == "cpu":
         keep_freed_memory()
@@ -159,11 +162,13 @@ def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup, optimizer="
     model = GPT(cfg).to(dev)
     n_params = model.num_params(non_embedding=True) + model.lm_head.weight.numel()
     if fused:
-        opt = configure_optimizer(model, 0.1, 1e-4, (0.9, 0.95), device_type, optimizer if chunked else "adamw")
+        opt = configure_optimizer(model, 0.1, 1e-4, (0.9, 0.95), device_type, optimizer if fast else "adamw")
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False, fused=False)
     step_dtype = precision if use_autocast else "float32"
     ctx = autocast(device_type, step_dtype)
+    if fast:
+        model = speed_up(model)
     fwd = torch.compile(model) if use_compile else model
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
     y = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
@@ -172,9 +177,13 @@ def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup, optimizer="
 
     def step():  # the optimizer step of train.py with one micro-step
         with ctx:
-            _, loss = fwd(x, y, full_logits=not chunked)
-        loss.backward()
-        clip_and_step(model, opt, scaler, grad_clip=1.0)
+            _, loss = fwd(x, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
 
     # MFU against the matmul ceiling timed just before each step: on a shared machine the ceiling itself moves by
     # 2x within seconds, so a ceiling measured minutes earlier would make the ratio a coin toss
@@ -430,7 +439,8 @@ def main():
                       + (f"  memory {m['memory_over_nanogpt']:.2f}x nanoGPT" if "nanogpt" in r else ""))
         if "nanogpt" in r:
             m = r["nanogpt"]
-            print(f"  nanoGPT train.py, float32 eager: {m['tokens_per_s']:,.0f} tokens/s, peak {m['peak_memory_gb']:.2f} GB "
+            print(f"  nanoGPT train.py, float32 eager: {m['tokens_per_s']:,.0f} tokens/s, "
+                  f"peak {m['peak_memory_gb']:.2f} GB "
                   f"({nanogpt_dir}/train.py {m['command'].split(' ', 1)[1]})")
     if "sample" in parts:
         r = results["sample"] = bench_sample(dev, device_type, precision)

@@ -1,9 +1,10 @@
-"""Checkpoints: reading train.py's checkpoint files back, checked, and rebuilding a model from one for inference
-(sample.py, eval.py, serve.py, export.py), optionally quantized to int8 for the CPU.
+"""Checkpoints: writing them (save_checkpoint, for train.py), reading them back checked, and rebuilding a model
+from one for inference (sample.py, eval.py, serve.py, export.py), optionally quantized to int8 for the CPU.
 
 A checkpoint is a dict saved with files.save_torch: "model" (state dict), "model_args" (GPTConfig fields),
 "tokenizer" (the Tokenizer spec, so a checkpoint decodes without its data directory), "config" (the training
-settings), "iter_num" and, in ckpt.pt only, the optimizer, loss-scaler and random-generator states for resuming.
+settings), "instruct" (trained on instructed data), "iter_num" and, in best_model_params.pt, "val_loss"; in ckpt.pt
+also "optimizer", "scaler", "best_val_loss", "rng" (the random generators) and "elapsed_s" for resuming.
 """
 
 import copy
@@ -15,9 +16,22 @@ import torch.nn as nn
 
 from configurator import available_memory
 from errors import UserError
-from files import load_torch
+from files import load_torch, save_torch
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer, check_spec
+
+
+def save_checkpoint(path, model, model_args, tokenizer_spec, config, instruct, iter_num, **extra):
+    """Write a checkpoint (the dict of this module's docstring) to `path` through files.save_torch: whole or not at
+    all. model: the GPT whose state dict is saved; extra: val_loss, or the resume state of ckpt.pt.
+    Raises UserError when the file cannot be written (e.g. a full disk): the previous file is intact."""
+    state = {"model": model.state_dict(), "model_args": model_args, "tokenizer": tokenizer_spec, "config": config,
+             "instruct": instruct, "iter_num": iter_num, **extra}
+    try:
+        save_torch(state, path)
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e}; the previous {os.path.basename(path)} is "
+                        f"intact: free some space, then continue with --init_from=resume") from None
 
 
 def load_checkpoint(path, device="cpu"):

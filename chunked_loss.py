@@ -2,8 +2,8 @@
 F.cross_entropy on the logits, without the (tokens x vocab_size) logits ever in memory at once.
 
 With GPT-2's 50,304-row vocabulary the logits of a 32 x 256-token batch are 1.6 GB in float32, and as much again
-for their gradient: more than the rest of a 15M-parameter model's training step. model.py calls
-chunked_cross_entropy in one line; tests/test_memory.py checks it against the plain path.
+for their gradient: more than the rest of a 15M-parameter model's training step. fast.FastGPT calls
+chunked_cross_entropy in one line; tests/test_memory.py checks it against model.py's plain loss.
 """
 
 import torch
@@ -12,7 +12,7 @@ import torch
 HEAD_CHUNK_BYTES = 2 ** 28  # at most this many bytes of logits (in the matmul dtype) per chunk: 256 MiB
 # The log-softmax and softmax of a chunk's logits run a block of positions at a time, each block at most this many
 # logits (2 MiB of float32), so that its float32 values stay in the CPU's cache between the element-wise steps
-# instead of going to memory and back at each one (measured: docs/speed-results.md).
+# instead of going to memory and back at each one (measured: dev/speed-log.md).
 HEAD_BLOCK_LOGITS = 2 ** 19
 
 
@@ -54,7 +54,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
         valid = targets != -1
         counts = valid.to(acc) if loss_weights is None else torch.where(valid, loss_weights.to(acc), 0.0)
         total = counts.sum()
-        scale = counts / torch.where(total > 0, total, 1.0)  # d(loss)/d(nll of each position)
+        scale = counts / total  # d(loss)/d(nll of each position), as the plain path's (whatever the weights' sum)
         nll = torch.empty(x.size(0), dtype=acc, device=x.device)
         ctx.grads = None
         if need_grad:

@@ -1,12 +1,15 @@
 """Command-line configuration shared by every script in this repository.
 
-Each script assigns its defaults as plain top-level variables, then calls `configure(globals())`:
+Each script assigns its settings as plain top-level variables in one block between two lines of dashes (its
+settings block), then calls `configure(globals())`. Those names, and no others, are its settings: the script's
+constants, imported names and functions are never settings.
 
     python train.py config/tinystories_15m.py --batch_size=16 --device=cpu
 
 - A positional argument is a Python config file. It is executed, and its top-level names override the
   script's defaults. Config files are ordinary Python and run with your permissions: only use ones you trust.
-- `--key=value` overrides one value; a bare `--key` turns an on/off (bool) setting on. The value is parsed as a Python literal (`3`, `1e-3`, `True`, `'x'`),
+- `--key=value` overrides one value; a bare `--key` turns an on/off (bool) setting on. The value is parsed as a
+  Python literal (`3`, `1e-3`, `True`, `'x'`),
   and if that fails it is taken as a plain string (`--device=cpu`).
 - Every value must have the type of its default; an int is accepted where a float is expected.
 - `--help` lists every key with its default.
@@ -74,10 +77,29 @@ def _stdout_closed():
         return True
 
 
+SETTINGS_RULE = "# " + "-" * 20  # a settings block starts and ends with a comment line that begins so
+
+
+def settings_block(path):
+    """The names a script's settings block assigns, in order: the top-level assignments between the first two
+    comment lines of dashes (SETTINGS_RULE) of the source file at `path`. Raises RuntimeError (a bug in the
+    script, not the user's mistake) when the file has no such block."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    rules = [n for n, line in enumerate(source.splitlines(), 1) if line.startswith(SETTINGS_RULE)][:2]
+    if len(rules) < 2:
+        raise RuntimeError(f"{path} has no settings block (two lines starting with {SETTINGS_RULE!r})")
+    return [node.targets[0].id for node in ast.parse(source).body
+            if isinstance(node, ast.Assign) and rules[0] < node.lineno < rules[1]
+            and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)]
+
+
 def _configurable(defaults):
-    """The names in a script's globals that are settings: public ints, floats, bools and strings."""
-    return {k: v for k, v in defaults.items()
-            if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+    """A script's settings and their defaults: the names of its settings block (a script's globals, which hold
+    `__file__`), or every entry of a plain dict of settings."""
+    if "__file__" not in defaults:
+        return dict(defaults)
+    return {k: defaults[k] for k in settings_block(defaults["__file__"])}
 
 
 def _check_type(key, value, default, where):
@@ -120,7 +142,8 @@ def configure(defaults, argv=None, doc=None):
     """Override a script's default settings from config files and `--key=value` flags.
 
     Args:
-        defaults: the script's `globals()`; the settings in it are updated in place.
+        defaults: the script's `globals()`, whose settings are the names of its settings block (settings_block),
+            updated in place; or a plain dict whose entries are all settings.
         argv: the arguments, `sys.argv[1:]` when None.
         doc: text printed above the key list for `--help` (the script's docstring).
     Returns:

@@ -57,7 +57,7 @@ from configurator import UserError, autocast, check_values, configure, resolve_d
 from files import write_text_atomic
 from instruct import CHECKABLE, header, load_instructions, score, summarize, words
 from judge import CRITERIA, judge_samples
-from model import check_sampling, continuations
+from model import SAMPLING_DEFAULTS, check_sampling
 from prepare import read_meta, text_documents as prepared_documents
 from tokenizer import bits_per_byte, tokenizer_from_meta
 
@@ -75,10 +75,10 @@ batch_size = 8                          # windows per forward pass
 max_tokens = 0                          # score only the first max_tokens tokens of the stream (0: all)
 # stories
 num_samples = 20                        # 0 skips the story metrics (and the judge)
-max_new_tokens = 256                    # tokens per story at most
-temperature = 0.8                       # < 1 sharper, > 1 more random, 0 greedy
-top_k = 0                               # sample among the k most likely tokens (0: all)
-top_p = 0.95                            # nucleus sampling (1.0: all)
+max_new_tokens = SAMPLING_DEFAULTS["max_new_tokens"]  # tokens per story at most
+temperature = SAMPLING_DEFAULTS["temperature"]  # < 1 sharper, > 1 more random, 0 greedy
+top_k = SAMPLING_DEFAULTS["top_k"]  # sample among the k most likely tokens (0: all)
+top_p = SAMPLING_DEFAULTS["top_p"]  # nucleus sampling (1.0: all)
 seed = 1337
 instruct = ""                           # JSON file of instructions (archive layout): one story per row, scored
 vocab_tokens = 5_000_000                # train.bin tokens decoded for the word list (0: all)
@@ -310,6 +310,13 @@ def train_vocabulary(path, meta, limit, pieces=16, step=1 << 20):
             read += int((ends - begins + 1).sum())
             pos += last + 1
     return vocab, read
+
+
+def continuations(out, prompt_len, eos_token):
+    """The new tokens of each row of GPT.generate's output `out` (B, prompt_len + n) int64, cut before the first
+    eos_token: a list of B (ids, ended), ids a list of int without eos_token, ended True if the row produced it."""
+    rows = [row[prompt_len:] for row in out.tolist()]
+    return [(new[:new.index(eos_token)], True) if eos_token in new else (new, False) for new in rows]
 
 
 def generate_samples(model, tok, prompts, n, max_new_tokens, temperature, top_k, top_p, seed, device, ctx=None):

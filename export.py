@@ -44,7 +44,7 @@ import torch
 
 from checkpoint import load_model
 from configurator import UserError, configure, run
-from model import NORM_EPS, ROPE_THETA, GPTConfig, swiglu_hidden
+from model import NORM_EPS, ROPE_THETA, SAMPLING_DEFAULTS, GPTConfig, swiglu_hidden
 from tokenizer import EOT, parse_ranks
 
 # -----------------------------------------------------------------------------
@@ -169,13 +169,13 @@ def gpt2_config(model_args, eot):
 
 
 def generation_config(eot, tokenizer_vocab, vocab_size):
-    """generation_config.json: sample.py's defaults (temperature 0.8, top_p 0.95, no top-k cut), stop at
+    """generation_config.json: sample.py's defaults (model.SAMPLING_DEFAULTS; top_k 0: no cut), stop at
     <|endoftext|> (id `eot`, also the padding id for batches), and never the padding ids
     tokenizer_vocab..vocab_size-1, which the tokenizer cannot decode.
     No max_length: transformers then adds 20 tokens unless given max_new_tokens, and caps that default at
     n_positions (a max_length here would make every call with max_new_tokens log a warning)."""
     cfg = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "do_sample": True,
-           "temperature": 0.8, "top_p": 0.95, "top_k": 0}
+           **{k: SAMPLING_DEFAULTS[k] for k in ("temperature", "top_p", "top_k")}}
     if tokenizer_vocab < vocab_size:
         cfg["suppress_tokens"] = list(range(tokenizer_vocab, vocab_size))
     return cfg

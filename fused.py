@@ -4,9 +4,9 @@ its backward are composites of pow, mean, rsqrt and mul, and autograd saves a te
 
 Each function below computes what model.py's reference path computes (F.rms_norm, then apply_rope), rounding
 aside, in float32 (float64 for float64 input), and its gradients by the formulas given, in fewer passes. Neither
-raises errors of its own: inputs of the wrong shape fail inside torch's operations. model.py uses them
-for training on a CPU; tests/test_fused.py checks them against the reference path and with gradcheck.
-Measured: docs/speed-results.md.
+raises errors of its own: inputs of the wrong shape fail inside torch's operations. fast.py uses them
+for training on a CPU; tests/test_fast.py checks them against the reference path and with gradcheck.
+Measured: dev/speed-log.md.
 """
 
 import torch

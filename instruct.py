@@ -14,8 +14,8 @@ after a header of those fields, in the spirit of the paper's TinyStories-Instruc
 
 A line whose field is empty is left out, so a story without instructions is "Story:" and the story. The header
 ends with a newline, so the story's first word is tokenized as it is inside any story (a space before it would be
-a token of its own here and nowhere else). sample.py, serve.py and eval.py --instruct build their prompts with
-the same `header` function, so a prompt is byte for byte what the model was trained on.
+a token of its own here and nowhere else). sample.py and serve.py build their prompts with `instructed_prompt`,
+eval.py --instruct with `header` itself, so a prompt is byte for byte what the model was trained on.
 
 Kept free of torch and `datasets` (numpy only): sample.py and serve.py import it without prepare.py's
 dependencies.
@@ -24,6 +24,8 @@ dependencies.
 import re
 
 import numpy as np
+
+from errors import UserError
 
 STORY = "Story:\n"  # the last line of every header: the story starts after it
 
@@ -83,6 +85,33 @@ def header(words=None, features=None, summary=None):
 def split_list(text):
     """A command-line list ("dog, ball,happy") as a list of stripped, non-empty str."""
     return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def instructed_prompt(prompt, words="", features="", summary=""):
+    """A prompt as sample.py --words/--features/--summary and serve.py's page fields ask for it: `header` of the
+    fields, then the prompt; the prompt unchanged when every field is blank ("", whitespace only, None or []).
+
+    Args:
+        prompt: str, the story's opening (may be "").
+        words, features: the items as comma-separated text ("dog, ball,happy", split by split_list) or a list
+            of str; summary: str or None.
+    Returns:
+        str: header(...) + prompt, the bytes prepare.py --instruct trains on; or `prompt` itself.
+    Raises:
+        UserError: "bad instruction: ..." for a field that header refuses (not text, a list item with a comma).
+    """
+    if all(_blank(v) for v in (words, features, summary)):
+        return prompt
+    words, features = (split_list(v) if isinstance(v, str) else v for v in (words, features))
+    try:
+        return header(words, features, summary or None) + prompt
+    except ValueError as e:
+        raise UserError(f"bad instruction: {e}") from None
+
+
+def _blank(value):
+    """Whether an instructed_prompt field is not given: None, an empty list or text of whitespace only."""
+    return value is None or (not value.strip() if isinstance(value, str) else value in ([], ()))
 
 
 def document(row, story_column="story"):

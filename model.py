@@ -1,6 +1,6 @@
 """A GPT-2-style decoder-only transformer written on PyTorch primitives: the network, its KV cache for
-generation, and sampling. (Its loss in chunks is in chunked_loss.py, its optimizers in optim.py, and its norms
-for training on a CPU in fused.py.)
+generation, and sampling. This is the reference: the math and nothing else. fast.py turns it into a model with the
+same weights that trains faster or in less memory (train.py calls it in one line); optim.py holds the optimizers.
 
 Architecture (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"; the transformer of
 Vaswani et al. 2017 with LayerNorm moved before each sub-block):
@@ -20,8 +20,6 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-import fused
-from chunked_loss import chunked_cross_entropy
 from errors import UserError
 
 
@@ -79,22 +77,12 @@ def make_norm(config, dim):
     return nn.LayerNorm(dim, eps=NORM_EPS, bias=config.bias)
 
 
-def training_on_cpu(x):
-    """True when x is on a CPU with gradients on: then the norms and rotary go through fused.py."""
-    return x.device.type == "cpu" and torch.is_grad_enabled()
-
-
 class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm (same state dict), (..., dim) -> same shape, in the input's dtype: the gain is cast to it, so bfloat16
     queries and keys under autocast take PyTorch's fused kernel (a float32 gain warns "Mismatch dtype" and falls
-    back).
-    Training on a CPU goes through fused.rms_norm instead (the same result in float32, returned in the autocast
-    dtype for the next matmul, with a backward in fewer passes)."""
+    back)."""
 
     def forward(self, x):
-        if training_on_cpu(x):
-            cast = torch.is_autocast_enabled("cpu") and x.dtype == torch.float32  # what autocast casts
-            return fused.rms_norm(x, self.weight, self.eps, torch.get_autocast_dtype("cpu") if cast else None)
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
@@ -110,8 +98,7 @@ def apply_rope(x, cos, sin):
     """Rotate queries or keys x (B, T, n_head, head_dim) by the angles of their positions, cos and sin
     (T, 1, head_dim // 2). Channel i is paired with channel i + head_dim/2 (the "rotate half" layout of Llama and
     Hugging Face transformers, so an exported model needs no permutation). The dot product of a rotated query
-    and key then depends on their distance only, not on their absolute positions. In x's dtype, as transformers
-    does: no float32 round trip for bfloat16 queries."""
+    and key then depends on their distance only, not on their absolute positions. In x's dtype, as transformers."""
     x1, x2, cos, sin = *x.chunk(2, dim=-1), cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -134,8 +121,8 @@ class KVCache:
     @staticmethod
     def bytes_needed(config, batch, itemsize):
         """Bytes that generating `batch` rows at once takes beyond the weights: the cache's k and v
-        (2 x n_layer x batch x block_size x n_embd values of `itemsize` bytes) and the sampler's float64
-        probabilities and cumulative sums (about 3 x batch x vocab_size x 8 bytes)."""
+        (2 x n_layer x batch x block_size x n_embd values of `itemsize` bytes) and the sampler's float32 logits,
+        sorted logits and probabilities (about 6 x batch x vocab_size x 4 bytes)."""
         cache = 2 * config.n_layer * batch * config.block_size * config.n_embd * itemsize
         return cache + 24 * batch * config.vocab_size
 
@@ -153,11 +140,7 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention in which position t attends to positions <= t only.
-
-    Input and output (B, T, n_embd). Uses `F.scaled_dot_product_attention`, which picks a fused kernel
-    (FlashAttention on recent GPUs, Dao et al. 2022) when it can.
-    """
+    """Multi-head self-attention in which position t attends to positions <= t only, (B, T, n_embd) in and out."""
 
     def __init__(self, config):
         super().__init__()
@@ -167,28 +150,16 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = RMSNorm(config.n_embd // config.n_head, eps=NORM_EPS)
             self.k_norm = RMSNorm(config.n_embd // config.n_head, eps=NORM_EPS)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = config.dropout
-        self.resid_dropout = Dropout(config.dropout)
+        self.dropout_p = config.dropout  # on the attention weights
+        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cache=None, layer=0, rope=None):
         """x (B, T, n_embd); rope: (cos, sin) of the T positions, (T, 1, head_dim // 2) (see apply_rope), or None."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))
-        if hasattr(self, "q_norm") and rope is not None and training_on_cpu(x) and cache is None:
-            # both steps below in one function, with its backward written out (fused.py); out (B, n_head, T, head_dim)
-            # in float32. rope's tables lose their head axis: (T, 1, head_dim // 2) -> (T, head_dim // 2)
-            q, k = (fused.norm_rope(t, norm.weight, rope[0][:, 0], rope[1][:, 0], norm.eps)
-                    for t, norm in ((q, self.q_norm), (k, self.k_norm)))
-            v = v.transpose(1, 2)
-        else:
-            # per-head norm and rotation on the contiguous (B, T, n_head, head_dim) layout: cheaper than on the
-            # transpose
-            if hasattr(self, "q_norm"):
-                q, k = self.q_norm(q), self.k_norm(k)
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k = self.queries_keys(q, k, rope)
+        v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # With a cache, one query row looks at every cached key: no mask is needed. A first pass over a
@@ -196,55 +167,26 @@ class CausalSelfAttention(nn.Module):
         causal = cache is None or cache.pos == 0
         if cache is not None and T > 1 and cache.pos > 0:
             raise ValueError("a cache holding positions can only be extended one token at a time")
-        y = attention(q, k, v, causal, self.dropout * self.training).transpose(1, 2).contiguous().view(B, T, C)
+        y = self.attend(q, k, v, causal).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+    def queries_keys(self, q, k, rope):
+        """QK-norm (if configured), then rotary positions (if rope is given), per head, on q and k of shape
+        (B, T, n_head, head_dim): the contiguous layout, where both are cheaper than on the transpose. Returns
+        q, k as (B, n_head, T, head_dim), the layout attention wants."""
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q.transpose(1, 2), k.transpose(1, 2)
 
-def attention(q, k, v, causal, dropout_p):
-    """softmax(q k^T / sqrt(head_dim), masked if causal) v, with dropout_p dropout on the attention weights,
-    q (B, n_head, T, head_dim), k, v (B, n_head, T', head_dim) -> like q (causal needs T' = T), in v's dtype: the
-    autocast dtype, also when fused.norm_rope made q and k float32.
-    F.scaled_dot_product_attention does it, except on a CPU: there it runs in float32 outside autocast (PyTorch's
-    CPU kernel is 2-3x slower in bfloat16), and with dropout it is written out here so that the weights' mask
-    comes from `dropout` (PyTorch takes its unfused path then anyway). Measured: docs/speed-results.md."""
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
-    with torch.autocast("cpu", enabled=False):
-        qf, kf, vf = q.float(), k.float(), v.float()
-        if dropout_p == 0:
-            return F.scaled_dot_product_attention(qf, kf, vf, is_causal=causal).to(v.dtype)
-        *batch, T, D = qf.shape
-        # the causal mask as -inf above the diagonal, added by the same call that scales q k^T (one pass, not three)
-        mask = torch.zeros(T, kf.size(-2), device=q.device)
-        if causal:
-            mask = mask.masked_fill(torch.ones_like(mask, dtype=torch.bool).triu(1), float("-inf"))
-        att = torch.baddbmm(mask, qf.reshape(-1, T, D), kf.reshape(-1, kf.size(-2), D).mT, alpha=1.0 / math.sqrt(D))
-        y = dropout(att.softmax(dim=-1), dropout_p) @ vf.reshape(-1, vf.size(-2), D)
-        return y.view(*batch, T, D).to(v.dtype)
-
-
-def dropout(x, p, training=True):
-    """Inverted dropout (Srivastava et al. 2014): in training, each element of x (any shape) becomes 0 with
-    probability p and the others are scaled by 1 / (1 - p), so the expected output is x; x itself otherwise.
-    On a CPU the mask comes from 16 random bits per element, cut from 64-bit random numbers: PyTorch's CPU dropout
-    draws a random number per element, one at a time, and took 1.5-2.3x as long (docs/speed-results.md). p is then
-    rounded to a multiple of 1/65536 (0.1 -> 0.100006), and the scale uses the rounded p. Other devices use
-    F.dropout."""
-    if not training or p == 0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
-    dropped = min(round(p * 65536), 65535)  # of the 65,536 values of 16 random bits, this many drop the element
-    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # all 64 bits random
-    keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= dropped - 32768
-    return torch.where(keep, x, 0) * (65536 / (65536 - dropped))
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout, through `dropout` above (a faster mask on a CPU)."""
-
-    def forward(self, x):
-        return dropout(x, self.p, self.training)
+    def attend(self, q, k, v, causal):
+        """softmax(q k^T / sqrt(head_dim), masked if causal) v (Vaswani et al. 2017), with dropout on the attention
+        weights in training: q (B, n_head, T, head_dim), k and v (B, n_head, T', head_dim) -> like q (causal needs
+        T' = T). F.scaled_dot_product_attention picks a fused kernel (FlashAttention on recent GPUs, Dao et al.
+        2022) when it can."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                              dropout_p=self.dropout_p if self.training else 0.0)
 
 
 def swiglu_hidden(n_embd):
@@ -266,7 +208,7 @@ class MLP(nn.Module):
         hidden = swiglu_hidden(config.n_embd) if self.kind == "swiglu" else 4 * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
-        self.dropout = Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         h = self.c_fc(x)
@@ -305,7 +247,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if learned else {}),
-            drop=Dropout(config.dropout),
+            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=make_norm(config, config.n_embd),
         ))
@@ -342,22 +284,18 @@ class GPT(nn.Module):
             n -= sum(e.weight.numel() for k, e in self.transformer.items() if k in ("wte", "wpe"))
         return n
 
-    def forward(self, idx, targets=None, cache=None, full_logits=False, loss_weights=None):
+    def forward(self, idx, targets=None, cache=None, loss_weights=None):
         """Next-token logits and, given targets, the mean cross-entropy.
 
         Args:
             idx: token ids, (B, T) int64, T <= block_size (or T + cache.pos <= block_size).
             targets: the ids that should follow each position, (B, T) int64; -1 marks positions to ignore.
             cache: a KVCache; positions continue from cache.pos, and cache.pos advances by T.
-            full_logits: with targets, also return the logits of every position and take the loss from them
-                (the plain path). By default the loss comes from chunked_cross_entropy, which never holds the
-                (B, T, vocab_size) logits, and the logits returned are None.
             loss_weights: None, or (B, T) float: each position's weight in the mean loss, which is then
                 sum(w * nll) / sum(w) (train.py weighs the words an instruction asked for: docs/instruct.md).
         Returns:
-            (logits, loss): with targets, loss a scalar in nats per token and logits None, or (B, T, vocab_size)
-            with full_logits (or a head that is not an nn.Linear, such as quantize_int8's); without targets,
-            logits (B, 1, vocab_size) for the last position only and loss None.
+            (logits, loss): with targets, logits (B, T, vocab_size) and the loss, a scalar in nats per token (see
+            `loss`); without targets, logits (B, 1, vocab_size) for the last position only and loss None.
         Raises:
             ValueError: the sequence is longer than block_size.
         """
@@ -379,23 +317,27 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
-        if full_logits or not isinstance(self.lm_head, nn.Linear):  # the plain path (also int8's quantized head)
-            logits = self.lm_head(x)
-            nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
-                                  reduction="none")  # 0 where the target is -1
-            weights = 1.0 if loss_weights is None else loss_weights.reshape(-1).float()
-            counts = (targets.view(-1) != -1).float() * weights
-            return logits, (nll * counts).sum() / counts.sum()
-        # = the same loss from self.lm_head(x), without holding all the logits at once
-        return None, chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                           None if loss_weights is None else loss_weights.reshape(-1))
+        return self.loss(x, targets, loss_weights)
+
+    def loss(self, x, targets, loss_weights=None):
+        """The head and the cross-entropy of every position: x (B, T, n_embd) final hidden states, targets (B, T)
+        int64 (-1: ignored), loss_weights None or (B, T) float. Returns (logits (B, T, vocab_size), loss): the mean
+        negative log-likelihood of the targets in nats per token, or with weights sum(w * nll) / sum(w) over the
+        positions that count (NaN when none does, as F.cross_entropy gives)."""
+        logits = self.lm_head(x)
+        flat_logits, flat_targets = logits.float().view(-1, logits.size(-1)), targets.view(-1)
+        if loss_weights is None:
+            return logits, F.cross_entropy(flat_logits, flat_targets, ignore_index=-1)
+        nll = F.cross_entropy(flat_logits, flat_targets, ignore_index=-1, reduction="none")  # 0 where ignored
+        weights = loss_weights.reshape(-1).float() * (flat_targets != -1)
+        return logits, (nll * weights).sum() / weights.sum()
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_token=None,
                  vocab_limit=None, use_cache=True, generator=None, keep=0):
         """Continue each row of `idx` (B, T) by sampling: generate_stream's tokens collected (same arguments).
-        Returns (B, T + n) int64 with n <= max_new_tokens (fewer when every row ended with eos_token; see
-        `continuations`). Raises UserError (a ValueError): see check_sampling. Call model.eval() first."""
+        Returns (B, T + n) int64 with n <= max_new_tokens (fewer when every row ended with eos_token).
+        Raises UserError (a ValueError): see check_sampling. Call model.eval() first."""
         steps = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token, vocab_limit,
                                           use_cache, generator, keep))
         return torch.cat([idx, torch.stack(steps, dim=1)], dim=1)
@@ -415,8 +357,8 @@ class GPT(nn.Module):
                 sampling, Holtzman et al. 2020); 1.0 turns it off.
             eos_token: once a row produces it, that row only repeats it; stops early when every row has.
             vocab_limit: ids >= vocab_limit (embedding padding) are never produced.
-            use_cache: keep keys and values of past positions (KVCache) so each step runs one position.
-                Without it, each step re-runs the whole context; the result is the same.
+            use_cache: keep keys and values of past positions (KVCache) so each step runs one position; without
+                it, each step re-runs the whole context (the same result).
             generator: torch.Generator for reproducible sampling.
             keep: the first `keep` tokens of idx (an instruction header, docs/instruct.md) stay at the start of
                 every window, as they do in training; ignored unless keep < block_size // 2.
@@ -456,6 +398,8 @@ class GPT(nn.Module):
                 break
 
 
+# sample.py's, eval.py's and serve.py's: a little sharper than the model (0.8), without its least likely 5%
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 0, "top_p": 0.95, "max_new_tokens": 256}
 MAX_NEW_TOKENS = 100_000  # a story is a few hundred tokens; far more is a typo, not a wish
 MAX_TEMPERATURE = 100.0  # already at 10 nearly every token is as likely as any other; far above, logits overflow
 
@@ -477,13 +421,6 @@ def check_sampling(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=1):
                         f"use at most {MAX_NEW_TOKENS:,}")
 
 
-def continuations(out, prompt_len, eos_token):
-    """The new tokens of each row of GPT.generate's output `out` (B, prompt_len + n) int64, cut before the first
-    eos_token: a list of B (ids, ended), ids a list of int without eos_token, ended True if the row produced it."""
-    rows = [row[prompt_len:] for row in out.tolist()]
-    return [(new[:new.index(eos_token)], True) if eos_token in new else (new, False) for new in rows]
-
-
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, vocab_limit=None, generator=None):
     """Draw one token id per row from logits (B, V) -> (B,) int64. See GPT.generate_stream for the arguments,
     which the caller checks once (check_sampling), not at every token. A temperature too small for the scaled
@@ -494,9 +431,8 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, vocab_limit=None, g
         logits[:, vocab_limit:] = -float("inf")
     if temperature < torch.finfo(logits.dtype).tiny:  # 0, or below what float32 holds (1e-300 would become 0)
         return logits.argmax(dim=-1)  # greedy: the limit of sampling as the temperature goes to 0
-    # Shifted so that each row's largest logit is 0 before dividing (softmax does not change under a shift): every
-    # scaled logit is then <= 0, so no temperature, however small, overflows to inf and makes the softmax NaN; a
-    # tiny one leaves the largest logits at 0 and the rest at -inf, which is again greedy sampling.
+    # Shifted so that each row's largest logit is 0 (softmax does not change under a shift): no temperature, however
+    # small, then overflows to inf; a tiny one leaves the largest at 0 and the rest at -inf, again greedy.
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k and top_k < logits.size(-1):
         values, indices = torch.topk(logits, top_k, dim=-1)
@@ -508,11 +444,5 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, vocab_limit=None, g
         drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, -float("inf"))
-    # Inverse-CDF sampling: one uniform number per row and a binary search in the cumulative probabilities.
-    # torch.multinomial draws one exponential per vocabulary entry instead: 50k random numbers per token, a
-    # seventh of the time of a whole cached step on CPU. Float64 keeps the tail of the distribution exact.
-    cdf = logits.double().softmax(dim=-1).cumsum(dim=-1)
-    u = torch.rand(cdf.size(0), 1, dtype=torch.float64, device=cdf.device, generator=generator)
-    ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]  # first id whose cdf exceeds u: p(id) > 0
-    last = (cdf >= cdf[:, -1:]).int().argmax(dim=-1)  # the cdf reaches its total at the last id with p > 0
-    return torch.minimum(ids, last)  # only if rounding put u * total at total
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+

@@ -1,5 +1,4 @@
-"""The optimizers: AdamW for every parameter, or Muon for the blocks' weight matrices with AdamW for the rest, and
-the one optimizer step that train.py and bench.py both take."""
+"""The optimizers: AdamW for every parameter, or Muon for the blocks' weight matrices with AdamW for the rest."""
 
 import inspect
 
@@ -8,6 +7,12 @@ import torch
 from errors import UserError
 
 OPTIMIZERS = ("adamw", "muon")  # the choices of train.py's `optimizer` setting
+
+
+def check_optimizer(optimizer):
+    """Raise UserError unless `optimizer` is one of OPTIMIZERS (train.py checks it before anything is written)."""
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"optimizer={optimizer!r} is not one of {', '.join(map(repr, OPTIMIZERS))}")
 
 
 class Optimizers:
@@ -67,8 +72,7 @@ class Muon(torch.optim.Optimizer):
     (Nesterov's by default), the update orthogonalised by `orthogonalize`, its step scaled by sqrt(max(1,
     rows / cols)), and decoupled weight decay lr * weight_decay. The same update as torch.optim.Muon with its
     defaults, and the same state ("momentum_buffer" per matrix), so a checkpoint of either loads into the other;
-    matrices of one shape are orthogonalised together, which took half the time of one at a time at the 1m
-    shape on a CPU (docs/speed-results.md).
+    matrices of one shape are orthogonalised together, in batched matmuls (measured: dev/speed-log.md).
 
     Raises ValueError for a parameter that is not 2-D."""
 
@@ -112,8 +116,7 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, 
     Returns torch.optim.AdamW, or for "muon" an Optimizers(Muon, AdamW).
     Raises UserError: an unknown optimizer, or "muon" for a model without 2-D weights in its blocks.
     """
-    if optimizer not in OPTIMIZERS:
-        raise UserError(f"optimizer={optimizer!r} is not one of {', '.join(map(repr, OPTIMIZERS))}")
+    check_optimizer(optimizer)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if optimizer == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
     if optimizer == "muon" and not hidden:
@@ -131,25 +134,3 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, 
         return adamw
     return Optimizers(Muon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay),
                       adamw)
-
-
-def clip_and_step(model, opt, scaler, grad_clip, apply=lambda grad_norm: True):
-    """The optimizer step after the backward pass(es): unscale the gradients (float16 loss scaling), clip their
-    global norm to grad_clip (Pascanu et al. 2013; 0 turns clipping off), update the weights unless
-    apply(grad_norm) says no (train.py skips a step whose loss or gradient is not finite), update the loss scale,
-    and zero the gradients for the next step.
-
-    Args:
-        model: the module whose .parameters() hold the gradients; opt: from configure_optimizer;
-        scaler: a torch.amp.GradScaler (disabled unless float16 on CUDA).
-    Returns:
-        True if the weights were updated.
-    """
-    scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    applied = apply(grad_norm)
-    if applied:
-        scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
-    return applied

@@ -51,15 +51,15 @@ from tokenizer import load_tokenizer
 # -----------------------------------------------------------------------------
 dataset = "roneneldan/TinyStories"  # hub id, or a local file or directory
 data_dir = "data/tinystories"       # where train.bin, validation.bin and meta.json go
-tokenizer = "gpt2"                  # gpt2 (tiktoken), bpe (train one on the train split), a tokenizer file or a checkpoint.pt
-vocab_size = 4096                   # --tokenizer=bpe only: ids including <|endoftext|> (256 gives the 256 bytes + <|endoftext|>)
+tokenizer = "gpt2"                  # gpt2 (tiktoken), bpe (trained on the train split), a tokenizer file, a checkpoint
+vocab_size = 4096                   # --tokenizer=bpe only: ids including <|endoftext|>, 256 to 1,000,000
 text_column = "text"                # the column holding the text (if missing: the only string column, or "story")
 val_fraction = 0.005                # share of train held out when the source has no validation split
 seed = 1337                         # chooses that held-out share
 num_proc = max(1, (os.cpu_count() or 1) // 2)  # tokenizer processes
 shards = 1024                       # write each split in this many pieces, so memory stays bounded
 force = False                       # rebuild even if meta.json says the data is up to date
-instruct = False                    # each story after its instructions (Words:/Features:/Summary:/Story:, see instruct.py)
+instruct = False                    # each story after its instructions (Words:/Features:/Summary:/Story:; instruct.py)
 # -----------------------------------------------------------------------------
 
 EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}

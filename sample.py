@@ -19,8 +19,8 @@ import torch
 from checkpoint import load_model, quantize_int8
 from configurator import (DTYPES, UserError, available_memory, check_values, configure, read_text, resolve_device,
                           run)
-from instruct import header, header_tokens, split_list
-from model import KVCache, check_sampling
+from instruct import header_tokens, instructed_prompt
+from model import SAMPLING_DEFAULTS, KVCache, check_sampling
 from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
@@ -28,10 +28,10 @@ out_dir = "out"                         # directory that holds the checkpoint
 checkpoint = "best_model_params.pt"     # file name inside out_dir
 start = "Once upon a time"              # the prompt, or FILE:path to read it from a file
 num_samples = 3                         # stories to write
-max_new_tokens = 256                    # tokens per story at most
-temperature = 0.8                       # < 1 sharper, > 1 more random, 0 greedy
-top_k = 0                               # sample among the k most likely tokens (0: all)
-top_p = 0.95                            # nucleus sampling: smallest set with this much probability (1.0: all)
+max_new_tokens = SAMPLING_DEFAULTS["max_new_tokens"]  # tokens per story at most
+temperature = SAMPLING_DEFAULTS["temperature"]  # < 1 sharper, > 1 more random, 0 greedy
+top_k = SAMPLING_DEFAULTS["top_k"]  # sample among the k most likely tokens (0: all)
+top_p = SAMPLING_DEFAULTS["top_p"]  # nucleus sampling: smallest set with this much probability (1.0: all)
 seed = 1337
 device = "auto"                         # auto, cpu, mps, cuda, cuda:N
 dtype = "auto"                          # auto, float32, bfloat16, float16
@@ -43,18 +43,22 @@ summary = ""                            # what the story is about, in a sentence
 
 
 def instructed(prompt, info):
-    """The prompt behind the instruction header (instruct.header: the bytes prepare.py --instruct trains on) when
-    --words, --features or --summary is given, else the prompt as it is. Notes on stderr when the checkpoint
-    (info: load_model's) was not trained with instructions. Raises UserError for a summary with bad text."""
-    if not (words or features or summary):
-        return prompt
-    if not info.get("instruct"):
+    """The prompt behind the instruction header of --words, --features and --summary (instruct.instructed_prompt:
+    the bytes prepare.py --instruct trains on), or the prompt as it is when they are blank.
+
+    Args:
+        prompt: str; info: load_model's info dict about the checkpoint (its "instruct" says whether it was trained
+            with instructions: if not, a note goes to stderr when a header is added).
+    Returns:
+        str, the prompt to sample after.
+    Raises:
+        UserError: a field instruct.header refuses ("bad instruction: ...").
+    """
+    out = instructed_prompt(prompt, words, features, summary)
+    if out != prompt and not info.get("instruct"):
         print("note: this model was not trained with instructions (its data was not prepared with "
               "prepare.py --instruct): it will likely ignore them", file=sys.stderr)
-    try:
-        return header(split_list(words), split_list(features), summary or None) + prompt
-    except ValueError as e:
-        raise UserError(f"bad instruction: {e}") from None
+    return out
 
 
 def main():

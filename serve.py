@@ -4,9 +4,10 @@
     python serve.py --out_dir=out-1m,out-15m        # several models side by side, same prompt
 
 Serves one page (serve.html: plain HTML and JavaScript, no external files, so it works offline) and
-GET /generate?model=0&prompt=...&temperature=0.8&top_k=0&top_p=0.95&max_new_tokens=256 (and, for a story on
-request, words=dog,ball,happy&features=Dialogue&summary=...: the prompt then follows instruct.header's lines, as
-sample.py --words builds it), which answers with
+GET /generate?model=0&prompt=...&temperature=...&top_k=...&top_p=...&max_new_tokens=... (each optional; defaults:
+model.SAMPLING_DEFAULTS, with max_new_tokens at most --max_new_tokens; and, for a story on request,
+words=dog,ball,happy&features=Dialogue&summary=...: the prompt then follows instruct.header's lines, as sample.py
+--words builds it), which answers with
 server-sent events (text/event-stream, https://html.spec.whatwg.org/multipage/server-sent-events.html): one
 `data: {"text": ...}` event per piece of the story as it is written, then `data: {"done": true, "tokens": n,
 "seconds": s}`. A bad request gets HTTP 400 with {"error": "..."}. Each model writes one story at a time (a
@@ -40,8 +41,8 @@ import torch
 
 from checkpoint import load_model
 from configurator import DTYPES, UserError, check_values, configure, resolve_device, run
-from instruct import header, header_tokens, split_list
-from model import check_sampling
+from instruct import header_tokens, instructed_prompt
+from model import SAMPLING_DEFAULTS, check_sampling
 from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
@@ -57,20 +58,36 @@ dtype = "auto"                          # auto, float32, bfloat16, float16
 # -----------------------------------------------------------------------------
 
 
+def sampling_defaults():
+    """The sampling settings a /generate request gets for those it leaves out, and the page's fields start with:
+    model.SAMPLING_DEFAULTS, with max_new_tokens (tokens) at most this server's --max_new_tokens.
+    Returns a new dict: temperature, top_k, top_p, max_new_tokens."""
+    return {**SAMPLING_DEFAULTS, "max_new_tokens": min(SAMPLING_DEFAULTS["max_new_tokens"], max_new_tokens)}
+
+
 def parse_request(query, n_models):
     """The settings of a /generate request from its query string.
-    Returns dict with model (index), prompt (str), temperature, top_k, top_p, max_new_tokens.
-    Raises UserError naming the bad parameter: not UTF-8, not a number, out of range."""
+
+    Args:
+        query: the URL's query string (percent-encoded UTF-8); n_models: how many models this server has.
+    Returns:
+        dict with model (index), prompt (str: behind instruct.instructed_prompt's header when the request has
+        words, features or a summary), temperature, top_k, top_p, max_new_tokens (tokens); a setting the request
+        leaves out takes its value from sampling_defaults() (model: 0).
+    Raises:
+        UserError naming the bad parameter: not UTF-8, not a number, out of range, a bad instruction field.
+    """
     try:
         params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True, errors="strict").items()}
     except UnicodeDecodeError:
         raise UserError("the query string is not UTF-8: percent-encode the UTF-8 bytes of the text") from None
-    req = {"prompt": params.get("prompt", "")}
-    req["prompt"] = instructed_prompt(req["prompt"], params)
-    for name, kind, default in (("model", int, 0), ("temperature", float, 0.8), ("top_k", int, 0),
-                                ("top_p", float, 0.95), ("max_new_tokens", int, min(256, max_new_tokens))):
+    req = {"prompt": instructed_prompt(params.get("prompt", ""), params.get("words", ""), params.get("features", ""),
+                                       params.get("summary", ""))}
+    defaults = {"model": 0, **sampling_defaults()}
+    for name, kind in (("model", int), ("temperature", float), ("top_k", int), ("top_p", float),
+                       ("max_new_tokens", int)):
         try:
-            req[name] = kind(params.get(name, default))
+            req[name] = kind(params.get(name, defaults[name]))
         except ValueError:
             raise UserError(f"{name}={params[name]!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not math.isfinite(req[name]):
@@ -152,18 +169,6 @@ def foreign_page(headers):
         return (f"a request from another page (Sec-Fetch-Site: {site}): /generate answers only this server's own "
                 f"page (open the page from this server to write stories)")
     return None
-
-
-def instructed_prompt(prompt, params):
-    """The prompt behind instruct.header's lines when the request has words, features or a summary (the same
-    bytes as sample.py's and prepare.py --instruct's), else the prompt as it is. Raises UserError (a bad field)."""
-    words, features, summary = (params.get(k, "").strip() for k in ("words", "features", "summary"))
-    if not (words or features or summary):
-        return prompt
-    try:
-        return header(split_list(words), split_list(features), summary or None) + prompt
-    except ValueError as e:
-        raise UserError(f"bad instruction: {e}") from None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -301,6 +306,20 @@ def make_server(host, port, models, page, max_connections=32, timeout=30.0):
     return server
 
 
+def page_html(about):
+    """The story page as served: serve.html with its MODELS set to `about` (a list of {"name": str, "about": str},
+    one per model, in /generate's model order) and its DEFAULTS, the fields' starting values, to
+    sampling_defaults(). Returns str (HTML). Raises RuntimeError if serve.html lacks either placeholder."""
+    page = (Path(__file__).parent / "serve.html").read_text(encoding="utf-8")
+    for name, empty, value in (("MODELS", "[]", about), ("DEFAULTS", "{}", sampling_defaults())):
+        placeholder = f"const {name} = {empty};"
+        if page.count(placeholder) != 1:
+            raise RuntimeError(f"serve.html must hold {placeholder!r} once, for serve.py to fill in")
+        text = json.dumps(value).replace("<", "\\u003c")  # so that a name holding "</script>" cannot end the script
+        page = page.replace(placeholder, f"const {name} = {text};")
+    return page
+
+
 def is_loopback(address):
     """Whether the numeric address a server binds ("127.0.0.1", "::1", "0.0.0.0", "fe80::1%eth0") is reachable
     from this machine only."""
@@ -334,9 +353,7 @@ def main():
                        "lock": threading.Lock(), "about": f"{model.num_params() / 1e6:.1f}M parameters, "
                        f"{tok.spec['name']} tokenizer, {info.get('iter_num', '?')} iterations"
                        + ("" if info.get("instruct") else "; not trained with instructions (words, features)")})
-    about = [{"name": m["name"], "about": m["about"]} for m in models]
-    page = (Path(__file__).parent / "serve.html").read_text(encoding="utf-8").replace(
-        "MODELS = []", f"MODELS = {json.dumps(about)}")
+    page = page_html([{"name": m["name"], "about": m["about"]} for m in models])
     server = make_server(host, port, models, page, max_connections, timeout)
     if not server.loopback:
         print(f"warning: listening on {url_host(host)}, open to every machine that can reach this one, with no "

@@ -1,4 +1,5 @@
-"""Shared fixtures: the text the tests read, a helper that runs a script as a user would, and prepared sample data.
+"""Shared fixtures: the text the tests read, a helper that runs a script as a user would, prepared sample data, and
+the tiny models, data and runs that the tests of several subjects use.
 
 Text: the TinyStories sample in ../shared (beside the repository) when it is there; otherwise a small corpus of
 simple stories that this file writes from word lists, so that a fresh clone anywhere runs the suite. Likewise
@@ -213,3 +214,66 @@ def sample_data(tmp_path_factory, hf_home):
     run_script("prepare.py", f"--dataset={SAMPLE}", f"--tokenizer={GPT2_RANKS}", f"--data_dir={data_dir}",
                "--num_proc=2", env={"HF_HOME": str(hf_home)})
     return data_dir
+
+
+# --- shared by the tests of several subjects ---------------------------------------------------------------------
+# model_args of a one-layer GPT with a 64-id vocabulary, for checkpoints built in the test process
+TINY_ARGS = dict(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8, dropout=0.0, bias=True)
+# TINY with a quick evaluation and a log row every iteration: the runs that tests stop, kill and resume
+FAST = [*TINY, "--eval_iters=2", "--log_interval=1"]
+# a few lines of stories: tiny_models' vocabulary and tiny_data's text
+STORIES = ["Once upon a time there was a cat. The cat liked to play in the sun.",
+           "Tom had a red ball. He threw it to his dog, and the dog ran after it."] * 20
+
+
+def read_log(out_dir):
+    """A run's log.csv as {iteration: row}."""
+    import csv
+    with open(out_dir / "log.csv") as f:
+        return {int(row["iter"]): row for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    """serve.py's model list with one untrained 2-layer GPT and a 300-id vocabulary trained on a few lines."""
+    import threading
+
+    import torch
+    from model import GPT, GPTConfig
+    from prepare import train_bpe
+    tok = train_bpe(STORIES, 300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=16, dropout=0.0)).eval()
+    return [{"name": "tiny", "model": model, "tok": tok, "device": "cpu", "lock": threading.Lock(), "about": "x"}]
+
+
+def tiny_checkpoint(tok, **changes):
+    """The checkpoint dict of an untrained model of tiny_models' shape over `tok`, with `changes` applied."""
+    import torch
+    from model import GPT, GPTConfig
+    args = {"vocab_size": 320, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0}
+    torch.manual_seed(0)
+    ckpt = {"model": GPT(GPTConfig(**args)).state_dict(), "model_args": dict(args), "tokenizer": tok.spec,
+            "config": {}, "iter_num": 0}
+    ckpt.update(changes)
+    return ckpt
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A data directory prepared from STORIES with a 300-id BPE vocabulary."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    (root / "train.txt").write_text("\n\n".join(STORIES * 5), encoding="utf-8")
+    (root / "validation.txt").write_text("\n\n".join(STORIES), encoding="utf-8")
+    run_script("prepare.py", f"--dataset={root}", "--tokenizer=bpe", "--vocab_size=300", f"--data_dir={root}/data",
+               "--num_proc=1", env={"HF_HOME": str(root / "hf")})
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def two_steps(sample_data, tmp_path_factory):
+    """A run of FAST for 2 iterations, evaluated and saved at 2: its out_dir, which tests copy before resuming it."""
+    out = tmp_path_factory.mktemp("two_steps") / "o"
+    run_script("train.py", *FAST, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=2",
+               "--eval_interval=2")
+    return out

@@ -1,12 +1,49 @@
+import runpy
+
 import pytest
 
-from configurator import UserError, configure, run
-from conftest import run_script
+from configurator import UserError, configure, run, settings_block
+from conftest import ROOT, run_script
+
+SCRIPTS = ["train.py", "sample.py", "eval.py", "prepare.py", "serve.py", "export.py", "bench.py"]
 
 
 def defaults():
-    return {"batch_size": 32, "learning_rate": 6e-4, "compile": False, "device": "auto", "_private": 1,
-            "np": __import__("math")}
+    return {"batch_size": 32, "learning_rate": 6e-4, "compile": False, "device": "auto"}
+
+
+SCRIPT = """import math
+from math import pi
+EPS = 1e-5  # a constant, above the block
+# ------------------------------------------------------------------
+batch_size = 32  # sequences per step
+device = "auto"  # where to run
+# ------------------------------------------------------------------
+MARKER = ".export"  # a constant, below the block
+_private = 1
+"""
+
+
+def test_a_scripts_settings_are_exactly_its_settings_block(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    scope = runpy.run_path(str(script))
+    assert configure(scope, ["--batch_size=8"]) == {"batch_size": 8, "device": "auto"}
+    for constant in ("--EPS=0.5", "--MARKER=log.csv", "--pi=3", "--math=1", "--_private=2"):
+        with pytest.raises(UserError, match="unknown key"):
+            configure(runpy.run_path(str(script)), [constant])
+    config_file = tmp_path / "c.py"
+    config_file.write_text("MARKER = 'log.csv'\n")  # a config file cannot set a constant either
+    with pytest.raises(UserError, match="unknown key 'MARKER'"):
+        configure(runpy.run_path(str(script)), [str(config_file)])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_no_script_has_a_constant_or_an_import_among_its_settings(script):
+    names = settings_block(ROOT / script)
+    assert names and all(name.islower() and not name.startswith("_") for name in names)
+    scope = runpy.run_path(str(ROOT / script))  # not run as __main__: defines the settings, runs nothing
+    assert all(isinstance(scope[name], (int, float, bool, str)) for name in names)
 
 
 def test_flags_parse_as_python_literals_else_strings():
@@ -71,6 +108,13 @@ def test_missing_and_failing_config_files(tmp_path):
 def test_help_lists_keys_with_defaults():
     proc = run_script("train.py", "--help")
     assert "--batch_size=32" in proc.stdout and "--learning_rate=0.0006" in proc.stdout
+
+
+@pytest.mark.slow
+def test_help_lists_exactly_the_settings():
+    proc = run_script("export.py", "--help")
+    listed = [line.split()[0].split("=")[0][2:] for line in proc.stdout.splitlines() if line.startswith("  --")]
+    assert listed == settings_block(ROOT / "export.py") and "NORM_EPS" not in proc.stdout
 
 
 def test_missing_mps_operation_gets_the_fallback_advice(capsys):

@@ -1,5 +1,6 @@
-"""eval.py: exact loss against brute force, story metrics on hand-made text, the judge against a local server,
-reports and --compare, and bad inputs. A tiny random model on a tiny prepared directory: no training needed."""
+"""eval.py: exact loss against brute force, story metrics on hand-made text, the judge against a local server
+(and its deadline), --text read as prepare.py reads it, reports (never replacing another file) and --compare,
+and bad inputs. A tiny random model on a tiny prepared directory: no training needed."""
 import json
 import math
 import re
@@ -190,7 +191,8 @@ def test_story_metrics_on_hand_made_text():
     assert m["longest_repeat"] == 1.0                # "the cat" (2) and nothing (0)
     assert m["oov"] == pytest.approx(2 / 11)         # don't, lily's
     assert ev.text_metrics(texts)["oov"] is None
-    assert [ev.longest_repeat(s.split()) for s in ("", "a", "a b", "a a a a", "a b c a b c", "x a b y a b", "a b a b a")] \
+    texts = ("", "a", "a b", "a a a a", "a b c a b c", "x a b y a b", "a b a b a")
+    assert [ev.longest_repeat(s.split()) for s in texts] \
         == [0, 0, 0, 3, 3, 2, 3]  # occurrences may overlap: "a a a" at 0 and 1, "a b a" at 0 and 2
     assert ev.distinct_n([["a"]], 2) is None
 
@@ -371,3 +373,82 @@ def test_train_final_eval_scores_every_validation_token(run_dir, tmp_path):
     direct = ev.exact_loss(model, np.fromfile(run_dir["data"] / "validation.bin", dtype=np.uint16), 32, 16, 8)
     assert final["nats_per_token"] == pytest.approx(direct["loss"], rel=1e-6)
     assert final["bits_per_byte"] == pytest.approx(bits_per_byte(direct["loss"], val["tokens"], val["bytes"]))
+
+
+class _Trickle(BaseHTTPRequestHandler):
+    def do_POST(self):  # answers one byte at a time, each well within a per-read timeout
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        try:
+            for _ in range(1000):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_judge_timeout_is_a_total_deadline_per_request():
+    import judge
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        # with a timeout per read, the 1,000 bytes would arrive (in 50 s) and fail to parse instead
+        with pytest.raises(UserError, match="did not answer within 0.5 s"):
+            judge.chat(f"http://127.0.0.1:{server.server_port}/v1", "m", [], timeout=0.5)
+    finally:
+        server.shutdown()
+
+
+def test_eval_text_uses_prepares_document_rule(tmp_path):
+    import eval as ev
+    import prepare
+    v2 = tmp_path / "valid.txt"  # TinyStoriesV2's layout: <|endoftext|> lines, blank lines inside stories
+    v2.write_text("Tom ran.\n\nHe fell.\n<|endoftext|>\nSue sang.\n<|endoftext|>\n\n<|endoftext|>\n", encoding="utf-8")
+    assert ev.text_documents(str(v2)) == ["Tom ran.\n\nHe fell.", "Sue sang."]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("Tom ran.\nHe fell.\n\n\n  \n\nSue sang.\n", encoding="utf-8")
+    assert ev.text_documents(str(plain)) == ["Tom ran.\nHe fell.", "Sue sang.\n"] == list(
+        prepare.text_documents(str(plain)))
+    only_eot = tmp_path / "eot.txt"
+    only_eot.write_text("<|endoftext|>\n\n<|endoftext|>\n", encoding="utf-8")
+    with pytest.raises(UserError, match="holds no text, only <|endoftext|> lines"):
+        ev.text_documents(str(only_eot))
+    with pytest.raises(UserError, match="is not a file"):
+        ev.text_documents(str(tmp_path))
+
+
+def test_eval_text_of_the_v2_file_has_the_prepared_documents():
+    from conftest import SHARED
+    import eval as ev
+    path = SHARED / "data" / "tinystories-formats" / "TinyStoriesV2-GPT4-valid.txt"
+    if not path.exists():
+        pytest.skip(f"needs {path}: TinyStories' published files in ../shared/data/tinystories-formats/")
+    docs = ev.text_documents(str(path))
+    runs = [r for r in path.read_text(encoding="utf-8").split("<|endoftext|>") if r.strip()]
+    assert len(docs) == len(runs) and not any("<|endoftext|>" in d for d in docs)
+
+
+def test_eval_report_never_replaces_a_file_that_is_not_a_report(tmp_path):
+    import eval as ev
+    ckpt = tmp_path / "best_model_params.pt"
+    ckpt.write_bytes(b"PK\x03\x04 a checkpoint")
+    with pytest.raises(UserError, match="exists and is not a report written by eval.py"):
+        ev.check_writable(str(ckpt), str(ckpt) + ".md")
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    with pytest.raises(UserError, match="notes.md exists and is not a report"):
+        ev.check_writable(str(tmp_path / "notes.json"), str(notes))
+    with pytest.raises(UserError, match="is a folder"):
+        ev.check_writable(str(tmp_path), str(tmp_path) + ".md")
+    report = tmp_path / "eval.json"  # an earlier report and its summary may be replaced
+    report.write_text(json.dumps({"kind": ev._REPORT_KIND, "checkpoint": "x"}))
+    (tmp_path / "eval.md").write_text(ev.markdown_report({"checkpoint": "x"}))
+    ev.check_writable(str(report), str(tmp_path / "eval.md"))
+    assert ckpt.read_bytes() == b"PK\x03\x04 a checkpoint" and notes.read_text() == "my notes\n"

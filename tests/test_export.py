@@ -1,12 +1,16 @@
 """export.py: a checkpoint becomes a Hugging Face GPT-2, Llama or Qwen3 folder that `transformers` loads with no code
-from here, computes the same logits, tokenizes text to the same ids, and generates."""
+from here, computes the same logits, tokenizes text to the same ids, and generates. --force replaces only its own
+folders; leftovers of killed exports are cleaned; a folder it cannot write, a full disk and a missing safetensors
+are one line each."""
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
 from conftest import GPT2_RANKS, SAMPLE, assert_user_error, run_script
+from conftest import tiny_checkpoint as untrained_checkpoint  # tiny_checkpoint here is this file's own
 
 from configurator import UserError
 from files import save_torch
@@ -98,7 +102,7 @@ def test_same_logits_as_ours(case):
     rng = torch.Generator().manual_seed(1)
     idx = torch.randint(0, ours.config.vocab_size, (2, ours.config.block_size), generator=rng)  # padding ids too
     with torch.no_grad():
-        expected, _ = ours(idx, torch.zeros_like(idx), full_logits=True)
+        expected, _ = ours(idx, torch.zeros_like(idx))
         got = hf(idx).logits
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-4
@@ -187,7 +191,7 @@ def test_modern_recipes_export_to_llama_and_qwen3_with_the_same_logits(modern):
     rng = torch.Generator().manual_seed(1)
     idx = torch.randint(0, ours.config.vocab_size, (2, ours.config.block_size), generator=rng)
     with torch.no_grad():
-        expected, _ = ours(idx, torch.zeros_like(idx), full_logits=True)
+        expected, _ = ours(idx, torch.zeros_like(idx))
         got = hf(idx).logits
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-4
@@ -207,3 +211,86 @@ def test_recipes_without_a_transformers_class_are_refused_naming_the_nearest(swi
         architecture(switches)
     assert architecture({**MODERN, "bias": False, "tie_embeddings": False}) == "LlamaForCausalLM"
     assert architecture({"bias": False, "tie_embeddings": False}) == "GPT2LMHeadModel"
+
+
+def test_export_force_only_replaces_its_own_folders_compared_by_real_path(tmp_path, monkeypatch):
+    import export
+    monkeypatch.setattr(export, "force", True)
+    run = tmp_path / "out"
+    run.mkdir()
+    (run / "best_model_params.pt").write_bytes(b"weights")
+    (tmp_path / "link").symlink_to(run)  # --out_dir reached through a link to the export_dir
+    with pytest.raises(UserError, match="holds the checkpoint"):
+        export._check_destination(str(run), str(tmp_path / "link" / "best_model_params.pt"))
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    with pytest.raises(UserError, match="was not written by export.py"):
+        export._check_destination(str(other), str(run / "best_model_params.pt"))
+    monkeypatch.chdir(other)
+    with pytest.raises(UserError, match="was not written by export.py"):
+        export._check_destination(".", str(run / "best_model_params.pt"))
+
+
+def test_leftovers_of_killed_exports_are_cleaned_and_a_moved_export_put_back(tmp_path):
+    import fcntl
+    import export
+    dest = tmp_path / "hf"
+    (tmp_path / ".hf.tmp.abc123").mkdir()  # killed while writing the new export
+    (tmp_path / ".hf.tmp.abc123" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".hf.old.def456" / "dir").mkdir(parents=True)  # killed between moving the old one aside and
+    (tmp_path / ".hf.old.def456" / "dir" / export.MARKER).write_text("{}")  # putting the new one in its place
+    running = tmp_path / ".hf.tmp.running"  # an export running now holds a lock on its folder
+    running.mkdir()
+    fd = os.open(running, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    other = tmp_path / ".other.tmp.xyz"  # another export_dir's
+    other.mkdir()
+    try:
+        done = export.clean_leftovers(str(dest))
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hf.tmp.running", ".other.tmp.xyz", "hf"]
+    assert (dest / export.MARKER).exists() and any("put back" in d for d in done)
+
+
+def run_export(monkeypatch, tmp_path, tiny_models, export_dir):
+    import export
+    from files import save_torch as save_checkpoint
+    save_checkpoint(untrained_checkpoint(tiny_models[0]["tok"]), tmp_path / "out" / "best_model_params.pt")
+    for k in ("out_dir", "export_dir", "force", "checkpoint"):
+        monkeypatch.setattr(export, k, getattr(export, k))  # main sets its settings; undo that afterwards
+    monkeypatch.setattr(sys, "argv", ["export.py", f"--out_dir={tmp_path / 'out'}", f"--export_dir={export_dir}"])
+    export.main()
+
+
+def test_export_into_a_folder_it_cannot_write_is_one_line(monkeypatch, tmp_path, tiny_models):
+    import tempfile
+
+    def refuse(*args, **kwargs):  # what a read-only folder answers (tests may run as root, who may write anyway)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(UserError, match="cannot write in .* \\(Permission denied\\): choose an --export_dir"):
+        run_export(monkeypatch, tmp_path, tiny_models, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_onto_a_full_disk_is_one_line_and_writes_nothing(monkeypatch, tmp_path, tiny_models):
+    import shutil
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(UserError, match="the export needs about .* MB but only 0.0 MB are free"):
+        run_export(monkeypatch, tmp_path, tiny_models, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.slow  # export.py as a subprocess
+def test_export_without_safetensors_names_the_pip_install(tmp_path):
+    # a safetensors package that cannot be imported, found before the installed one: a machine without it
+    blocked = tmp_path / "blocked" / "safetensors"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('not installed')\n")
+    proc = run_script("export.py", f"--out_dir={tmp_path}", f"--export_dir={tmp_path}/hf", check=False,
+                      env={"PYTHONPATH": str(blocked.parent)})
+    assert_user_error(proc, "export.py needs safetensors: pip install safetensors")
+    assert not (tmp_path / "hf").exists()

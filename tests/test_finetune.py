@@ -66,13 +66,14 @@ def test_fine_tuning_starts_a_new_run_from_the_checkpoints_weights(base, my_text
     assert [int(r["iter"]) for r in rows] == [0, 2]  # a new run: from iteration 0, its own log
 
     # its first evaluation is the base model's loss on the new text, over the same batches train.py draws
+    import plumbing
     import train
     model, _, _ = load_model(str(ckpt_path))
     gen = torch.Generator()
     losses = []
     with torch.no_grad():
         for k in range(5):
-            gen.manual_seed(train.batch_seed(1337, "validation", "eval", 0, k))
+            gen.manual_seed(plumbing.batch_seed(1337, "validation", "eval", 0, k))
             x, y = train.get_batch(str(my_text / "validation.bin"), meta["dtype"], 8, 32, "cpu", gen)
             losses.append(model(x, y)[1].item())
     assert float(rows[0]["val_loss"]) == pytest.approx(np.mean(losses), abs=2e-5)

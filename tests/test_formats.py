@@ -60,7 +60,8 @@ def test_endoftext_rule_edges_and_compressed_text(tmp_path, cache, capsys):
     assert "plain.txt: documents split on blank lines" in capsys.readouterr().out
     # each file by its own rule, within one split
     both = read_local("train", [str(tmp_path / "plain.txt"), str(tmp_path / "train.txt.gz")], "text")["text"]
-    assert both == ["One.\nStill one.", "Two <|endoftext|> inline.\n", "A.\n\nA, part 2.", "B.", "C, no separator after."]
+    assert both == ["One.\nStill one.", "Two <|endoftext|> inline.\n", "A.\n\nA, part 2.", "B.",
+                    "C, no separator after."]
 
 
 def test_checks_read_in_chunks_find_what_a_chunk_boundary_cuts(tmp_path, monkeypatch):

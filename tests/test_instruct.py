@@ -1,6 +1,7 @@
 """Stories on request: prepare.py --instruct writes each story after its instructions, sample.py and eval.py build
 the same header, and eval.py --instruct measures which required words and features the stories have."""
 import json
+from urllib.parse import urlencode
 
 import numpy as np
 import pytest
@@ -98,7 +99,8 @@ def test_header_bytes_are_the_same_in_sample_and_prepare(instruct_data, instruct
     assert sample.instructed("Once", {}) == "Once"
     # serve.py's page fields build the same prompt
     fields = {"words": "play, ball,red", "features": "Dialogue", "summary": "Tom plays\nwith a ball."}
-    assert serve.instructed_prompt("", fields) == prompt and serve.instructed_prompt("Hi", {}) == "Hi"
+    assert serve.parse_request(urlencode({"prompt": "", **fields}), 1)["prompt"] == prompt
+    assert serve.parse_request("prompt=Hi", 1)["prompt"] == "Hi"
 
 
 @pytest.mark.slow  # starts scripts as subprocesses

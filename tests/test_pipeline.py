@@ -60,7 +60,7 @@ def test_train_resume_and_sample_end_to_end(sample_data, tmp_path):
     for name in ("best_model_params.pt", "ckpt.pt", "loss.png"):
         assert (out / name).stat().st_size > 0
 
-    # (a fresh start in this out_dir is refused: test_bad_inputs.py's run_exists row, test_survive3.py after a run)
+    # (a fresh start in this out_dir is refused: test_cli_errors.py's run_exists row, test_resume.py after a run)
     proc = run_script("train.py", *TINY, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=70",
                       "--eval_interval=30", "--lr_decay_iters=60", "--init_from=resume")
     assert "resuming from iteration 60" in proc.stdout and "iter 70:" in proc.stdout

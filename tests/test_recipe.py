@@ -30,15 +30,15 @@ def tiny(**kw):
 def test_each_switch_runs_forward_backward_and_stays_causal(switches):
     model = tiny(**switches)
     idx, targets = torch.randint(0, 96, (2, 3, 12), generator=torch.Generator().manual_seed(0))
-    logits, loss = model(idx, targets, full_logits=True)
+    logits, loss = model(idx, targets)
     assert logits.shape == (3, 12, 96) and abs(loss.item() - math.log(96)) < 0.2
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     changed = idx.clone()
     changed[:, 7] = (changed[:, 7] + 1) % 96
     with torch.no_grad():
-        a, _ = model(idx, idx, full_logits=True)
-        b, _ = model(changed, changed, full_logits=True)
+        a, _ = model(idx, idx)
+        b, _ = model(changed, changed)
     assert torch.allclose(a[:, :7], b[:, :7], atol=1e-5)
     q = quantize_int8(model.eval())  # int8 sampling works for every recipe
     assert q.generate(idx[:, :4], 3, temperature=0).shape == (3, 7)
@@ -102,7 +102,7 @@ def test_old_checkpoints_without_the_switches_load_as_the_gpt2_model():
     args = dict(vocab_size=96, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
     loaded = model_from_checkpoint({"model": old.state_dict(), "model_args": args})
     idx = torch.randint(0, 96, (2, 16))
-    assert torch.equal(loaded(idx, idx, full_logits=True)[0], old(idx, idx, full_logits=True)[0])
+    assert torch.equal(loaded(idx, idx)[0], old(idx, idx)[0])
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -208,7 +208,8 @@ def test_muon_refuses_a_model_without_block_matrices():
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_linearly():
-    lr = lambda it: get_lr(it, 1e-3, 10, 110, 1e-4, "wsd", 0.2)
+    def lr(it):
+        return get_lr(it, 1e-3, 10, 110, 1e-4, "wsd", 0.2)
     assert lr(0) == pytest.approx(1e-3 / 11) and lr(10) == pytest.approx(1e-3)
     assert lr(50) == lr(88) == 1e-3  # constant until the last 20% of 110 iterations
     assert lr(99) == pytest.approx(1e-3 - 0.5 * 9e-4)  # half way down

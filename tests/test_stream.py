@@ -21,7 +21,8 @@ import torch
 
 from checkpoint import load_model
 from files import save_torch
-from model import GPT, GPTConfig, continuations
+from eval import continuations
+from model import GPT, GPTConfig
 from prepare import train_bpe
 from tokenizer import load_tokenizer
 from conftest import GPT2_RANKS, ROOT, SAMPLE, run_script

@@ -1,4 +1,5 @@
-"""Tokenizers: exact round trips, a vocabulary trained on the sample, bits per byte, uint32 data."""
+"""Tokenizers: exact round trips, a vocabulary trained on the sample, bits per byte, uint32 data, long documents
+encoded and learned from in bounded pieces."""
 import json
 import math
 
@@ -7,7 +8,7 @@ import pytest
 
 from tokenizer import EOT, StreamDecoder, Tokenizer, bits_per_byte, bpe_spec, load_tokenizer
 from prepare import train_bpe
-from conftest import GPT2_RANKS, SAMPLE, TINY, assert_user_error, run_script
+from conftest import GPT2_RANKS, SAMPLE, STORIES, TINY, assert_user_error, run_script
 
 TRICKY = [
     "Once upon a time, there was a café. 🙂🐶🦄 naïve Zoë — “quotes” ‘too’",
@@ -129,3 +130,40 @@ def test_vocabulary_over_65536_ids_is_stored_as_uint32(tmp_path, hf_home):
     proc = run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}/o", "--max_iters=2",
                       "--eval_interval=2", "--eval_iters=1")
     assert "iter 2:" in proc.stdout
+
+
+def long_line(n_chars):
+    """One line of story words of about n_chars characters, with runs of spaces, tabs and punctuation."""
+    words = " ".join(STORIES).replace("play", "play  \t ").replace("ball.", "ball...  'Yes,'")
+    return (words + " ") * (n_chars // len(words) + 1)
+
+
+@pytest.mark.parametrize("size", [1, 7, 64])
+def test_cut_pieces_rejoin_and_respect_the_size(size):
+    from tokenizer import cut_pieces
+    text = long_line(3000) + "x" * 200  # ends with a run that has no place to cut
+    pieces = cut_pieces(text, size)
+    assert "".join(pieces) == text and all(len(p) <= size for p in pieces)
+
+
+def test_long_documents_encode_to_the_same_ids_in_pieces(monkeypatch, tiny_models):
+    import tokenizer
+    from conftest import GPT2_RANKS
+    toks = [tiny_models[0]["tok"]] + ([tokenizer.load_tokenizer(str(GPT2_RANKS))] if GPT2_RANKS.exists() else [])
+    texts = [long_line(20_000), "Once upon a time.", "", long_line(3_000)]
+    for tok in toks:
+        whole = tok._encode_batch(texts)  # the library's answer for the whole texts
+        monkeypatch.setattr(tokenizer, "PIECE_CHARS", 100)
+        monkeypatch.setattr(tokenizer, "BATCH_CHARS", 1000)
+        assert tok.encode_batch(texts) == whole
+        assert [a.tolist() for a in tok.encode_batch(texts, dtype=np.uint32)] == whole
+        monkeypatch.undo()
+
+
+def test_bpe_training_on_pieces_learns_the_same_vocabulary(monkeypatch):
+    import tokenizer
+    texts = [long_line(20_000), *STORIES]
+    whole = train_bpe(texts, 400).spec["json"]
+    monkeypatch.setattr(tokenizer, "PIECE_CHARS", 50)
+    monkeypatch.setattr(tokenizer, "BATCH_CHARS", 500)
+    assert train_bpe(texts, 400).spec["json"] == whole

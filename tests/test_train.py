@@ -3,10 +3,12 @@ import pytest
 import torch
 
 from train import get_batch, get_lr
+from conftest import read_log, run_script
 
 
 def test_lr_schedule_warmup_cosine_floor():
-    lr = lambda it: get_lr(it, learning_rate=1e-3, warmup_iters=10, lr_decay_iters=110, min_lr=1e-4)
+    def lr(it):
+        return get_lr(it, learning_rate=1e-3, warmup_iters=10, lr_decay_iters=110, min_lr=1e-4)
     assert lr(0) == pytest.approx(1e-3 / 11)
     assert lr(9) == pytest.approx(1e-3 * 10 / 11)
     assert lr(10) == pytest.approx(1e-3)            # peak at the end of warmup
@@ -28,3 +30,21 @@ def test_get_batch_targets_are_inputs_shifted_by_one(tmp_path):
     assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(4, 7, dtype=torch.int64))  # contiguous windows
     x2, _ = get_batch(str(path), np.uint16, 4, 8, "cpu", torch.Generator().manual_seed(0))
     assert torch.equal(x, x2)  # the generator alone decides the windows
+
+
+@pytest.mark.slow  # train.py as a subprocess
+def test_max_iters_alone_ends_the_decay_with_the_run(sample_data, tmp_path):
+    # the config as a user runs it, shrunk only in the model and the evaluation so that 100 iterations are quick
+    small = ["--n_layer=1", "--n_head=1", "--n_embd=16", "--block_size=16", "--batch_size=4", "--eval_iters=1",
+             "--eval_interval=50", "--device=cpu", "--dtype=float32"]
+    proc = run_script("train.py", "config/tinystories_cpu.py", *small, f"--data_dir={sample_data}",
+                      f"--out_dir={tmp_path}/o", "--max_iters=100")
+    assert "learning rate: up to 0.002 over 50 iterations, then cosine down to 0.0002 at iteration 100" in proc.stdout
+    lr = {it: float(row["lr"]) for it, row in read_log(tmp_path / "o").items()}
+    assert lr[100] == 2e-4 and 2e-4 < lr[50] <= 2e-3  # min_lr at the end of this run, not at the config's 500
+    # a warmup longer than the run is cut to a tenth of it
+    proc = run_script("train.py", "config/tinystories_cpu.py", *small, f"--data_dir={sample_data}",
+                      f"--out_dir={tmp_path}/p", "--max_iters=40")
+    assert "warming up over the first 4 instead" in proc.stdout
+    lr = {it: float(row["lr"]) for it, row in read_log(tmp_path / "p").items()}
+    assert lr[40] == 2e-4

@@ -1,18 +1,20 @@
-"""The bad-input table of docs/robustness.md, one row per case: each mistake gets one line on stderr, exit code 2,
-nothing lost."""
+"""Mistakes on the command line: the bad-input table of docs/robustness.md, one row per case (each mistake gets one
+line on stderr, exit code 2, nothing lost), values of the right type that make no sense, and a closed stdout."""
 import json
+import os
+import sys
 
 import pytest
 
+from configurator import UserError, check_values
 from files import save_torch
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
-from conftest import GPT2_RANKS, TINY, assert_user_error, run_script
-
-pytestmark = pytest.mark.slow  # every test here starts scripts as subprocesses
+from conftest import GPT2_RANKS, TINY, assert_user_error, run_script, tiny_checkpoint
 
 
-def tiny_checkpoint(path, tokenizer_sha="0" * 64, spec=None):
+def save_tiny_checkpoint(path, tokenizer_sha="0" * 64, spec=None):
+    """Save an untrained one-layer checkpoint at `path` for the bad-input rows."""
     args = dict(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8, dropout=0.0, bias=True)
     spec = spec or {"kind": "bpe", "name": "bpe-64", "sha256": tokenizer_sha, "json": "{}"}
     save_torch({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "tokenizer": spec,
@@ -36,18 +38,18 @@ def setup_files(row, tmp):
         (tmp / "ck" / "best_model_params.pt").write_bytes(b"this is not a checkpoint" * 100)
     elif row == "truncated_checkpoint":
         (tmp / "ck").mkdir()
-        tiny_checkpoint(tmp / "full.pt")
+        save_tiny_checkpoint(tmp / "full.pt")
         data = (tmp / "full.pt").read_bytes()
         (tmp / "ck" / "best_model_params.pt").write_bytes(data[:len(data) // 2])
     elif row == "other_vocabulary":
         (tmp / "ck").mkdir()
-        tiny_checkpoint(tmp / "ck" / "ckpt.pt")
+        save_tiny_checkpoint(tmp / "ck" / "ckpt.pt")
     elif row == "kv_cache_beyond_memory":
         (tmp / "ck").mkdir()
-        tiny_checkpoint(tmp / "ck" / "best_model_params.pt", spec=load_tokenizer(str(GPT2_RANKS)).spec)
+        save_tiny_checkpoint(tmp / "ck" / "best_model_params.pt", spec=load_tokenizer(str(GPT2_RANKS)).spec)
     elif row == "run_exists":
         (tmp / "ck").mkdir()
-        tiny_checkpoint(tmp / "ck" / "ckpt.pt")
+        save_tiny_checkpoint(tmp / "ck" / "ckpt.pt")
 
 
 # (row, script, arguments, fragments of the one-line message). {tmp}: a fresh directory, {data}: prepared sample.
@@ -80,7 +82,8 @@ ROWS = [
      ["was trained with another tokenizer (bpe-64)", "resume with the data it was trained on"]),
     ("no_checkpoint", "sample.py", ["--out_dir={tmp}"], ["no checkpoint at", "python train.py"]),
     ("corrupt_checkpoint", "sample.py", ["--out_dir={tmp}/ck"], ["not a readable checkpoint (truncated or corrupt?)"]),
-    ("truncated_checkpoint", "sample.py", ["--out_dir={tmp}/ck"], ["not a readable checkpoint (truncated or corrupt?)"]),
+    ("truncated_checkpoint", "sample.py", ["--out_dir={tmp}/ck"],
+     ["not a readable checkpoint (truncated or corrupt?)"]),
     ("max_new_tokens_beyond_reason", "sample.py", ["--max_new_tokens=10000000"],
      ["max_new_tokens=10,000,000 is beyond reason", "at most 100,000"]),
     ("prompt_not_unicode", "sample.py", ["--start=Once \udcff"], ["not valid Unicode text (at position 5)"]),
@@ -95,6 +98,7 @@ ROWS = [
 ]
 
 
+@pytest.mark.slow  # starts scripts as subprocesses
 @pytest.mark.parametrize("row,script,args,fragments", ROWS, ids=[r[0] for r in ROWS])
 def test_bad_input(row, script, args, fragments, tmp_path, sample_data, hf_home):
     setup_files(row, tmp_path)
@@ -105,3 +109,38 @@ def test_bad_input(row, script, args, fragments, tmp_path, sample_data, hf_home)
     assert_user_error(proc, *fragments)
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert after == before  # nothing written, nothing half-written, nothing removed
+
+
+def test_values_that_pass_the_type_check_but_make_no_sense():
+    settings = dict(seed=2 ** 64, lr=float("nan"), beta=1.0, steps=0, wd=-0.1)
+    for name, kind, message in (("seed", "seed", "seed must be a seed from 0 to 2\\*\\*64 - 1"),
+                                ("lr", "rate", "lr must be a finite number above 0, got nan"),
+                                ("beta", "fraction", r"beta must be in \[0, 1\), got 1.0"),
+                                ("steps", "count", "steps must be at least 1, got 0"),
+                                ("wd", "rate0", "wd must be a finite number, 0 or more")):
+        with pytest.raises(UserError, match=message):
+            check_values(settings, {name: kind})
+    check_values(dict(seed=2 ** 64 - 1, lr=1e-3, beta=0.0, steps=1, wd=0.0),
+                 dict(seed="seed", lr="rate", beta="fraction", steps="count", wd="rate0"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["sample", "compare"])
+def test_a_closed_stdout_ends_quietly(tmp_path, tiny_models, script):
+    import subprocess
+    from files import save_torch as save_checkpoint
+    from conftest import ROOT
+    if script == "sample":
+        save_checkpoint(tiny_checkpoint(tiny_models[0]["tok"]), tmp_path / "best_model_params.pt")
+        args = ["sample.py", f"--out_dir={tmp_path}", "--device=cpu", "--num_samples=2", "--max_new_tokens=20"]
+    else:
+        report = tmp_path / "eval.json"
+        report.write_text(json.dumps({"kind": "tinystories-eval", "checkpoint": "x"}))
+        args = ["eval.py", f"--compare={report},{report}"]
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line, as `| head -1` is after its line
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=write, stderr=subprocess.PIPE, text=True,
+                          timeout=300)
+    os.close(write)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, \
+        proc.stderr

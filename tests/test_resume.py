@@ -1,20 +1,23 @@
-"""Runs that survive: exact resume, Ctrl-C, SIGKILL during a save, a full disk, non-finite losses."""
+"""A run stopped and continued: exact resume, Ctrl-C and SIGTERM, SIGKILL during a save, non-finite steps, a first
+run that died before its checkpoint, log.csv's rows and clock across a resume."""
+import csv
+import math
 import os
-import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import plumbing
 from checkpoint import load_checkpoint
-from files import save_torch
-from conftest import ROOT, SAMPLE, TINY, assert_user_error, run_script
-
-FAST = [*TINY, "--eval_iters=2", "--log_interval=1"]
+from configurator import UserError
+from model import GPT, GPTConfig
+from conftest import FAST, ROOT, TINY, TINY_ARGS, assert_user_error, read_log, run_script
 
 
 def train_proc(*args, **popen):
@@ -67,22 +70,13 @@ def test_stopped_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(sample
 
 # Resuming with another model shape or other data is refused: test_recipe.py's
 # test_resume_refuses_other_switches_or_another_optimizer (a changed n_layer and norm, one refusal naming both) and
-# test_bad_inputs.py's other_vocabulary row (a checkpoint of another tokenizer than the data's).
-
-
-@pytest.fixture(scope="module")
-def two_steps(sample_data, tmp_path_factory):
-    """A run of FAST for 2 iterations, evaluated and saved at 2: its out_dir, which tests copy before resuming it."""
-    out = tmp_path_factory.mktemp("two_steps") / "o"
-    run_script("train.py", *FAST, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=2",
-               "--eval_interval=2")
-    return out
+# test_cli_errors.py's other_vocabulary row (a checkpoint of another tokenizer than the data's).
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_finishes_the_step_saves_and_exits_0(sig, sample_data, tmp_path):
-    # both signals go to one handler (train.StopRequest) and the same save: the resume runs after SIGINT only
+    # both signals go to one handler (plumbing.StepGuard) and the same save: the resume runs after SIGINT only
     out = tmp_path / "o"
     proc = train_proc(*FAST, f"--data_dir={sample_data}", f"--out_dir={out}", "--max_iters=100000",
                       "--eval_interval=100000")
@@ -142,64 +136,6 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(sample_da
 
 
 @pytest.mark.slow
-def test_prepare_killed_while_writing_leaves_nothing_that_looks_complete(tmp_path, hf_home):
-    data = tmp_path / "d"
-    cmd = [sys.executable, str(ROOT / "prepare.py"), f"--dataset={SAMPLE}", "--tokenizer=bpe", "--vocab_size=300",
-           f"--data_dir={data}", "--num_proc=1", "--shards=100000"]  # many small shards: a longer write
-    env = {**os.environ, "HF_HOME": str(hf_home)}
-    subprocess.run(cmd, env=env, check=True, capture_output=True)  # a complete, older preparation
-    before = {p.name: p.read_bytes() for p in data.iterdir() if p.name != ".lock"}
-    proc = subprocess.Popen([*cmd, "--force", "--vocab_size=400"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list(data.glob(".*.bin.*.tmp")):
-        time.sleep(0.0002)
-    proc.kill()
-    proc.wait()
-    assert list(data.glob(".*.bin.*.tmp")), "the kill did not land during a write"
-    # the new files were written aside: the older preparation is still there, complete and usable
-    assert {p.name: p.read_bytes() for p in data.iterdir() if p.suffix != ".tmp" and p.name != ".lock"} == before
-    proc = run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}/o", "--max_iters=1",
-                      "--eval_iters=1")
-    assert "done: best validation loss" in proc.stdout
-
-
-@pytest.mark.slow
-def test_full_disk_while_saving_keeps_the_previous_checkpoint(sample_data, two_steps, tmp_path):
-    out = tmp_path / "o"
-    shutil.copytree(two_steps, out)
-    before = (out / "ckpt.pt").read_bytes()
-    # ckpt.pt holds AdamW's two moments besides the weights, about 3x best_model_params.pt: at 2x, the weights
-    # can still be written and the checkpoint cannot
-    limit = 2 * os.path.getsize(out / "best_model_params.pt")
-
-    def small_disk():  # files past `limit` bytes cannot be written, like a disk that fills up
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *FAST, f"--data_dir={sample_data}",
-                           f"--out_dir={out}", "--max_iters=4", "--eval_interval=2", "--init_from=resume"],
-                          cwd=ROOT, capture_output=True, text=True, preexec_fn=small_disk)
-    assert_user_error(proc, f"could not write {out}/ckpt.pt", "previous ckpt.pt is intact")
-    assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob("*.tmp"))
-
-
-def test_save_torch_failure_removes_the_partial_file(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    save_torch({"x": 1}, path)
-
-    def failing_save(obj, f):
-        f.write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError):
-        save_torch({"x": 2}, path)
-    monkeypatch.undo()
-    assert torch.load(path, weights_only=True) == {"x": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
-
-
-@pytest.mark.slow
 def test_non_finite_losses_skip_steps_then_stop_keeping_the_last_good_checkpoint(sample_data, two_steps, tmp_path):
     out = tmp_path / "o"
     shutil.copytree(two_steps, out)
@@ -212,20 +148,53 @@ def test_non_finite_losses_skip_steps_then_stop_keeping_the_last_good_checkpoint
     assert ckpt["iter_num"] == 2 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
-class _Payload:
-    """Pickles as a call to os.system: what a malicious checkpoint from the internet would carry."""
+def test_weights_or_losses_that_are_not_finite_are_never_saved(monkeypatch):
+    model = GPT(GPTConfig(**TINY_ARGS))
+    cfg = SimpleNamespace(learning_rate=1e-3, out_dir="out")
+    plumbing.check_finite(model, {"train": 4.1, "validation": 4.2}, 10, cfg)
+    with pytest.raises(UserError, match="losses are no longer finite at iteration 10, so nothing was saved"):
+        plumbing.check_finite(model, {"train": 4.1, "validation": math.nan}, 10, cfg)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = math.inf
+    with pytest.raises(UserError, match="weights are no longer finite .*--init_from=resume"):
+        plumbing.check_finite(model, {"train": 4.1, "validation": 4.2}, 10, cfg)
 
-    def __init__(self, marker):
-        self.marker = marker
 
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
+@pytest.mark.slow
+def test_a_first_run_that_died_before_its_checkpoint_starts_again(tmp_path, tiny_data):
+    from conftest import TINY
+    from files import save_torch
+    out = tmp_path / "out"  # what a run killed after its iteration-0 evaluation leaves
+    save_torch({"model": {}, "model_args": {}, "tokenizer": {}, "config": {}, "iter_num": 0},
+               out / "best_model_params.pt")
+    (out / "log.csv").write_text("iter,tokens\n0,0\n")
+    args = [*TINY, f"--data_dir={tiny_data}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2"]
+    assert_user_error(run_script("train.py", *args, "--init_from=resume", check=False),
+                      "stopped before its first checkpoint", "without --init_from=resume")
+    proc = run_script("train.py", *args)
+    assert "starting again" in proc.stdout and (out / "ckpt.pt").exists()
+    assert_user_error(run_script("train.py", *args, check=False), "already holds a run")  # now a real run
 
 
-def test_a_checkpoint_cannot_run_code(tmp_path):
-    from configurator import UserError
-    marker = tmp_path / "pwned"
-    torch.save({"model": _Payload(marker), "model_args": {}, "tokenizer": {}}, tmp_path / "evil.pt")
-    with pytest.raises(UserError, match="not a readable checkpoint"):
-        load_checkpoint(tmp_path / "evil.pt")
-    assert not marker.exists()
+def test_resume_drops_log_rows_past_the_checkpoint(tmp_path):
+    log = tmp_path / "log.csv"
+    rows = [plumbing.LOG_COLUMNS] + [[i, i * 10, 1, 1, 1, 1, 1e-3, float(i)] for i in (0, 2, 4, 6)]
+    with open(log, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    plumbing.start_log(str(log), 4, resume=True)  # killed after logging iteration 6, before its checkpoint
+    with open(log, newline="") as f:
+        kept = list(csv.reader(f))
+    assert [r[0] for r in kept] == ["iter", "0", "2", "4"]
+    plumbing.start_log(str(log), 0, resume=False)
+    assert log.read_text().strip() == ",".join(plumbing.LOG_COLUMNS)
+
+
+@pytest.mark.slow  # train.py as a subprocess
+def test_elapsed_time_continues_across_a_resume(sample_data, tmp_path):
+    args = [*TINY, f"--data_dir={sample_data}", f"--out_dir={tmp_path}/o", "--eval_interval=10", "--eval_iters=1",
+            "--lr_decay_iters=40"]
+    run_script("train.py", *args, "--max_iters=20")
+    run_script("train.py", *args, "--max_iters=40", "--init_from=resume")
+    rows = read_log(tmp_path / "o")
+    elapsed = [float(rows[it]["elapsed_s"]) for it in (0, 10, 20, 30, 40)]
+    assert elapsed == sorted(elapsed)  # the clock of the run, not of each process: it never goes back
