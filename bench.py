@@ -185,8 +185,8 @@ def train_mode(mode, args, batch, dev, precision, n_steps, n_warmup, optimizer="
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
-    # MFU against the matmul ceiling timed just before each step: on a shared machine the ceiling itself moves by
-    # 2x within seconds, so a ceiling measured minutes earlier would make the ratio a coin toss
+    # MFU against the matmul ceiling timed just before each step: on a shared machine the ceiling itself moves within
+    # seconds (dev/speed-log.md), so a ceiling measured minutes earlier would make the ratio a coin toss
     n = ceiling_n
     a, b = (torch.randn(n, n, device=dev, dtype=DTYPES[step_dtype]) for _ in range(2))
     for _ in range(n_warmup):

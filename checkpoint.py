@@ -3,8 +3,9 @@ from one for inference (sample.py, eval.py, serve.py, export.py), optionally qua
 
 A checkpoint is a dict saved with files.save_torch: "model" (state dict), "model_args" (GPTConfig fields),
 "tokenizer" (the Tokenizer spec, so a checkpoint decodes without its data directory), "config" (the training
-settings), "instruct" (trained on instructed data), "iter_num" and, in best_model_params.pt, "val_loss"; in ckpt.pt
-also "optimizer", "scaler", "best_val_loss", "rng" (the random generators) and "elapsed_s" for resuming.
+settings), "instruct" (trained on instructed data), "validation" (the size of the validation split it was evaluated
+on: documents, tokens, bytes), "iter_num" and, in best_model_params.pt, "val_loss"; in ckpt.pt also "optimizer",
+"scaler", "best_val_loss", "rng" (the random generators) and "elapsed_s" for resuming.
 """
 
 import copy
@@ -17,7 +18,7 @@ import torch.nn as nn
 from configurator import available_memory
 from errors import UserError
 from files import load_torch, save_torch
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, swiglu_hidden
 from tokenizer import Tokenizer, check_spec
 
 
@@ -83,6 +84,10 @@ def check_weights(state, model_args):
     if not_tensors:
         raise UserError(f"its weights (the 'model' entry) hold entries that are not tensors: "
                         f"{', '.join(map(str, not_tensors[:3]))}")
+    n, held = count_params(model_config(model_args)), sum(v.numel() for v in state.values())
+    if n > held:  # before building even an empty model of that shape, which takes time in proportion to it
+        raise UserError(f"the weights do not fit its model_args: they describe {n:,} parameters, the weights hold "
+                        f"{held:,} values")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in GPT(model_config(model_args)).state_dict().items()}
     missing = [k for k in expected if k not in state]
@@ -96,12 +101,25 @@ def check_weights(state, model_args):
         raise UserError(f"the weights do not fit its model_args ({'; '.join(problems)})")
 
 
+def count_params(config):
+    """The parameters of GPT(config), counted from the shape alone (GPT.num_params() of the built model: a tied head
+    counted once), so that any shape, however large, is counted at once and without memory."""
+    C, V, L, bias = config.n_embd, config.vocab_size, config.n_layer, config.bias
+    norm = C * (2 if config.norm == "layernorm" and bias else 1)  # gain (and bias)
+    hidden = swiglu_hidden(C) if config.mlp == "swiglu" else 4 * C
+    fc = hidden * (2 if config.mlp == "swiglu" else 1)  # c_fc's outputs: SwiGLU's gate and up in one matrix
+    linears = [(C, 3 * C), (C, C), (C, fc), (hidden, C)]  # (in, out): attention's c_attn, c_proj; the MLP's
+    block = (2 * norm + sum(i * o + (o if bias else 0) for i, o in linears)
+             + (2 * (C // config.n_head) if config.qk_norm else 0))
+    positions = config.block_size * C if config.pos_embedding == "learned" else 0
+    return V * C + positions + L * block + norm + (0 if config.tie_embeddings else V * C)
+
+
 def check_fits(model_args, device, bytes_per_param=4, what="its weights"):
     """Raise UserError, before anything is allocated, when a model of these GPTConfig fields needs more memory than
-    `device` has free: parameters (counted on the "meta" device) x bytes_per_param (4: float32 weights; 16 for
-    training with AdamW: weights, gradients and two moments). `what` names the need in the message."""
-    with torch.device("meta"):
-        n = GPT(model_config(model_args)).num_params()
+    `device` has free: parameters (count_params) x bytes_per_param (4: float32 weights; 16 for training with AdamW:
+    weights, gradients and two moments). `what` names the need in the message."""
+    n = count_params(model_config(model_args))
     need, free = n * bytes_per_param, available_memory(device)
     if free is not None and need > free:
         raise UserError(f"this model has {n / 1e6:,.0f}M parameters: {what} need about {need / 1e9:,.1f} GB, more "

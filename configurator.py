@@ -22,6 +22,7 @@ It also turns the settings every script shares into concrete choices: `resolve_d
 """
 
 import ast
+import codecs
 import difflib
 import math
 import os
@@ -34,6 +35,7 @@ import tokenize
 import torch
 
 from errors import UserError  # noqa: F401 (the scripts import it from here with configure and run)
+from files import read_input_bytes
 
 
 def run(main):
@@ -56,6 +58,13 @@ def run(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except RuntimeError as e:
+        if not _peer_died(e):
+            raise
+        print(f"error: another process of this torchrun run stopped, and with it the connection to this one "
+              f"({str(e).splitlines()[0][:160]}); its own output says why. Continue from the last checkpoint with "
+              f"the same torchrun command and --init_from=resume", file=sys.stderr)
+        sys.exit(2)
     except BrokenPipeError:
         if not _stdout_closed():
             raise
@@ -64,6 +73,17 @@ def run(main):
         # complain, so stdout now goes nowhere.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
+
+
+def _peer_died(error):
+    """Whether `error` is a process group's collective failing because another process went away (killed, out of
+    memory, its torchrun agent stopped): gloo and NCCL report a connection reset or closed by the peer."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    text = str(error)
+    lost = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator")
+    return isinstance(error, getattr(dist, "DistBackendError", ())) or any(s in text for s in lost)
 
 
 def _stdout_closed():
@@ -150,7 +170,8 @@ def configure(defaults, argv=None, doc=None):
         dict of every setting after overrides, in definition order (print it, store it in checkpoints).
     Raises:
         UserError: unknown key (with the closest known key), wrong type, missing or failing config file,
-            or an argument that is neither a file nor `--key=value`.
+            an argument that is neither a file nor `--key=value`, or a text value that is not valid UTF-8
+            (check_utf8: checked before anything is printed or written).
     """
     argv = sys.argv[1:] if argv is None else argv
     known = _configurable(defaults)
@@ -183,11 +204,13 @@ def configure(defaults, argv=None, doc=None):
                     continue  # imports and helper functions of the config file
                 if k not in known:
                     raise _unknown(k, known, arg)
+                check_utf8(f"{arg}: {k}", v)
                 known[k] = _check_type(k, v, known[k], arg)
         else:
             key, sep, text = arg[2:].partition("=")
             if key not in known:
                 raise _unknown(key, known, arg)
+            check_utf8(f"--{key}", text)  # before anything prints or writes it
             if not sep:
                 if type(known[key]) is not bool:
                     raise UserError(f"{arg}: flags take the form --key=value (a bare --{key} is only for on/off "
@@ -199,6 +222,7 @@ def configure(defaults, argv=None, doc=None):
                 value = text
             if isinstance(known[key], str) and not isinstance(value, str):
                 value = text  # --start=123 means the text "123" for a string setting
+            check_utf8(f"--{key}", value)  # '"\\udcff"' is a literal of a lone surrogate
             known[key] = _check_type(key, value, known[key], arg)
 
     defaults.update(known)
@@ -226,18 +250,47 @@ def check_values(settings, kinds):
             raise UserError(f"{name} must be {expected}, got {settings[name]!r}")
 
 
-def read_text(path, what="file"):
-    """The content of the UTF-8 text file `path` that the user named, as str (universal newlines); `what` names it
-    in messages ("prompt file", "text file"). Raises UserError: missing or unreadable, or not UTF-8 (with the
-    offending byte and its offset)."""
+def check_utf8(name, value):
+    """Raise UserError unless `value` (a setting's value, or the text given for it; the strs inside lists, tuples
+    and dicts too) can be written as UTF-8. Python decodes bytes of the command line that are not UTF-8
+    (`--out_dir=$'\\xff'`) to lone surrogates (U+DC80..U+DCFF), which every later print, path or JSON would fail
+    on; `name` ("--out_dir", "cfg.py: out_dir") says where the value came from. The message names the first
+    offending byte (or character, for a surrogate written into a config file) and its position."""
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            check_utf8(name, item)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_utf8(name, k)
+            check_utf8(name, v)
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            code = ord(value[e.start])
+            what = f"byte {code - 0xDC00:#x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+            raise UserError(f"{name}: the value is not valid UTF-8 text ({what} at position {e.start}): pass UTF-8 "
+                            f"text (set the terminal, or save the file, as UTF-8)") from None
+
+
+def read_text(path, what="file", limit=64 << 20, hint=""):
+    """The content of the UTF-8 text file `path` that the user named, as str (universal newlines), read as editors
+    write it: a leading byte-order mark (EF BB BF, which Windows editors put first) is not text and is dropped.
+    `what` names the file in messages ("the prompt file", "the text file"); `limit` is the largest size in bytes
+    that makes sense for this kind of file (64 MiB unless the caller says), `hint` how to make a larger one fit.
+
+    The file is checked before it is opened (files.check_input_file): a device such as /dev/zero, a FIFO, a folder
+    or a file over `limit` bytes is refused, never read until the memory runs out or blocked on.
+    Raises UserError: missing, not a regular file, too large, unreadable, or not UTF-8 (with the offending byte
+    and its offset)."""
+    data = read_input_bytes(path, what, limit, hint)
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as e:
-        raise UserError(f"cannot read the {what} {path}: {e.strerror or e}") from None
+        text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"the {what} {path} is not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start}): "
-                        f"save it as UTF-8") from None
+        raise UserError(f"{path} ({what}) is not UTF-8 text (byte {e.object[e.start]:#x} at offset "
+                        f"{bom + e.start}): save it as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() in text mode
 
 
 # --------------------------------------------------------------------------------------------------------------

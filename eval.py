@@ -54,7 +54,7 @@ import torch
 
 from checkpoint import load_model, quantize_int8
 from configurator import UserError, autocast, check_values, configure, resolve_device, read_text, run
-from files import write_text_atomic
+from files import GiB, MiB, check_input_file, write_text_atomic
 from instruct import CHECKABLE, header, load_instructions, score, summarize, words
 from judge import CRITERIA, judge_samples
 from model import SAMPLING_DEFAULTS, check_sampling
@@ -95,6 +95,10 @@ quantize = ""                           # "int8": evaluate sample.py --quantize=
 # -----------------------------------------------------------------------------
 
 _REPORT_KIND = "tinystories-eval"
+# The largest files that make sense here, in bytes (files.check_input_file refuses larger ones before reading):
+TEXT_LIMIT = 1 * GiB  # --text: held in memory with its tokens (TinyStoriesV2's validation file is 22 MB)
+INSTRUCT_LIMIT = 1 * GiB  # --instruct: parsed whole (each file of TinyStories' archive is a few hundred MB)
+REPORT_LIMIT = 256 * MiB  # a report of eval.py (--compare, or the --report it would replace): stories and numbers
 
 # Openings in the style of TinyStories, each stopping mid-sentence so the model has to continue it.
 PROMPTS = [
@@ -210,9 +214,17 @@ def loss_summary(result, n_tokens, n_bytes):
             "bits_per_byte": bits_per_byte(loss, n_tokens, n_bytes)}
 
 
+def check_text_file(path):
+    """Check the --text file before anything is loaded (files.check_input_file): a regular file of at most
+    TEXT_LIMIT bytes. Raises UserError naming it otherwise (missing, a folder, a device, a FIFO, too large)."""
+    check_input_file(path, "the --text file", TEXT_LIMIT, "score a part of it (head -c 100M FILE > part.txt)")
+
+
 def text_documents(path):
     """The documents of a text file exactly as prepare.py reads a .txt (prepare.text_documents, the one owner of
-    that rule). Returns a list of str. Raises UserError: missing, not a file, unreadable, not UTF-8, or no text."""
+    that rule; a leading byte-order mark is not text). Returns a list of str. Raises UserError: missing, not a
+    regular file (a folder, /dev/zero, a FIFO), over TEXT_LIMIT bytes, unreadable, not UTF-8, or no text."""
+    check_text_file(path)
     docs = list(prepared_documents(path))
     if not docs:
         raise UserError(f"the text file {path} holds no text, only <|endoftext|> lines and whitespace")
@@ -359,7 +371,8 @@ def read_instructions(path, n):
     """The first n rows' instructions of the --instruct file (instruct.load_instructions). Raises UserError: the
     file is unreadable or malformed (naming the row)."""
     try:
-        rows = load_instructions(path, read_text(path, "instructions file"))
+        rows = load_instructions(path, read_text(path, "the --instruct file", INSTRUCT_LIMIT,
+                                                 "take the first rows into a smaller file"))
     except ValueError as e:
         if isinstance(e, UserError):
             raise
@@ -402,20 +415,26 @@ def instructed_samples(model, tok, dev, ctx, ckpt):
 
 
 def instruct_rows(results):
-    """Summary rows of an --instruct report (see instruct.summarize); [] for other reports."""
-    ins = results.get("instruct")
+    """Summary rows of an --instruct report (see instruct.summarize); [] for other reports.
+    Raises ReportFieldError: a field of the wrong type (see summary_rows)."""
+    ins = _section(results, "instruct")
     if not ins:
         return []
-    rows = [("instructions file", ins["file"]),
-            ("trained with instructions", "yes" if ins["trained_with_instructions"] else "no"),
-            ("required words used", f"{_fmt(ins['word_share'], 'pct')} ({ins['words_used']} of "
-                                    f"{ins['words_required']})"),
-            ("uses per used word", "-" if ins.get("uses_per_used_word") is None  # None in older reports too
-             else f"{ins['uses_per_used_word']:.2f}")]
+    rows = [("instructions file", _fmt(ins.get("file"), "str", "instruct.file")),
+            ("trained with instructions", "yes" if ins.get("trained_with_instructions") else "no"),
+            ("required words used", f"{_fmt(ins.get('word_share'), 'pct', 'instruct.word_share')} ("
+                                    f"{_fmt(ins.get('words_used'), 'd', 'instruct.words_used')} of "
+                                    f"{_fmt(ins.get('words_required'), 'd', 'instruct.words_required')})"),
+            ("uses per used word",  # None in older reports too
+             _fmt(ins.get("uses_per_used_word"), ".2f", "instruct.uses_per_used_word"))]
     for name in CHECKABLE:
-        f = ins[name]
-        rows.append((f"{name}: present when asked / not", f"{_fmt(f['present_when_asked'], 'pct')} of "
-                     f"{f['asked']} / {_fmt(f['present_when_not_asked'], 'pct')} of {f['not_asked']}"))
+        f = _section(ins, name, f"instruct.{name}")
+        field = f"instruct.{name}."
+        rows.append((f"{name}: present when asked / not",
+                     f"{_fmt(f.get('present_when_asked'), 'pct', field + 'present_when_asked')} of "
+                     f"{_fmt(f.get('asked'), 'd', field + 'asked')} / "
+                     f"{_fmt(f.get('present_when_not_asked'), 'pct', field + 'present_when_not_asked')} of "
+                     f"{_fmt(f.get('not_asked'), 'd', field + 'not_asked')}"))
     return rows
 
 
@@ -438,42 +457,87 @@ def instruct_table(samples):
 # --------------------------------------------------------------------------------------------------------------
 # 3. Reports
 
-def _fmt(value, spec):
+class ReportFieldError(ValueError):
+    """A field of a report holds a value of the wrong type: a report edited by hand or damaged."""
+
+
+_EXPECTED = {"str": "text", "d": "a whole number", ",": "a whole number"}  # other specs: "a number"
+
+
+def _short(value, width=60):
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _fmt(value, spec, field="value"):
+    """A report's value formatted for the summary: "-" for None; `spec` "str" (text as it is), "pct" (a share as
+    a percentage) or a format spec ("d" and "," take whole numbers, the others any number; never a bool).
+    Raises ReportFieldError naming `field` (its path in the report, "loss.perplexity") when the value is not of
+    that kind."""
     if value is None:
         return "-"
+    if spec == "str":
+        ok = isinstance(value, str)
+    elif spec in ("d", ","):
+        ok = type(value) is int
+    else:
+        ok = type(value) in (int, float)
+    if not ok:
+        raise ReportFieldError(f"its field {field} holds {type(value).__name__} {_short(value)}, not "
+                               f"{_EXPECTED.get(spec, 'a number')}")
+    if spec == "str":
+        return value
     if spec == "pct":
         return f"{100 * value:.1f}%"
     return format(value, spec)
 
 
+def _section(results, key, field=None):
+    """results[key] when it is an object (dict); {} when it is missing or None. Raises ReportFieldError otherwise."""
+    value = results.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ReportFieldError(f"its field {field or key} holds {type(value).__name__} {_short(value)}, not an "
+                               f"object")
+    return value
+
+
 def summary_rows(results):
-    """(label, formatted value) pairs of a report, the rows of the summary, eval.md and --compare."""
-    loss, stories, judge = results.get("loss") or {}, results.get("stories") or {}, results.get("judge") or {}
-    model = results.get("model") or {}
-    rows = [("checkpoint", results.get("checkpoint", "-")),
-            ("iteration", _fmt(model.get("iter_num"), "d")),
-            ("parameters", _fmt(model.get("params"), ",")),
-            ("tokenizer", model.get("tokenizer", "-"))]
+    """(label, formatted value) pairs of a report, the rows of the summary, eval.md and --compare; "-" for a field
+    the report lacks (older reports). Raises ReportFieldError naming the first field whose value has the wrong
+    type (a number replaced by text or a list: a report edited by hand or damaged)."""
+    loss, stories, judge = _section(results, "loss"), _section(results, "stories"), _section(results, "judge")
+    model = _section(results, "model")
+    rows = [("checkpoint", _fmt(results.get("checkpoint"), "str", "checkpoint")),
+            ("iteration", _fmt(model.get("iter_num"), "d", "model.iter_num")),
+            ("parameters", _fmt(model.get("params"), ",", "model.params")),
+            ("tokenizer", _fmt(model.get("tokenizer"), "str", "model.tokenizer"))]
     if loss:
-        rows += [("scored text", loss["source"] + (" (first max_tokens only)" if loss.get("partial") else "")),
-                 ("tokens scored", _fmt(loss["tokens_scored"], ",")),
-                 ("window / overlap", f"{loss['block_size']} / {loss['overlap']}"),
-                 ("loss (nats/token)", _fmt(loss["nats_per_token"], ".4f")),
-                 ("perplexity", _fmt(loss["perplexity"], ".2f")),
-                 ("bits per byte", _fmt(loss["bits_per_byte"], ".4f"))]
+        rows += [("scored text", _fmt(loss.get("source"), "str", "loss.source")
+                  + (" (first max_tokens only)" if loss.get("partial") else "")),
+                 ("tokens scored", _fmt(loss.get("tokens_scored"), ",", "loss.tokens_scored")),
+                 ("window / overlap", f"{_fmt(loss.get('block_size'), 'd', 'loss.block_size')} / "
+                                      f"{_fmt(loss.get('overlap'), 'd', 'loss.overlap')}"),
+                 ("loss (nats/token)", _fmt(loss.get("nats_per_token"), ".4f", "loss.nats_per_token")),
+                 ("perplexity", _fmt(loss.get("perplexity"), ".2f", "loss.perplexity")),
+                 ("bits per byte", _fmt(loss.get("bits_per_byte"), ".4f", "loss.bits_per_byte"))]
     if stories:
-        rows += [("samples", _fmt(stories["num_samples"], "d")),
-                 ("mean length (tokens)", _fmt(stories["tokens"], ".1f")),
-                 ("mean length (words)", _fmt(stories["words"], ".1f")),
-                 ("ended with <|endoftext|>", _fmt(stories["ended"], "pct")),
-                 ("distinct-1 / 2 / 3", " / ".join(_fmt(stories[f"distinct_{n}"], ".3f") for n in (1, 2, 3))),
-                 ("longest repeated n-gram (words)", _fmt(stories["longest_repeat"], ".1f")),
-                 ("words not in train split", _fmt(stories["oov"], "pct"))]
+        rows += [("samples", _fmt(stories.get("num_samples"), "d", "stories.num_samples")),
+                 ("mean length (tokens)", _fmt(stories.get("tokens"), ".1f", "stories.tokens")),
+                 ("mean length (words)", _fmt(stories.get("words"), ".1f", "stories.words")),
+                 ("ended with <|endoftext|>", _fmt(stories.get("ended"), "pct", "stories.ended")),
+                 ("distinct-1 / 2 / 3", " / ".join(_fmt(stories.get(f"distinct_{n}"), ".3f", f"stories.distinct_{n}")
+                                                   for n in (1, 2, 3))),
+                 ("longest repeated n-gram (words)", _fmt(stories.get("longest_repeat"), ".1f",
+                                                          "stories.longest_repeat")),
+                 ("words not in train split", _fmt(stories.get("oov"), "pct", "stories.oov"))]
     rows += instruct_rows(results)
     if judge:
-        rows += [(f"judge {c} (1-10)", _fmt(judge[c], ".2f")) for c in CRITERIA]
-        parsed = f"{judge['graded']} of {judge['graded'] + judge['unparseable']} ({judge['model']})"
-        rows += [("judge answers parsed", parsed)]
+        rows += [(f"judge {c} (1-10)", _fmt(judge.get(c), ".2f", f"judge.{c}")) for c in CRITERIA]
+        graded, unparseable = (_fmt(judge.get(k), "d", f"judge.{k}") for k in ("graded", "unparseable"))
+        total = "-" if "-" in (graded, unparseable) else f"{judge['graded'] + judge['unparseable']}"
+        rows += [("judge answers parsed", f"{graded} of {total} ({_fmt(judge.get('model'), 'str', 'judge.model')})")]
     return rows
 
 
@@ -508,13 +572,13 @@ def markdown_report(results):
 
 
 def load_report(path):
-    """A report written by eval.py. Raises UserError if it is missing, not JSON, or not such a report."""
+    """A report written by eval.py (UTF-8 JSON, at most REPORT_LIMIT bytes). Raises UserError if it is missing,
+    not a regular file, too large, not JSON, or not such a report."""
     try:
-        with open(path, encoding="utf-8") as f:
-            results = json.load(f)
-    except OSError as e:
-        raise UserError(f"cannot read the report {path}: {e.strerror or e}") from None
+        results = json.loads(read_text(path, "the report", REPORT_LIMIT))
     except ValueError as e:
+        if isinstance(e, UserError):
+            raise
         raise UserError(f"{path} is not a JSON file ({e})") from None
     if not isinstance(results, dict) or results.get("kind") != _REPORT_KIND:
         raise UserError(f"{path} is not a report written by eval.py")
@@ -522,8 +586,15 @@ def load_report(path):
 
 
 def compare_reports(paths):
-    """Markdown table of saved reports side by side, one column per path. Raises UserError (see load_report)."""
-    return markdown_table(paths, [summary_rows(load_report(p)) for p in paths])
+    """Markdown table of saved reports side by side, one column per path. Raises UserError: see load_report; also
+    a report whose field holds a value of the wrong type (naming the report and the field)."""
+    row_lists = []
+    for path in paths:
+        try:
+            row_lists.append(summary_rows(load_report(path)))
+        except ReportFieldError as e:
+            raise UserError(f"{path} is damaged or was edited: {e}; write it again with eval.py") from None
+    return markdown_table(paths, row_lists)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -537,6 +608,8 @@ def check_settings():
     if max_tokens == 1:
         raise UserError("max_tokens=1 leaves nothing to predict: use 0 (all) or at least 2")
     check_sampling(temperature, top_k, top_p, max_new_tokens)
+    if text:
+        check_text_file(text)  # a FIFO or /dev/zero fails now, not after the model is loaded
     if instruct:
         if num_samples < 1:
             raise UserError("--instruct writes num_samples stories: use num_samples of 1 or more")
@@ -597,14 +670,8 @@ def main():
 
     t = time.time()
     n_used = min(len(stream), max_tokens) if max_tokens else len(stream)
-    last_line = [time.time()]
-
-    def progress(done, total):  # a line every 10 s on long runs
-        if time.time() - last_line[0] >= 10 and done < total:
-            last_line[0] = time.time()
-            print(f"loss: {done:,} of {total:,} windows", file=sys.stderr, flush=True)
-
-    res = exact_loss(model, stream[:n_used], window, window_overlap, batch_size, dev, ctx, progress=progress)
+    res = exact_loss(model, stream[:n_used], window, window_overlap, batch_size, dev, ctx,
+                     progress=progress_printer(sys.stderr))
     # bits per byte with the whole text's tokens/bytes ratio (an estimate when max_tokens cuts the stream)
     result["loss"] = {"source": source, **loss_summary(res, counts["tokens"], counts["bytes"]),
                       "loss_sum": res["loss_sum"], "tokens_scored": res["tokens_scored"],
@@ -653,6 +720,26 @@ def text_to_score(tok, prepared, meta, problems, ckpt_path):
     return stream, counts, source
 
 
+def progress_printer(stream, every=10.0):
+    """The progress display of the exact loss: a callable(done, total) for exact_loss's `progress` that writes
+    "loss: N of M windows" to `stream` at most once every `every` seconds, rewriting one line in place (\\r), and
+    ends that line when done, but only when `stream` is a terminal. A file or pipe (a log, a test, `2> err.txt`)
+    gets nothing: dozens of progress lines are noise there, and the summary says what was scored."""
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        return None
+    last, shown = [time.time()], [False]
+
+    def progress(done, total):
+        if done >= total:
+            if shown[0]:
+                print(file=stream, flush=True)  # ends the line the display rewrote
+        elif time.time() - last[0] >= every:
+            last[0], shown[0] = time.time(), True
+            print(f"\rloss: {done:,} of {total:,} windows", end="", file=stream, flush=True)
+
+    return progress
+
+
 def check_writable(json_path, md_path):
     """Raise UserError now, before the model work, if the report could not be written later, or if writing it
     would replace a file that is not an earlier report (a checkpoint given as --report by mistake, a folder):
@@ -674,6 +761,7 @@ def check_writable(json_path, md_path):
 
 def _is_report(path):
     try:
+        check_input_file(path, "the report", REPORT_LIMIT)  # not a FIFO, which would block the open
         with open(path, "rb") as f:
             if f.read(1) != b"{":  # a checkpoint (a zip: "PK"), a text...: not read whole
                 return False
@@ -685,9 +773,10 @@ def _is_report(path):
 
 def _is_markdown_report(path):
     try:
+        check_input_file(path, "the report's summary", REPORT_LIMIT)  # not a FIFO, which would block the open
         with open(path, encoding="utf-8") as f:
-            return os.path.isfile(path) and f.read(len("# Evaluation of ")) == "# Evaluation of "
-    except (OSError, UnicodeDecodeError):
+            return f.read(len("# Evaluation of ")) == "# Evaluation of "
+    except (OSError, UnicodeDecodeError, UserError):
         return False
 
 

@@ -1,11 +1,14 @@
 """Files written safely: whole or not at all (atomic_file), appended without following links (append_line), and
 folders locked to one writer (lock_dir). Every file this project writes goes through here.
 
-Also the one reader of files saved with torch.save (load_torch), which refuses code inside them."""
+Also the one check of a file the user names before it is read (check_input_file: a regular file of sane size,
+never a device, FIFO or folder), and the one reader of files saved with torch.save (load_torch), which refuses
+code inside them."""
 
 import contextlib
 import errno
 import os
+import stat
 import sys
 import tempfile
 
@@ -92,6 +95,72 @@ def write_text_atomic(text, path):
     """Write the str `text` to `path` (UTF-8) through atomic_file. Raises OSError (the temporary file removed)."""
     with atomic_file(path) as f:
         f.write(text)
+
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_input_file(path, what, limit=None, hint=""):
+    """Check a file the user named before anything opens it: it must be a regular file (a link to one is fine)
+    of at most `limit` bytes. Reading /dev/zero or /dev/urandom would fill the memory, opening a FIFO blocks
+    until a writer comes and reading a folder fails with an odd message; os.stat tells them apart without opening
+    anything. Every script routes the files it is given (prompts, texts, instructions, reports, tokenizers,
+    datasets, meta.json) through here, each kind with its own limit.
+
+    Args:
+        path: the file. what: what it is to the user, for messages ("the prompt file", "the train split").
+        limit: the largest size in bytes that makes sense for this kind of file; None: any (files read in
+            pieces, such as a dataset). hint: appended to the too-large message (how to make it smaller).
+    Returns:
+        its size in bytes (int).
+    Raises:
+        UserError: one line naming the file and what is wrong: it does not exist, cannot be reached
+            (permissions), is a directory, character device, block device, FIFO or socket, or is too large
+            ("too large: N bytes, the limit is M").
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"{path} ({what}) does not exist: name a file") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        raise UserError(f"cannot read {path} ({what}): {getattr(e, 'strerror', None) or e}") from None
+    for test, kind in _NOT_REGULAR:
+        if test(st.st_mode):
+            raise UserError(f"{path} ({what}) is {kind}, not a regular file: name a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{path} ({what}) is not a regular file: name a file")
+    if limit is not None and st.st_size > limit:
+        raise UserError(f"{path} ({what}) is too large: {st.st_size:,} bytes, the limit is {limit:,}"
+                        f"{f'; {hint}' if hint else ''}")
+    return st.st_size
+
+
+def read_input_bytes(path, what, limit, hint=""):
+    """The bytes of a file the user named, checked by check_input_file first and read with O_NONBLOCK (a FIFO put
+    there after the check does not block the open) and never more than `limit` bytes (a file that grows while it
+    is read, or one whose size the OS reports as 0, such as those in /proc). Returns bytes.
+    Raises UserError: see check_input_file; also a file that changed into something else, grew past `limit`,
+    or cannot be read (permissions)."""
+    check_input_file(path, what, limit, hint)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({what}): {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{path} ({what}) changed while it was opened and is no longer a regular file")
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise UserError(f"cannot read {path} ({what}): {e.strerror or e}") from None
+    if len(data) > limit:
+        raise UserError(f"{path} ({what}) is too large: more than the limit of {limit:,} bytes"
+                        f"{f'; {hint}' if hint else ''}")
+    return data
 
 
 def load_torch(path, device="cpu"):

@@ -28,6 +28,7 @@ import numpy as np
 from errors import UserError
 
 STORY = "Story:\n"  # the last line of every header: the story starts after it
+FIELDS = ("Words: ", "Features: ", "Summary: ")  # how the header's other lines start
 
 # Features whose presence can be read off the text: name -> test. Dialogue is quoted speech: a pair of quotation
 # marks (straight or curly) around at least one letter.
@@ -141,15 +142,25 @@ def document(row, story_column="story"):
 
 
 def header_chars(prompt):
-    """The length in characters of the instruction header `prompt` starts with (header's lines, up to and including
-    "Story:\n"), or 0 when it does not start with one. sample.py, serve.py and eval.py keep that many characters'
-    tokens at the start of every generation window (GPT.generate's `keep`), as training does."""
-    end = prompt.find(STORY)
-    if end < 0 or (end and prompt[end - 1] != "\n"):
-        return 0
-    if any(line.split(": ", 1)[0] not in ("Words", "Features", "Summary") for line in prompt[:end].splitlines()):
-        return 0
-    return end + len(STORY)
+    """The length in characters of the instruction header `prompt` starts with, or 0 when it does not start with
+    one. A header is what `header` writes: lines that start with "Words: ", "Features: " or "Summary: ", then
+    "Story:\n". header folds every field into one line, so each field line ends at its first newline, and the
+    header ends at the first "Story:\n" line after them: a word or a summary that itself ends in "Story:" is
+    part of its field's line, not the header's end. sample.py, serve.py and eval.py keep that many characters'
+    tokens at the start of every generation window (GPT.generate's `keep`), as training does.
+
+    Args:
+        prompt: str.
+    Returns:
+        int, characters (0 <= result <= len(prompt)).
+    """
+    pos = 0
+    while prompt.startswith(FIELDS, pos):
+        end = prompt.find("\n", pos)
+        if end < 0:
+            return 0  # a field line that never ends: no "Story:" line, no header
+        pos = end + 1
+    return pos + len(STORY) if prompt.startswith(STORY, pos) else 0
 
 
 def header_tokens(tok, prompt):
@@ -177,7 +188,8 @@ class TrainingWindows:
     `word_weight` (train.py's instruct_word_weight) is the loss weight of each story token that starts a word its
     header asked for (" dog" or " Dog" for "dog"), against 1 for every other token: the asked-for words are a few
     tokens in hundreds, so their share of the gradient is small unless it is weighed up (docs/instruct.md
-    measures it, and the price: the stories then repeat the words more than TinyStories' own do).
+    measures it, and the price: the stories then repeat the words more than TinyStories' own do). Only a header's
+    first MAX_WORDS words are weighed (see `asked`).
 
     Args:
         tokens: the token stream (1-D numpy array or memmap of a split).
@@ -188,16 +200,46 @@ class TrainingWindows:
         first positions, each <= len(tokens) - block_size - 1) as get_batch draws them.
     """
 
+    MAX_WORDS = 32          # asked-for words weighed per header: the first ones (TinyStories asks for 3)
+    HEAD_TOKENS = 1024      # header tokens read for them: the "Words:" line is the header's first
+    CACHED = 1 << 14        # documents whose asked-for ids are kept (under 1 KB each)
+
     def __init__(self, tokens, tok, word_weight=1.0):
         self.tok, self.word_weight = tok, word_weight
         self.starts, self.ends = document_headers(tokens, tok.eot_token, tok.encode(STORY))
+        self._asked = {}  # document -> asked-for ids, the CACHED most recently read
+
     def asked(self, tokens, d):
-        """The token ids that start a word document d's header asks for (" dog" and " Dog" for "dog"), as a list.
-        Read from the header each time (a few dozen microseconds): a cache would grow with the data set."""
-        head = self.tok.decode(np.asarray(tokens[self.starts[d]:self.ends[d]]).tolist())
-        words = next((split_list(line[len("Words: "):]) for line in head.splitlines() if line.startswith("Words: ")),
-                     [])
-        return [self.tok.encode(" " + form)[0] for w in words for form in (w, w[:1].upper() + w[1:])]
+        """The token ids that start a word document d's header asks for (" dog" and " Dog" for "dog"): a 1-D int64
+        numpy array.
+
+        Read from the header once per document and kept (for the last CACHED documents read), so batches that
+        touch a document again do not encode its words again. What one reading costs is bounded whatever the
+        header: it reads at most the header's first HEAD_TOKENS tokens (a "Words:" line cut there loses its
+        last, possibly partial, word) and weighs at most its first MAX_WORDS words. The weight is for the few
+        tokens a story was asked to use; a header asking for more words than that is not such a request, and
+        encoding each of 20,000 words made every batch that touched it take seconds."""
+        ids = self._asked.get(d)
+        if ids is None:
+            if len(self._asked) >= self.CACHED:
+                del self._asked[next(iter(self._asked))]  # the oldest entry
+            ids = self._asked[d] = self._read_asked(tokens, d)
+        return ids
+
+    def _read_asked(self, tokens, d):
+        """asked(tokens, d), read from the header's tokens (see asked)."""
+        first, end = self.starts[d], self.ends[d]
+        cut = end - first > self.HEAD_TOKENS
+        head = self.tok.decode(np.asarray(tokens[first:min(end, first + self.HEAD_TOKENS)]).tolist())
+        line = head.split("\n", 1)
+        if not line[0].startswith("Words: "):
+            return np.zeros(0, np.int64)
+        words = split_list(line[0][len("Words: "):])
+        if cut and len(line) == 1:
+            words = words[:-1]  # the line goes on past what was read: its last word may be cut
+        words = words[:self.MAX_WORDS]
+        return np.array([self.tok.encode(" " + form)[0] for w in words for form in (w, w[:1].upper() + w[1:])],
+                         dtype=np.int64)
 
     def __call__(self, tokens, starts, block_size):
         n = len(starts)

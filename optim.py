@@ -10,7 +10,7 @@ OPTIMIZERS = ("adamw", "muon")  # the choices of train.py's `optimizer` setting
 
 
 def check_optimizer(optimizer):
-    """Raise UserError unless `optimizer` is one of OPTIMIZERS (train.py checks it before anything is written)."""
+    """Raise UserError unless `optimizer` is one of OPTIMIZERS (plumbing.check_settings: before anything is written)."""
     if optimizer not in OPTIMIZERS:
         raise UserError(f"optimizer={optimizer!r} is not one of {', '.join(map(repr, OPTIMIZERS))}")
 

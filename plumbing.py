@@ -95,6 +95,11 @@ def setup(config):
     iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if resume else (0, float("inf"))
     os.makedirs(cfg.out_dir, exist_ok=True)
     say(json.dumps(config, indent=1))
+    if resume and data_changed(ckpt, cfg, meta):
+        best_val_loss = float("inf")
+        say(f"the data differs from the checkpoint's: its best validation loss ({ckpt['best_val_loss']:.4f}) measured "
+            f"other text, so the next evaluation starts a new best_model_params.pt")
+    say_notes(cfg, meta, block_size, say)
     warmup_iters, lr_decay_iters = schedule_span(cfg.max_iters, cfg.warmup_iters, cfg.lr_decay_iters)
     if warmup_iters != cfg.warmup_iters:
         say(f"warmup_iters={cfg.warmup_iters} is not shorter than the run ({cfg.max_iters} iterations): warming up "
@@ -109,6 +114,23 @@ def setup(config):
     return Setup(cfg, config, device, device_type, precision, autocast(device_type, precision), ddp, rank,
                  world_size, micro_steps, rank * micro_steps, meta, tok, block_size, model_args, ckpt, iter_num,
                  best_val_loss, iter_num if resume else None, warmup_iters, lr_decay_iters, say)
+
+
+def say_notes(cfg, meta, block_size, say):
+    """Print what a user would want to know before a run starts: a setting that has no effect on this data, and a
+    run that will see its training data many times (passes = tokens trained on / tokens in the train split), where
+    the validation loss will turn up while the training loss goes on falling."""
+    if cfg.instruct_word_weight != 1.0 and not meta.get("instruct"):
+        say(f"note: instruct_word_weight={cfg.instruct_word_weight:g} has no effect: the data in {cfg.data_dir} was "
+            f"not prepared with --instruct, so no word is weighed")
+    passes = cfg.max_iters * cfg.gradient_accumulation_steps * cfg.batch_size * block_size
+    passes /= meta["splits"]["train"]["tokens"]
+    if passes >= 2:
+        train_tokens = meta["splits"]["train"]["tokens"]
+        say(f"note: {cfg.max_iters:,} iterations are {passes:.1f} passes over the {train_tokens:,} "
+            f"training tokens: the model will see its data many times, and the validation loss will likely turn up "
+            f"(overfitting) after about one pass; best_model_params.pt keeps the best. For one pass: "
+            f"--max_iters={max(1, int(cfg.max_iters / passes))}")
 
 
 def restore(s, model, opt, scaler):
@@ -347,7 +369,8 @@ class Checkpoints:
     def _save(self, name, iter_num, **extra):
         if self.s.rank == 0:
             save_checkpoint(os.path.join(self.s.cfg.out_dir, name), self.model, self.s.model_args,
-                            self.s.tok.spec, self.s.config, bool(self.s.meta.get("instruct")), iter_num, **extra)
+                            self.s.tok.spec, self.s.config, bool(self.s.meta.get("instruct")), iter_num,
+                            validation=self.s.meta["splits"]["validation"], **extra)
 
     def best(self, iter_num, val_loss):
         """Write best_model_params.pt: the weights after iter_num steps, whose validation loss is val_loss."""
@@ -526,6 +549,9 @@ def check_settings(cfg):
     if cfg.lr_decay_iters and cfg.lr_decay_iters <= cfg.warmup_iters:
         raise UserError(f"lr_decay_iters={cfg.lr_decay_iters} must be larger than warmup_iters={cfg.warmup_iters} "
                         f"(or 0: the decay ends with the run)")
+    for k in ("out_dir", "data_dir"):
+        if not getattr(cfg, k).strip():
+            raise UserError(f"{k} is empty: name a folder, e.g. --{k}={'out' if k == 'out_dir' else 'data/sample'}")
     if cfg.init_from not in ("scratch", "resume") and not os.path.isfile(cfg.init_from):
         hint = (f"; name a file in that directory, e.g. {os.path.join(cfg.init_from, 'best_model_params.pt')}"
                 if os.path.isdir(cfg.init_from) else ": no such file")
@@ -650,8 +676,9 @@ def check_resume(cfg, model_args, tok, say, ckpt):
     if ckpt["tokenizer"]["sha256"] != tok.spec["sha256"]:
         fix = ("resume with the data it was trained on" if resume else f"prepare your text with its tokenizer, "
                f"`python prepare.py --tokenizer={path} --dataset=YOUR_TEXT --data_dir=DIR`, and pass --data_dir=DIR")
-        raise UserError(f"cannot {verb}: {path} was trained with another tokenizer ({ckpt['tokenizer']['name']}) "
-                        f"than the data in {cfg.data_dir} ({tok.spec['name']}); {fix}")
+        raise UserError(f"cannot {verb}: {path} was trained with another tokenizer "
+                        f"({tokenizer_label(ckpt['tokenizer'])}) than the data in {cfg.data_dir} "
+                        f"({tokenizer_label(tok.spec)}); {fix}")
     saved = {**asdict(GPTConfig()), **ckpt["model_args"]}  # a checkpoint older than a switch has its default
     changed = {k: (saved[k], v) for k, v in model_args.items() if k != "dropout" and saved[k] != v}
     if changed:
@@ -667,6 +694,21 @@ def check_resume(cfg, model_args, tok, say, ckpt):
                    if k != "init_from" and ckpt["config"].get(k) != v]
         if changed:
             say("settings changed since the checkpoint: " + ", ".join(changed))
+
+
+def tokenizer_label(spec):
+    """A tokenizer's name and the start of its fingerprint (the sha256 of its vocabulary), e.g. "bpe-4096
+    (fingerprint 1a2b3c4d5e6f)": two vocabularies trained with the same settings on other text share the name."""
+    return f"{spec.get('name')} (fingerprint {str(spec.get('sha256'))[:12]})"
+
+
+def data_changed(ckpt, cfg, meta):
+    """Whether a resumed run reads other data than its checkpoint was evaluated on: a validation split of another
+    size (documents, tokens, bytes) than the one the checkpoint recorded, or, for a checkpoint that recorded none,
+    another data_dir. Its best validation loss then measured other text and means nothing here."""
+    if "validation" in ckpt:
+        return ckpt["validation"] != meta["splits"]["validation"]
+    return ckpt["config"].get("data_dir") != cfg.data_dir
 
 
 def died_before_checkpoint(out_dir):

@@ -18,7 +18,9 @@ A local --dataset is a file (the train split) or a directory of .txt, .json, .js
 JSON also compressed as .gz, .bz2, .xz), found as `datasets` finds them: hub shards data/train-00000-of-00004.parquet,
 split names in file or folder names (train, validation/valid/val/dev; test is not read), or else all train.
 A .txt file with lines holding only <|endoftext|> (TinyStoriesV2-GPT4-train.txt) is split on those lines; other
-.txt files on blank lines. Without a "text" column the only string column, or "story", is read.
+.txt files on blank lines; a leading byte-order mark (what Windows editors write) is not text. The text is the
+column named by --text_column; without a "text" column, "story" (TinyStories' name for it) or the only column is
+read, and every row of it must hold text (a row that does not is refused, naming its file and row).
 When there is no validation split, a fixed val_fraction of train (chosen with `seed`) becomes one.
 Re-running with the same inputs does nothing; --force rebuilds.
 
@@ -44,8 +46,8 @@ import zlib
 import numpy as np
 import pyarrow.compute as pc
 
-from configurator import UserError, check_values, configure, run
-from files import atomic_file, lock_dir, write_text_atomic
+from configurator import UserError, check_values, configure, read_text, run
+from files import MiB, atomic_file, check_input_file, lock_dir, write_text_atomic
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -53,7 +55,7 @@ dataset = "roneneldan/TinyStories"  # hub id, or a local file or directory
 data_dir = "data/tinystories"       # where train.bin, validation.bin and meta.json go
 tokenizer = "gpt2"                  # gpt2 (tiktoken), bpe (trained on the train split), a tokenizer file, a checkpoint
 vocab_size = 4096                   # --tokenizer=bpe only: ids including <|endoftext|>, 256 to 1,000,000
-text_column = "text"                # the column holding the text (if missing: the only string column, or "story")
+text_column = "text"                # the column holding the text (if no "text" column: "story", or the only column)
 val_fraction = 0.005                # share of train held out when the source has no validation split
 seed = 1337                         # chooses that held-out share
 num_proc = max(1, (os.cpu_count() or 1) // 2)  # tokenizer processes
@@ -66,11 +68,12 @@ EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "pa
 COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # what `datasets` also decompresses
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip", ".7z")
 SPLITS = ("train", "validation")
-_CHUNK = 1 << 24  # bytes read at a time when checking a file (leading _: not a setting)
+_CHUNK = 1 << 24  # bytes read at a time when checking a file
 # batch_size x block_size of the smallest shipped configs (config/tinystories_cpu.py, *_1m_*): a split with fewer
 # tokens cannot fill one of their batches, and train.py refuses it (tests/test_configs.py keeps this in step)
 _SMALLEST_BATCH = 16 * 128
 _QUIET_BELOW = 64 << 20  # bytes of local data read in seconds: prepared without progress bars
+_META_LIMIT = 64 * MiB  # bytes: a meta.json is a few kB; a larger one is not prepare.py's
 EOT_LINE = re.compile(r"^\s*<\|endoftext\|>\s*$", re.MULTILINE)  # a line holding only <|endoftext|>
 
 
@@ -153,8 +156,11 @@ def local_files(path):
 
 
 def is_local(source):
-    """True for an existing local path, False for a hub id. Raises UserError for a path that does not exist."""
+    """True for an existing local path, False for a hub id. Raises UserError for a path that does not exist, or
+    that is neither a folder nor a regular file (a device such as /dev/zero, a FIFO: files.check_input_file)."""
     if os.path.exists(source):
+        if not os.path.isdir(source):
+            check_input_file(source, "--dataset")  # read in pieces: any size
         return True
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise UserError(f"dataset {source!r} not found: give a local file or directory, or a hub id like "
@@ -188,12 +194,12 @@ def check_text(path, role):
     """Read a .txt, .json or .jsonl file once, decompressed as its name says, before `datasets` does: return True
     when it has a line holding only <|endoftext|> (then those lines, and only those, separate its documents).
     `role` names the file in messages ("the train split", "text file").
+    A leading byte-order mark (EF BB BF, as Windows editors write UTF-8) is not text: it is skipped here and by
+    text_documents.
     Raises UserError naming the file when it is not UTF-8 (with the byte offset), is not the compressed file
-    its name says, is not a file, or holds no text. Reads _CHUNK bytes at a time, so any file size fits in
-    memory."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path} ({role}) {'is not a file' if os.path.exists(path) else 'does not exist'}: "
-                        f"name a text file")
+    its name says, is not a regular file (files.check_input_file: a folder, a device, a FIFO), or holds no text.
+    Reads _CHUNK bytes at a time, so any file size fits in memory."""
+    check_input_file(path, role)  # a regular file (not a FIFO, a device, a folder); read in chunks: any size
     compression = file_kind(path)[1]
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, has_text, separated, tail = 0, False, False, ""
@@ -202,6 +208,10 @@ def check_text(path, role):
         with COMPRESSIONS.get(compression, open)(path, "rb") as f:
             while True:
                 chunk = f.read(_CHUNK)
+                if offset == 0 and chunk.startswith(codecs.BOM_UTF8):  # a byte-order mark is not text
+                    chunk, offset = chunk[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
+                    if not chunk:
+                        continue  # the first read held only the mark: the end of the file is the next read's
                 pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk
                 try:
                     text = decoder.decode(chunk, final=not chunk)
@@ -231,8 +241,10 @@ def check_text(path, role):
 
 
 def check_parquet(path, split):
-    """Raise UserError naming the file when it is not a Parquet file or has no rows (reads only its footer)."""
+    """Raise UserError naming the file when it is not a regular file (files.check_input_file), not a Parquet file
+    or has no rows (reads only its footer)."""
     import pyarrow.parquet as pq
+    check_input_file(path, f"the {split} split")
     try:
         rows = pq.ParquetFile(path).metadata.num_rows
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
@@ -249,6 +261,8 @@ def text_documents(path, separated=None):
     are skipped. Reads _CHUNK characters at a time (and the rest of a line), so memory is bounded by the longest
     line, not the file.
 
+    A leading byte-order mark (what Windows editors write first) is not text and is dropped.
+
     Args:
         path: the file. separated: whether it has <|endoftext|> lines (check_text's answer); None: check now.
     Yields:
@@ -258,7 +272,7 @@ def text_documents(path, separated=None):
     path = os.fspath(path)
     if separated is None:
         separated = check_text(path, "text file")
-    with COMPRESSIONS.get(file_kind(path)[1], open)(path, "rt", encoding="utf-8") as f:
+    with COMPRESSIONS.get(file_kind(path)[1], open)(path, "rt", encoding="utf-8-sig") as f:
         if separated:
             lines = []
             for line in f:
@@ -324,12 +338,12 @@ def find_json_error(path):
     is neither JSON lines nor one JSON document; return quietly when it parses (the error was elsewhere). Used
     after `datasets` fails, whose own error names neither. Reads line by line unless the file is one document
     (it starts with "[")."""
-    with COMPRESSIONS.get(file_kind(path)[1], open)(path, "rt", encoding="utf-8") as f:
+    with COMPRESSIONS.get(file_kind(path)[1], open)(path, "rt", encoding="utf-8-sig") as f:
         first = ""
         while (char := f.read(1)) and char.isspace():
             pass
         first = char
-    with COMPRESSIONS.get(file_kind(path)[1], open)(path, "rt", encoding="utf-8") as f:
+    with COMPRESSIONS.get(file_kind(path)[1], open)(path, "rt", encoding="utf-8-sig") as f:
         if first == "[":  # one JSON document (TinyStories_all_data's data00.json)
             try:
                 json.load(f)
@@ -349,21 +363,42 @@ def find_json_error(path):
                                     f"text field; each line must be an object like {{\"text\": \"...\"}}")
 
 
+STORY_COLUMN = "story"  # TinyStories' name for the text column of its JSON archive (data00.json ...)
+
+
 def choose_column(splits, requested, source, files=None):
-    """The column holding each document's text: `requested`; or, when the default "text" is missing, the only
-    string column, or else "story" (TinyStories' JSON archive). Raises UserError, naming the split's files
-    (`files`: split -> paths, for local data), when a split lacks the column or it holds no strings."""
+    """The column holding each document's text, chosen by its name, never by which columns happen to hold text:
+    `requested` (--text_column); or, when that is the default "text" and the train split has no such column,
+    "story" (TinyStories' name for the text, in its JSON archive), or else the split's only column. It says which
+    one it reads and why. Every row of that column, in every split, must then hold text: a row whose value is a
+    number, a list, null or missing is refused, naming its file and row (first_non_text), rather than skipped or
+    answered by reading another column.
+
+    Args:
+        splits: split name -> datasets.Dataset. requested: the column asked for. source: --dataset, for
+            messages. files: split name -> its local files in the order they were read (None: the hub).
+    Returns:
+        str, the column.
+    Raises:
+        UserError naming the split's files: a split lacks the column (listing the columns it has), the column
+        holds values that are not text (its type), or a row's value is not text (the file and row).
+    """
     import datasets
+
     def is_text(feature):
         return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
     column = requested
     train = splits["train"]
     if requested == "text" and "text" not in train.column_names:
-        strings = [c for c, f in train.features.items() if is_text(f)]
-        column = strings[0] if len(strings) == 1 else "story" if "story" in strings else requested
-        if column != requested:
-            print(f"no 'text' column: reading {column!r} ("
-                  f"{'the only text column' if len(strings) == 1 else 'out of ' + ', '.join(strings)})")
+        where = names(files["train"]) if files else source
+        if STORY_COLUMN in train.column_names:
+            column = STORY_COLUMN
+            print(f"no 'text' column in {where}: reading the {column!r} column (TinyStories' name for the text); "
+                  f"pass --text_column=NAME to choose another")
+        elif len(train.column_names) == 1:
+            column = train.column_names[0]
+            print(f"no 'text' column in {where}: reading {column!r}, its only column")
     for name, ds in splits.items():
         where = f" ({names(files[name])})" if files else ""
         if column not in ds.column_names:
@@ -371,12 +406,79 @@ def choose_column(splits, requested, source, files=None):
                             f"{where if files and files[name] != [source] else ''} (columns: "
                             f"{', '.join(ds.column_names)}); choose one with --text_column=NAME")
         feature = ds.features[column]
-        if not is_text(feature):
-            held = (feature.dtype if isinstance(feature, datasets.Value) else
-                    "mixed JSON" if isinstance(feature, datasets.Json) else type(feature).__name__.lower())
+        mixed = isinstance(feature, datasets.Json)  # JSON rows of several types: text in some, not in others
+        if not is_text(feature) and not mixed:
+            held = (feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__.lower())
             raise UserError(f"column {column!r} of the {name} split{where} holds {held} values, not text; "
                             f"choose another with --text_column=NAME")
+        if mixed or ds.data.column(column).null_count:
+            bad = first_non_text(ds, column, files[name] if files else None)
+            place, value = bad or (f"the {name} split of {source}", "mixed JSON values")
+            raise UserError(f"{place}: the {column!r} value is {value}, not text; fix or remove that row, or "
+                            f"choose another column with --text_column=NAME")
     return column
+
+
+def _describe(value):
+    """A value that is not text, for messages: "missing (null)", "int 5", "list ['a', 'b']" (cut to 40 chars)."""
+    if value is None:
+        return "missing (null)"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _file_rows(path, column):
+    """(place, value of `column`) for each row of one local .json/.jsonl/.parquet file, in the order `datasets`
+    reads them: place is "FILE line N" (JSON Lines), "FILE row N" (a JSON list or Parquet, counting from 1)."""
+    kind = file_kind(path)[0]
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+        n = 0
+        for batch in pq.ParquetFile(path).iter_batches(columns=[column]):
+            for value in batch.column(0).to_pylist():
+                n += 1
+                yield f"{path} row {n}", value
+        return
+    if kind != "json":
+        return  # .txt documents are text by construction
+    opener = COMPRESSIONS.get(file_kind(path)[1], open)
+    with opener(path, "rt", encoding="utf-8-sig") as f:
+        first = ""
+        while (char := f.read(1)) and char.isspace():
+            pass
+        first = char
+    with opener(path, "rt", encoding="utf-8-sig") as f:
+        if first == "[":
+            for n, row in enumerate(json.load(f), 1):
+                yield f"{path} row {n}", row.get(column) if isinstance(row, dict) else None
+            return
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                yield f"{path} line {number}", row.get(column) if isinstance(row, dict) else None
+
+
+def first_non_text(ds, column, files=None):
+    """The first row of the Dataset `ds` whose `column` is not text (a number, a list, null, missing).
+
+    Args:
+        ds: a split. column: its text column. files: the local files it was read from, in order (each is read
+            again here, row by row: this runs only when something is wrong); None: look in `ds` itself.
+    Returns:
+        (place, description) such as ("data/train.jsonl line 3", "int 5"), or None when every row holds text.
+    """
+    if files:
+        for path in files:
+            for place, value in _file_rows(path, column):
+                if not isinstance(value, str):
+                    return place, _describe(value)
+    n = 0
+    for batch in ds.select_columns([column]).iter(batch_size=10_000):
+        for value in batch[column]:
+            n += 1
+            if not isinstance(value, str):
+                return f"row {n}", _describe(value)
+    return None
 
 
 def load_splits(source, requested_column):
@@ -464,9 +566,9 @@ def read_meta(data_dir, required=SPLITS):
             raise UserError(f"no prepared data in {data_dir} (meta.json missing): run "
                             f"`python prepare.py --data_dir={data_dir}` first")
         return None, {}
+    text = read_text(meta_path, "the prepared data's meta.json", _META_LIMIT)  # a regular file of sane size
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = json.loads(text)
         counts = [(f"{s}.{k}", meta["splits"][s][k]) for s in SPLITS for k in ("documents", "tokens", "bytes")]
         for name, value in [("vocab_size", meta["vocab_size"]), *counts]:
             if type(value) is not int or value < 1:
@@ -498,15 +600,18 @@ def train_bpe(texts, vocab_size, length=None):
     when the text runs out of pairs to merge) with Hugging Face `tokenizers` (Rust, parallel).
 
     Args:
-        texts: iterable of str or of lists of str (batches of documents); length: their number, for progress.
+        texts: iterable of str or of lists of str (batches of documents); length: their number (a hint to the
+            library).
     Returns:
-        Tokenizer of kind "bpe". No normalisation and no prefix space, so decoding is exact."""
+        Tokenizer of kind "bpe". No normalisation and no prefix space, so decoding is exact. Prints nothing."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
     from tokenizer import EOT, Tokenizer, bpe_spec
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split rules, on bytes
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=True,
+    # no progress display of the library's: off a terminal it prints a blank line per stage; prepare.py says in
+    # one line what it trains, before and after
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
 
     hf.train_from_iterator(bounded_batches(texts), trainer, length=length)
@@ -612,8 +717,11 @@ def main():
     if tok is None:
         train = splits["train"]
         batches = (train[i:i + 1000][column] for i in range(0, len(train), 1000))
+        t_bpe = time.time()
+        print(f"training a BPE vocabulary of up to {vocab_size:,} ids on {len(train):,} training documents...",
+              end="", flush=True)  # one line, finished when it is done
         tok = train_bpe(batches, vocab_size, length=len(train))
-        print(f"trained a {tok.vocab_size:,}-id BPE vocabulary on {len(train):,} training documents")
+        print(f" {tok.vocab_size:,} ids in {time.time() - t_bpe:.1f}s")
     dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32
     tok_file = "tokenizer.json" if tok.spec["kind"] == "bpe" else "tokenizer.tiktoken"
 

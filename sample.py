@@ -42,6 +42,17 @@ summary = ""                            # what the story is about, in a sentence
 # -----------------------------------------------------------------------------
 
 
+PROMPT_LIMIT = 1 << 20  # bytes: a prompt file larger than this is not a prompt (a model sees a few thousand tokens)
+
+
+def read_prompt(path):
+    """The prompt of --start=FILE:path: the UTF-8 text of the file as an editor wrote it (a leading byte-order mark
+    dropped), with any number of lines. Raises UserError (configurator.read_text): missing, not a regular file
+    (/dev/zero, a FIFO, a folder), over PROMPT_LIMIT bytes, or not UTF-8."""
+    return read_text(path, "the prompt file of --start=FILE:", PROMPT_LIMIT,
+                     "a prompt is the opening of a story: put a few lines in the file")
+
+
 def instructed(prompt, info):
     """The prompt behind the instruction header of --words, --features and --summary (instruct.instructed_prompt:
     the bytes prepare.py --instruct trains on), or the prompt as it is when they are blank.
@@ -67,12 +78,8 @@ def main():
     check_values(globals(), {"num_samples": "count", "seed": "seed"})
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     dev, _, precision = resolve_device(device, dtype, quantize=quantize)
-    prompt = read_text(start[5:], "prompt file") if start.startswith("FILE:") else start
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as e:  # e.g. bytes that are not UTF-8 on the command line
-        raise UserError(f"the prompt has characters that are not valid Unicode text (at position {e.start}): "
-                        f"pass UTF-8 text") from None
+    # --start itself is valid UTF-8 (configure checks every value); a FILE: prompt is checked as it is read
+    prompt = read_prompt(start[5:]) if start.startswith("FILE:") else start
 
     model, tok, info = load_model(f"{out_dir}/{checkpoint}", device=dev)
     prompt = instructed(prompt, info)

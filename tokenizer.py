@@ -11,8 +11,11 @@ import hashlib
 import math
 import os
 
+from configurator import read_text
 from errors import UserError
-from files import load_torch
+from files import GiB, check_input_file, load_torch
+
+TOKENIZER_LIMIT = 1 * GiB  # bytes: the largest vocabulary file read (a 1,000,000-id tokenizer.json is ~100 MB)
 
 EOT = "<|endoftext|>"
 PIECE_CHARS = 1 << 16   # the longest text handed to a tokenizer library at once, in characters (see cut_pieces)
@@ -248,8 +251,9 @@ def load_tokenizer(name):
     Returns:
         Tokenizer.
     Raises:
-        UserError: the file is missing, not a ranks file or not a checkpoint, or the gpt2 download fails
-        (e.g. offline).
+        UserError: the file is missing, not a regular file (a folder, /dev/zero, a FIFO: files.check_input_file),
+        larger than TOKENIZER_LIMIT bytes (a vocabulary file; a checkpoint may be any size), not UTF-8, not a
+        ranks file, tokenizer.json or checkpoint, or the gpt2 download fails (e.g. offline).
     """
     if name == "gpt2":
         import tiktoken
@@ -260,17 +264,17 @@ def load_tokenizer(name):
                             f"({type(e).__name__}); offline, pass --tokenizer=path/to/gpt2.tiktoken") from None
         ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.eot_token)}
         return Tokenizer(_tiktoken_spec("gpt2", "gpt2", ranks))
-    if not os.path.isfile(name):
+    if not os.path.lexists(name):
         raise UserError(f"tokenizer {name!r} not found: use gpt2, bpe (prepare.py trains one), or the path "
                         f"of a .tiktoken ranks file, a tokenizer.json or a checkpoint (.pt)")
+    check_input_file(name, "the tokenizer file", None if name.endswith(".pt") else TOKENIZER_LIMIT)
     if name.endswith(".pt"):
         ckpt = load_torch(name)  # only its tokenizer is needed: the model's weights are not checked here
         if not isinstance(ckpt, dict) or "tokenizer" not in ckpt:
             raise UserError(f"{name} is not a checkpoint written by this project's train.py")
         return Tokenizer(ckpt["tokenizer"])
     if name.endswith(".json"):
-        with open(name, encoding="utf-8") as f:
-            return Tokenizer(bpe_spec(f.read(), name))
+        return Tokenizer(bpe_spec(read_text(name, "the tokenizer file", TOKENIZER_LIMIT), name))
     from tiktoken.load import load_tiktoken_bpe
     try:
         ranks = load_tiktoken_bpe(name)
@@ -283,16 +287,15 @@ def load_tokenizer(name):
 def tokenizer_from_meta(meta, data_dir):
     """The tokenizer that prepare.py wrote into `data_dir` (meta["tokenizer"]["file"]), checked against the
     fingerprint in `meta` (a loaded meta.json). Returns Tokenizer.
-    Raises UserError if the file is missing or has changed since the data was prepared."""
+    Raises UserError if the file is missing, not a regular file of at most TOKENIZER_LIMIT bytes, or has changed
+    since the data was prepared."""
     desc = meta["tokenizer"]
     if "file" not in desc:
         raise UserError(f"{data_dir} was prepared by an older prepare.py: re-run it with --force")
     path = os.path.join(data_dir, desc["file"])
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError:
-        raise UserError(f"{path} is missing: re-run prepare.py with --force") from None
+    if not os.path.lexists(path):
+        raise UserError(f"{path} is missing: re-run prepare.py with --force")
+    text = read_text(path, "the prepared data's tokenizer", TOKENIZER_LIMIT)
     if hashlib.sha256(text.encode()).hexdigest() != desc["sha256"]:
         raise UserError(f"{path} has changed since {data_dir} was prepared: re-run prepare.py with --force")
     return Tokenizer({**desc, "ranks" if desc["kind"] == "tiktoken" else "json": text})

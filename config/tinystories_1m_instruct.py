@@ -4,11 +4,10 @@
 # Data (TinyStories' JSON archive, TinyStories_all_data.tar.gz unpacked into data/tinystories-json):
 #   python prepare.py --dataset=data/tinystories-json --instruct --tokenizer=bpe --vocab_size=4096 \
 #                     --data_dir=data/tinystories-instruct-bpe4096
-# Offline, on the stand-in (880 stories), the run measured in docs/instruct.md:
-#   python prepare.py --dataset=INSTRUCT --instruct --tokenizer=bpe \
-#                     --vocab_size=4096 --data_dir=data/instruct-standin
-#   python train.py config/tinystories_1m_modern.py config/tinystories_1m_instruct.py \
-#                   --data_dir=data/instruct-standin --max_iters=600
+# Offline, on the stand-in (880 stories, INSTRUCT = its folder), the run measured in docs/instruct.md:
+#   python prepare.py --dataset=INSTRUCT --instruct --tokenizer=bpe --vocab_size=4096 --data_dir=d-ins
+#   python train.py config/tinystories_1m_modern.py config/tinystories_1m_instruct.py --data_dir=d-ins \
+#       --out_dir=o-ins --max_iters=600 --eval_interval=300 --eval_iters=10 --dtype=float32
 data_dir = "data/tinystories-instruct-bpe4096"
 out_dir = "out-1m-instruct"
 # The asked-for words are about 3 tokens in 200: weighed 8x, the model learns to use them (docs/instruct.md

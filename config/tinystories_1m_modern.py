@@ -2,7 +2,7 @@
 # iteration, 1.32M parameters): Muon for the blocks' matrices, a warmup-stable-decay schedule, rotary positions,
 # RMSNorm, a SwiGLU MLP and RMSNorm on queries and keys, no biases. It exports as a Qwen3ForCausalLM.
 # Each choice and its measured gain: docs/recipe.md. The learning rates and momenta are the best of the ladder's
-# sweeps (docs/speed-results.md, "The ladder: one pass over the sample").
+# sweeps (dev/speed-log.md, "The ladder: one pass over the sample").
 # Data: python prepare.py --tokenizer=bpe --vocab_size=4096 --data_dir=data/tinystories-bpe4096
 # (offline: add --dataset=FOLDER, a local copy of TinyStories' text; see README)
 out_dir = "out-tinystories-1m-modern"  # sample.py --out_dir=out-tinystories-1m-modern

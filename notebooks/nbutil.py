@@ -11,6 +11,7 @@ Environment variables (the notebooks work without any):
                         (default: out-notebooks/ in the repository, which git ignores).
 """
 
+import glob
 import json
 import os
 import subprocess
@@ -22,13 +23,17 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from errors import UserError  # noqa: E402 (needs the repository on sys.path)
-from tokenizer import load_tokenizer  # noqa: E402
+from tokenizer import load_tokenizer, tokenizer_from_meta  # noqa: E402
 
 QUICK = os.environ.get("NOTEBOOK_QUICK", "") not in ("", "0")
 WORK = os.path.abspath(os.environ.get("NOTEBOOK_WORK") or os.path.join(REPO, "out-notebooks"))
 SHARED = os.path.normpath(os.path.join(REPO, "..", "shared"))
 SAMPLE = os.path.join(SHARED, "data", "tinystories-sample")      # train.txt and validation.txt
 GPT2_RANKS = os.path.join(SHARED, "tokenizers", "gpt2.tiktoken")  # GPT-2's vocabulary, for offline use
+# The fingerprint of GPT-2's vocabulary (tokenizer.py's spec "sha256", which meta.json keeps): how gpt2_tokenizer
+# recognizes data that prepare.py wrote with it, whatever the path it was given as.
+GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+DATA_ROOT = os.path.join(REPO, "data")  # where README's commands have prepare.py write its data directories
 # Data prepare.py may already have written (README's commands), smallest vocabulary first: a 4,096-id model
 # trains several times faster on a CPU than one with GPT-2's 50,257 ids.
 PREPARED = ["data/tinystories-bpe4096", "data/sample-bpe4096", "data/tinystories", "data/sample"]
@@ -91,10 +96,56 @@ def read_meta(data_dir):
         return json.load(f)
 
 
-def gpt2_tokenizer():
-    """GPT-2's tokenizer: from ../shared/tokenizers/gpt2.tiktoken when present (offline), else tiktoken's
-    download. Returns tokenizer.Tokenizer; raises UserError when neither works."""
-    return load_tokenizer(GPT2_RANKS if os.path.isfile(GPT2_RANKS) else "gpt2")
+def is_gpt2_data(path):
+    """True if `path` is a directory with a meta.json of prepare.py's whose tokenizer is GPT-2's (GPT2_SHA256)."""
+    try:
+        return read_meta(path)["tokenizer"]["sha256"] == GPT2_SHA256
+    except (OSError, ValueError, KeyError, TypeError):  # no meta.json, or not prepare.py's
+        return False
+
+
+def gpt2_tokenizer(path=""):
+    """GPT-2's tokenizer, found offline where it can be: `path` if given (a .tiktoken ranks file, or a directory
+    that prepare.py wrote with GPT-2's vocabulary); else ../shared/tokenizers/gpt2.tiktoken; else the vocabulary
+    prepare.py copied into a data directory it prepared with GPT-2's (data/tinystories/ and data/sample/ from
+    README's commands: any DATA_ROOT/*/meta.json whose tokenizer has GPT2_SHA256, loaded with
+    tokenizer.tokenizer_from_meta); else tiktoken's download (cached after the first).
+
+    Args:
+        path: str, "" to search (the tokenization notebook's GPT2_VOCAB).
+    Returns:
+        tokenizer.Tokenizer.
+    Raises:
+        UserError: `path` is missing or neither a ranks file nor data prepared with GPT-2's vocabulary, or nothing
+        was found and the download failed (offline): the message says to set GPT2_VOCAB in the notebook's first
+        cell.
+    """
+    if path:
+        if not os.path.exists(path):
+            raise UserError(f"GPT2_VOCAB={path!r} does not exist (seen from {os.getcwd()}): set it to the path of "
+                            f"gpt2.tiktoken or of data prepared with GPT-2's vocabulary, or to \"\" to search")
+        if os.path.isdir(path):
+            if not is_gpt2_data(path):
+                raise UserError(f"GPT2_VOCAB={path!r} is not a directory prepared with GPT-2's vocabulary (no "
+                                f"meta.json, or it names another tokenizer): set it to the path of gpt2.tiktoken "
+                                f"or of data that `python prepare.py` wrote with GPT-2's vocabulary")
+            return tokenizer_from_meta(read_meta(path), path)
+        return load_tokenizer(path)
+    if os.path.isfile(GPT2_RANKS):
+        return load_tokenizer(GPT2_RANKS)
+    for data_dir in sorted(glob.glob(os.path.join(DATA_ROOT, "*", ""))):
+        if is_gpt2_data(data_dir):
+            try:
+                return tokenizer_from_meta(read_meta(data_dir), data_dir)
+            except UserError:
+                continue  # its tokenizer file is missing or changed: look further
+    try:
+        return load_tokenizer("gpt2")
+    except UserError:
+        raise UserError(f"GPT-2's vocabulary is not available offline (no {GPT2_RANKS}, no data prepared with it "
+                        f"under {DATA_ROOT}, and tiktoken's download failed): set GPT2_VOCAB in the first cell to "
+                        f"the path of gpt2.tiktoken or of data prepared with it (`python prepare.py`), or run the "
+                        f"notebook once online") from None
 
 
 def stories(path="", limit=None, split="train"):
@@ -111,7 +162,6 @@ def stories(path="", limit=None, split="train"):
         with open(text, encoding="utf-8") as f:
             return f.read(limit) if limit else f.read()
     import numpy as np
-    from tokenizer import tokenizer_from_meta
     data_dir = find_data(path)
     meta = read_meta(data_dir)
     ids = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")

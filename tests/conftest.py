@@ -175,16 +175,17 @@ WARM = WarmPython({**os.environ, **SCRIPT_ENV})  # this environment: before any 
 atexit.register(WARM.close)
 
 
-def run_script(script, *args, cwd=ROOT, check=True, env=None, fresh=False):
-    """Run `python script args...` from the repository root, offline; return the CompletedProcess.
+def run_script(script, *args, cwd=ROOT, check=True, env=None, fresh=False, timeout=600):
+    """Run `python script args...` from the repository root, offline; return the CompletedProcess. A run longer
+    than `timeout` seconds fails the test (subprocess.TimeoutExpired) rather than hanging it.
     The process is forked from one that has imported torch already (warm_python.py) unless `env` changes what
     that one was started with, or `fresh`: then it is a fresh interpreter."""
     full_env = {**os.environ, **SCRIPT_ENV, **(env or {})}
     if not fresh and WARM.can_run(full_env):
-        proc = WARM.run(ROOT / script, args, cwd, full_env, timeout=600)
+        proc = WARM.run(ROOT / script, args, cwd, full_env, timeout=timeout)
     else:
         proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=full_env,
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

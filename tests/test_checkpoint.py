@@ -125,3 +125,26 @@ def test_checkpoints_from_elsewhere_and_huge_models_are_one_line(tmp_path, tiny_
     proc = run_script("train.py", *TINY, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}/huge", "--n_layer=400",
                       "--n_embd=16384", "--n_head=64", check=False)
     assert_user_error(proc, "M parameters: training (weights, gradients and the optimizer's moments) need about")
+    # absurd depths are counted, not built: refused at once (building one on the meta device took minutes to
+    # forever), and nothing is left in out_dir
+    for n_layer in ("1000000", str(10 ** 100)):
+        proc = run_script("train.py", *TINY, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}/deep",
+                          f"--n_layer={n_layer}", check=False, timeout=120)
+        assert_user_error(proc, "M parameters: training")
+        assert not (tmp_path / "deep").exists()
+    # a checkpoint whose model_args describe far more weights than it holds is refused before any model is built
+    deep = tiny_checkpoint(tok)
+    deep["model_args"]["n_layer"] = 10 ** 6
+    save_torch(deep, tmp_path / "deep.pt")
+    proc = run_script("sample.py", f"--out_dir={tmp_path}", "--checkpoint=deep.pt", "--device=cpu", check=False,
+                      timeout=120)
+    assert_user_error(proc, "deep.pt", "do not fit its model_args", "parameters, the weights hold")
+
+
+@pytest.mark.parametrize("recipe", [{}, {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True,
+                                         "tie_embeddings": False, "bias": False}, {"mlp": "relu2", "norm": "rmsnorm"}])
+def test_parameters_are_counted_from_the_shape_as_the_built_model_counts_them(recipe):
+    from checkpoint import count_params
+    for shape in ({"n_layer": 2, "n_head": 2, "n_embd": 32}, {"n_layer": 3, "n_head": 3, "n_embd": 48}):
+        config = GPTConfig(vocab_size=100, block_size=16, **shape, **recipe)
+        assert count_params(config) == GPT(config).num_params()

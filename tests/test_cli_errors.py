@@ -79,14 +79,15 @@ ROWS = [
     ("run_exists", "train.py", ["--data_dir={data}", "--out_dir={tmp}/ck"],
      ["already holds a run (ckpt.pt)", "--init_from=resume"]),
     ("other_vocabulary", "train.py", ["--data_dir={data}", "--out_dir={tmp}/ck", "--init_from=resume"],
-     ["was trained with another tokenizer (bpe-64)", "resume with the data it was trained on"]),
+     ["was trained with another tokenizer (bpe-64 (fingerprint ", "resume with the data it was trained on"]),
     ("no_checkpoint", "sample.py", ["--out_dir={tmp}"], ["no checkpoint at", "python train.py"]),
     ("corrupt_checkpoint", "sample.py", ["--out_dir={tmp}/ck"], ["not a readable checkpoint (truncated or corrupt?)"]),
     ("truncated_checkpoint", "sample.py", ["--out_dir={tmp}/ck"],
      ["not a readable checkpoint (truncated or corrupt?)"]),
     ("max_new_tokens_beyond_reason", "sample.py", ["--max_new_tokens=10000000"],
      ["max_new_tokens=10,000,000 is beyond reason", "at most 100,000"]),
-    ("prompt_not_unicode", "sample.py", ["--start=Once \udcff"], ["not valid Unicode text (at position 5)"]),
+    ("prompt_not_unicode", "sample.py", ["--start=Once \udcff"],
+     ["--start: the value is not valid UTF-8 text (byte 0xff at position 5)"]),
     ("negative_temperature", "sample.py", ["--temperature=-1"], ["temperature and top_k must be >= 0"]),
     ("int8_off_cpu", "sample.py", ["--quantize=int8", "--device=cuda"], ["--quantize=int8 runs on the CPU"]),
     ("temperature_overflow", "sample.py", ["--temperature=1e300"], ["temperature=1e+300 is beyond reason"]),
@@ -144,3 +145,92 @@ def test_a_closed_stdout_ends_quietly(tmp_path, tiny_models, script):
     os.close(write)
     assert proc.returncode == 141 and "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, \
         proc.stderr
+
+
+# --- files that are not regular files, values that are not UTF-8 -----------------------------------------------------
+
+def special_file(kind, tmp):
+    """/dev/zero (endless bytes) or a FIFO made in tmp (opening it blocks until a writer comes)."""
+    if kind == "dev_zero":
+        return "/dev/zero"
+    fifo = tmp / "fifo.txt"
+    os.mkfifo(fifo)
+    return str(fifo)
+
+
+# (case, kind of file, script, arguments with {file}, fragment naming what it is): both kinds where the red team
+# found them, one for the files whose reading was checked before (and checks the same way now)
+SPECIAL = [
+    *[(f"prompt-{kind}", kind, "sample.py", ["--start=FILE:{file}", "--device=cpu"],
+       "(the prompt file of --start=FILE:)") for kind in ("dev_zero", "fifo")],
+    *[(f"instruct-{kind}", kind, "eval.py", ["--instruct={file}", "--device=cpu"], "(the --instruct file)")
+      for kind in ("dev_zero", "fifo")],
+    ("text-fifo", "fifo", "eval.py", ["--text={file}", "--device=cpu"], "(the --text file)"),
+    ("compare-fifo", "fifo", "eval.py", ["--compare={file}"], "(the report)"),
+    ("dataset-dev_zero", "dev_zero", "prepare.py", ["--dataset={file}", f"--tokenizer={GPT2_RANKS}",
+                                                    "--data_dir={tmp}/d"], "(--dataset)"),
+    ("tokenizer-fifo", "fifo", "prepare.py", [f"--dataset={GPT2_RANKS}", "--tokenizer={file}", "--data_dir={tmp}/d"],
+     "(the tokenizer file)"),
+]
+
+
+@pytest.mark.slow  # starts scripts as subprocesses
+@pytest.mark.parametrize("case,kind,script,args,fragment", SPECIAL, ids=[c[0] for c in SPECIAL])
+def test_a_device_or_fifo_named_as_a_file_is_refused_before_it_is_read(case, kind, script, args, fragment, tmp_path,
+                                                                        hf_home):
+    path = special_file(kind, tmp_path)
+    before = sorted(tmp_path.iterdir())
+    # reading /dev/zero would fill the memory and opening the FIFO would block: the deadline fails such a run
+    proc = run_script(script, *[a.format(file=path, tmp=tmp_path) for a in args], check=False, timeout=120,
+                      env={"HF_HOME": str(hf_home)})
+    what = "a character device" if kind == "dev_zero" else "a FIFO (named pipe)"
+    assert_user_error(proc, f"{path} {fragment} is {what}, not a regular file")
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_files_are_checked_for_kind_and_size_before_they_are_read(tmp_path):
+    from configurator import read_text
+    from files import check_input_file
+    import sample
+    with pytest.raises(UserError, match=r"is a directory, not a regular file"):
+        read_text(str(tmp_path), "the prompt file")
+    with pytest.raises(UserError, match=r"nope.txt \(the prompt file\) does not exist"):
+        read_text(str(tmp_path / "nope.txt"), "the prompt file")
+    small = tmp_path / "small.txt"
+    small.write_text("0123456789a")
+    with pytest.raises(UserError, match=r"small.txt \(the x\) is too large: 11 bytes, the limit is 10"):
+        read_text(str(small), "the x", limit=10)
+    assert read_text(str(small), "the x", limit=11) == "0123456789a" and check_input_file(str(small), "x") == 11
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:  # a sparse file: 2 MiB long, nothing on the disk
+        f.truncate(2 << 20)
+    with pytest.raises(UserError, match=r"\(the prompt file of --start=FILE:\) is too large: 2,097,152 bytes, "
+                                        r"the limit is 1,048,576"):
+        sample.read_prompt(str(big))
+    link = tmp_path / "link.txt"
+    link.symlink_to("/dev/zero")  # a link is followed: what it points to counts
+    with pytest.raises(UserError, match="link.txt \\(x\\) is a character device"):
+        check_input_file(str(link), "x")
+
+
+@pytest.mark.slow  # starts scripts as subprocesses
+def test_a_value_that_is_not_utf8_is_refused_before_anything_is_written(tmp_path, sample_data):
+    bad = os.fsdecode(b"\xff")  # what Python makes of the byte 0xff in argv: a lone surrogate
+    proc = run_script("train.py", *TINY, f"--data_dir={sample_data}", f"--out_dir={tmp_path}/run{bad}",
+                      check=False)
+    assert_user_error(proc, "--out_dir: the value is not valid UTF-8 text (byte 0xff at position")
+    assert list(tmp_path.iterdir()) == []  # no folder, no .lock
+    proc = run_script("sample.py", f"--summary=a {bad}", f"--out_dir={tmp_path}", check=False)
+    assert_user_error(proc, "--summary: the value is not valid UTF-8 text (byte 0xff at position 2)")
+
+
+def test_a_config_file_value_that_is_not_utf8_is_refused(tmp_path):
+    from configurator import configure
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text('out_dir = "runs/\\udcff"\ntags = ["ok", "\\udc80"]\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"cfg.py: out_dir: the value is not valid UTF-8 text \(byte 0xff at "
+                                        r"position 5\)"):
+        configure({"out_dir": "out", "tags": ["a"]}, [str(cfg)])
+    with pytest.raises(UserError, match=r"--out_dir: the value is not valid UTF-8 text \(character U\+D800"):
+        configure({"out_dir": "out"}, ["--out_dir='\\ud800'"])
+    assert configure({"out_dir": "out"}, ["--out_dir=caf\u00e9"]) == {"out_dir": "caf\u00e9"}

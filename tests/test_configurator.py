@@ -131,3 +131,26 @@ def test_missing_mps_operation_gets_the_fallback_advice(capsys):
         raise NotImplementedError("a method nobody wrote")
     with pytest.raises(NotImplementedError):  # other NotImplementedErrors are bugs: traceback as usual
         run(bug)
+
+
+def test_a_torchrun_peer_that_died_is_one_line_naming_the_resume(monkeypatch, capsys):
+    import torch.distributed as dist
+
+    def main():  # what gloo raises in rank 0 when another process of the group has gone
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:4242: "
+                           "Connection reset by peer")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    with pytest.raises(SystemExit) as stop:
+        run(main)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: another process of this torchrun run stopped")
+    assert "Connection reset by peer" in err and "--init_from=resume" in err
+
+    def bug():
+        raise RuntimeError("shape mismatch")  # any other error in a process group is a bug: traceback as usual
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run(bug)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match="Connection reset"):  # outside torchrun it is not ours to explain
+        run(main)

@@ -12,7 +12,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE, assert_user_error, run_script
+from conftest import ROOT, SAMPLE, assert_user_error, run_script
 
 import eval as ev
 import judge
@@ -170,7 +170,7 @@ def test_text_documents_split_like_prepare(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "blank.txt").write_text("\n\n  \n")
     for name, message in (("latin1.txt", "is not UTF-8 text: the byte at offset 3 (b'\\xe9')"),
-                          ("blank.txt", "holds no text"), ("none.txt", "none.txt (text file) does not exist")):
+                          ("blank.txt", "holds no text"), ("none.txt", "none.txt (the --text file) does not exist")):
         with pytest.raises(UserError, match=re.escape(message)):
             ev.text_documents(tmp_path / name)
 
@@ -317,7 +317,7 @@ def test_cli_report_text_file_and_compare(run_dir, judge_server):
     assert any(line.startswith("| judge grammar (1-10) | 8.50 | - |") for line in lines)
     with pytest.raises(UserError, match="is not a report written by eval.py"):
         ev.compare_reports([str(bogus)])
-    with pytest.raises(UserError, match="cannot read the report"):
+    with pytest.raises(UserError, match=r"none.json \(the report\) does not exist"):
         ev.compare_reports([str(run_dir["root"] / "none.json")])
 
 
@@ -420,7 +420,7 @@ def test_eval_text_uses_prepares_document_rule(tmp_path):
     only_eot.write_text("<|endoftext|>\n\n<|endoftext|>\n", encoding="utf-8")
     with pytest.raises(UserError, match="holds no text, only <|endoftext|> lines"):
         ev.text_documents(str(only_eot))
-    with pytest.raises(UserError, match="is not a file"):
+    with pytest.raises(UserError, match="is a directory, not a regular file"):
         ev.text_documents(str(tmp_path))
 
 
@@ -452,3 +452,107 @@ def test_eval_report_never_replaces_a_file_that_is_not_a_report(tmp_path):
     (tmp_path / "eval.md").write_text(ev.markdown_report({"checkpoint": "x"}))
     ev.check_writable(str(report), str(tmp_path / "eval.md"))
     assert ckpt.read_bytes() == b"PK\x03\x04 a checkpoint" and notes.read_text() == "my notes\n"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# files as editors write them, files that are not files, reports edited by hand, output to a file
+
+BOM = b"\xef\xbb\xbf"  # what Windows editors write first in a UTF-8 file
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    path = tmp_path / "stories.txt"
+    path.write_bytes(BOM + "Tom ran.\r\n\r\nSue sang.\r\n".encode())
+    assert ev.text_documents(str(path)) == ["Tom ran.", "Sue sang.\n"]  # the first story does not start with U+FEFF
+    rows = [{"story": "s", "instruction": {"words": ["dog", "ball"], "features": ["Dialogue"]}, "summary": "A dog."}]
+    path = tmp_path / "instructions.json"
+    path.write_bytes(BOM + json.dumps(rows).encode())
+    assert ev.read_instructions(str(path), 5) == [{"words": ["dog", "ball"], "features": ["Dialogue"],
+                                                   "summary": "A dog."}]
+    report = tmp_path / "eval.json"
+    report.write_bytes(BOM + json.dumps({"kind": ev._REPORT_KIND, "checkpoint": "x"}).encode())
+    assert ev.load_report(str(report))["checkpoint"] == "x"
+
+
+def test_a_fifo_at_the_report_path_is_not_opened(tmp_path):
+    import os
+    fifo = tmp_path / "eval.json"
+    os.mkfifo(fifo)
+    errors = []
+
+    def check():
+        try:
+            ev.check_writable(str(fifo), str(tmp_path / "eval.md"))
+        except UserError as e:
+            errors.append(str(e))
+
+    thread = threading.Thread(target=check, daemon=True)
+    thread.start()
+    thread.join(60)  # a deadline, not a measurement: opening the FIFO would wait for a writer forever
+    if thread.is_alive():  # let the blocked open go, so the thread ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert not thread.is_alive(), "check_writable blocked opening a FIFO"
+    assert errors and "eval.json exists and is not a report written by eval.py" in errors[0]
+
+
+def report_with(section, key, value):
+    """A minimal report of eval.py with one field replaced (section None: a top-level field)."""
+    rep = {"kind": ev._REPORT_KIND, "version": 1, "checkpoint": "out/best_model_params.pt",
+           "model": {"iter_num": 7, "params": 1000, "tokenizer": "bpe-300"},
+           "loss": {"source": "validation.bin", "tokens_scored": 99, "block_size": 32, "overlap": 16,
+                    "nats_per_token": 2.5, "perplexity": 12.18, "bits_per_byte": 1.1, "partial": False},
+           "stories": {"num_samples": 2, "tokens": 10.0, "words": 8.0, "ended": 0.5, "distinct_1": 0.9,
+                       "distinct_2": 0.95, "distinct_3": 1.0, "longest_repeat": 1.0, "oov": None},
+           "judge": {"grammar": 8.0, "creativity": 6.0, "consistency": 7.0, "plot": 5.0, "graded": 2,
+                     "unparseable": 0, "model": "m"}}
+    (rep if section is None else rep[section])[key] = value
+    return rep
+
+
+@pytest.mark.parametrize("section,key,value,field,held", [
+    ("loss", "nats_per_token", "2.5", "loss.nats_per_token", "str '2.5', not a number"),
+    ("loss", "perplexity", [1, 2], "loss.perplexity", "list [1, 2], not a number"),
+    ("loss", "source", 5, "loss.source", "int 5, not text"),
+    ("stories", "ended", True, "stories.ended", "bool True, not a number"),
+    ("model", "iter_num", 7.5, "model.iter_num", "float 7.5, not a whole number"),
+    ("judge", "graded", "2", "judge.graded", "str '2', not a whole number"),
+    (None, "loss", [2.5], "loss", "list [2.5], not an object"),
+])
+def test_compare_names_the_report_and_the_field_of_a_wrong_type(tmp_path, section, key, value, field, held):
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(report_with("loss", "nats_per_token", 2.5)))
+    bad.write_text(json.dumps(report_with(section, key, value)))
+    assert "| loss (nats/token) | 2.5000 |" in ev.compare_reports([str(good)])
+    with pytest.raises(UserError) as info:
+        ev.compare_reports([str(good), str(bad)])
+    assert str(info.value) == (f"{bad} is damaged or was edited: its field {field} holds {held}; write it again "
+                               f"with eval.py")
+
+
+@pytest.mark.slow  # eval.py as a subprocess
+def test_compare_of_a_tampered_report_is_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(report_with("loss", "bits_per_byte", {"x": 1})))
+    proc = run_script("eval.py", f"--compare={bad}", check=False)
+    assert_user_error(proc, str(bad), "its field loss.bits_per_byte holds dict {'x': 1}, not a number")
+
+
+@pytest.mark.slow  # eval.py as a subprocess
+def test_no_progress_lines_when_the_output_is_not_a_terminal(run_dir, tmp_path):
+    # a clock that moves 11 s at each reading, so that a display of "a line every 10 s" would print at every batch
+    # of windows; stderr is a file here (run_script captures it), where such lines are noise
+    wrapper = tmp_path / "eval_with_a_fast_clock.py"
+    wrapper.write_text(
+        "import runpy, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "now = [time.time()]\n"
+        "def clock():\n"
+        "    now[0] += 11\n"
+        "    return now[0]\n"
+        "time.time = clock\n"
+        f"runpy.run_path({str(ROOT / 'eval.py')!r}, run_name='__main__')\n")
+    proc = run_script(wrapper, f"--out_dir={run_dir['out']}", *CPU, "--num_samples=0", "--batch_size=1",
+                      f"--report={tmp_path}/r.json")
+    windows = json.loads((tmp_path / "r.json").read_text())["loss"]["windows"]
+    assert windows > 10  # enough batches that the display would have shown
+    assert "windows" not in proc.stderr, proc.stderr

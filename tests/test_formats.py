@@ -116,10 +116,15 @@ def test_text_column_choice(capsys):
     import datasets
     archive = datasets.Dataset.from_dict({"story": ["s"], "summary": ["t"], "source": ["GPT-4"], "n": [1]})
     assert choose_column({"train": archive}, "text", "src") == "story"
-    assert "reading 'story'" in capsys.readouterr().out
-    only = datasets.Dataset.from_dict({"body": ["s"], "n": [1], "tags": [["a"]]})
+    assert capsys.readouterr().out == ("no 'text' column in src: reading the 'story' column (TinyStories' name for "
+                                       "the text); pass --text_column=NAME to choose another\n")
+    only = datasets.Dataset.from_dict({"body": ["s"]})
     assert choose_column({"train": only}, "text", "src") == "body"
-    assert "the only text column" in capsys.readouterr().out
+    assert "no 'text' column in src: reading 'body', its only column" in capsys.readouterr().out
+    # by name, never by type: one text column among others is not a reason to read it
+    several = datasets.Dataset.from_dict({"body": ["s"], "n": [1], "tags": [["a"]]})
+    with pytest.raises(UserError, match=r"no column 'text' in its train split \(columns: body, n, tags\)"):
+        choose_column({"train": several}, "text", "src")
     assert choose_column({"train": archive}, "summary", "src") == "summary"  # asked for: taken as it is
     two = datasets.Dataset.from_dict({"title": ["t"], "body": ["b"]})
     with pytest.raises(UserError, match=r"no column 'text' in its train split \(columns: title, body\)"):
@@ -131,7 +136,8 @@ def test_text_column_choice(capsys):
 @needs_formats
 def test_json_archive_reads_its_story_column(cache, capsys):
     splits, column = load_splits(str(FORMATS / "all_data"), "text")
-    assert column == "story" and "reading 'story' (the only text column)" in capsys.readouterr().out
+    assert column == "story" and "reading the 'story' column (TinyStories' name for the text)" in \
+        capsys.readouterr().out
     assert len(splits["train"]) + len(splits["validation"]) == 1000  # the archive has no validation split
     assert sorted([*splits["train"]["story"], *splits["validation"]["story"]]) == sorted(stories("train"))
 
@@ -159,7 +165,8 @@ BAD = [
      ["column 'text' of the train split ({dir}/train.jsonl) holds int64 values, not text", "--text_column=NAME"]),
     ("json_lists", {"train.json": b'[{"text": ["a", "b"]}, {"text": ["c"]}]'},
      ["({dir}/train.json) holds list values, not text"]),
-    ("json_mixed", {"train.jsonl": b'{"text": "a"}\n{"text": 2}\n'}, ["holds mixed JSON values, not text"]),
+    ("json_mixed", {"train.jsonl": b'{"text": "a"}\n{"text": 2}\n'},
+     ["{dir}/train.jsonl line 2: the 'text' value is int 2, not text; fix or remove that row"]),
     ("json_empty_array", {"train.json": b"[]\n"}, ["train.json (the train split) is empty"]),
     ("parquet_no_rows", {"train.parquet": lambda p: write_parquet(p, pa.array([], pa.string()))},
      ["train.parquet (the train split) is empty: it has no rows"]),
@@ -226,7 +233,7 @@ def test_every_layout_gives_the_stories_and_the_same_tokens(prepared):
     tokens = np.fromfile(prepared["hub"][0] / "train.bin", dtype=np.uint16)
     assert int((tokens == tok.eot_token).sum()) == 1000
     assert "documents split on lines holding only <|endoftext|>" in prepared["v2_folder"][1]
-    assert "reading 'story'" in prepared["json_archive"][1]
+    assert "reading the 'story' column" in prepared["json_archive"][1]
 
 
 @pytest.mark.slow
@@ -237,3 +244,74 @@ def test_bad_input_from_the_command_line(tmp_path, hf_home):
                       f"--data_dir={tmp_path}/d", check=False, env={"HF_HOME": str(hf_home)})
     assert_user_error(proc, "train.txt is not UTF-8 text: the byte at offset 14")
     assert not (tmp_path / "d").exists()
+
+
+# --- one bad row, a byte-order mark --------------------------------------------------------------------------------
+
+def story_rows(bad):
+    """The red team's rows: stories with their source, one of them `bad` (its "story" not text) as the third."""
+    rows = [{"story": f"Story {i}.", "source": "derived"} for i in range(6)]
+    rows[2] = bad
+    return rows
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "json"])
+@pytest.mark.parametrize("bad,value", [({"story": 5, "source": "derived"}, "int 5"),
+                                       ({"story": ["a", "b"], "source": "derived"}, "list ['a', 'b']"),
+                                       ({"source": "derived"}, "missing (null)")])
+def test_one_bad_row_is_refused_never_a_switch_of_column(tmp_path, cache, layout, bad, value, capsys):
+    folder = tmp_path / "stories"
+    folder.mkdir()
+    rows = story_rows(bad)
+    path = folder / f"train.{layout}"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) if layout == "jsonl" else json.dumps(rows))
+    with pytest.raises(UserError) as info:
+        load_splits(str(folder), "text")
+    place = f"{path} line 3" if layout == "jsonl" else f"{path} row 3"
+    assert str(info.value) == (f"{place}: the 'story' value is {value}, not text; fix or remove that row, or "
+                               f"choose another column with --text_column=NAME")
+    assert "reading the 'story' column" in capsys.readouterr().out  # by its name, not by which columns hold text
+    # without the bad row: the stories, not the "source" column
+    path.write_text(json.dumps(rows[:2] + rows[3:]))
+    splits, column = load_splits(str(folder), "text")
+    assert column == "story" and sorted([*splits["train"]["story"], *splits["validation"]["story"]]) == [
+        f"Story {i}." for i in (0, 1, 3, 4, 5)]
+
+
+@pytest.mark.slow  # prepare.py as a subprocess
+def test_one_bad_row_from_the_command_line(tmp_path, hf_home):
+    folder = tmp_path / "stories"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in story_rows({"story": 5,
+                                                                                        "source": "derived"})))
+    proc = run_script("prepare.py", f"--dataset={folder}", f"--tokenizer={GPT2_RANKS}", f"--data_dir={tmp_path}/d",
+                      check=False, env={"HF_HOME": str(hf_home)})
+    assert_user_error(proc, "train.jsonl line 3: the 'story' value is int 5, not text")
+    assert not (tmp_path / "d").exists()
+
+
+BOM = b"\xef\xbb\xbf"  # what Windows editors write first in a UTF-8 file
+
+
+@pytest.mark.parametrize("name,content", [
+    ("train.txt", b"Once upon a time.\n\nThe end."),
+    ("train.txt.gz", gzip.compress(BOM + b"Once upon a time.\n<|endoftext|>\nThe end.\n")),
+    ("train.jsonl", b'{"text": "Once upon a time."}\n{"text": "The end."}\n'),
+    ("train.json", b'[{"text": "Once upon a time."}, {"text": "The end."}]'),
+])
+def test_a_byte_order_mark_is_not_story_text(tmp_path, cache, name, content):
+    path = tmp_path / name
+    path.write_bytes(content if name.endswith(".gz") else BOM + content)
+    docs = load_splits(str(path), "text")[0]
+    assert sorted([*docs["train"]["text"], *docs["validation"]["text"]]) == ["Once upon a time.", "The end."]
+
+
+def test_a_byte_order_mark_keeps_the_byte_offsets_of_the_file(tmp_path):
+    import prepare
+    path = tmp_path / "train.txt"
+    path.write_bytes(BOM + b"ab\xff")
+    with pytest.raises(UserError, match="the byte at offset 5 "):  # offsets count the file's bytes, mark included
+        prepare.check_text(str(path), "the train split")
+    path.write_bytes(BOM)
+    with pytest.raises(UserError, match=r"\(the train split\) is empty"):
+        prepare.check_text(str(path), "the train split")

@@ -1,6 +1,7 @@
 """Stories on request: prepare.py --instruct writes each story after its instructions, sample.py and eval.py build
 the same header, and eval.py --instruct measures which required words and features the stories have."""
 import json
+import re
 from urllib.parse import urlencode
 
 import numpy as np
@@ -177,7 +178,9 @@ def test_document_headers_finds_each_story_start_and_header_end():
 
 @pytest.fixture(scope="module")
 def stream():
-    """Three documents: two with headers as prepare.py --instruct writes them, one story without any."""
+    """Three documents: two with headers as prepare.py --instruct writes them, one story without any. Tokenized with
+    GPT2_RANKS, which is GPT-2's vocabulary or conftest's stand-in: the tests below derive every count and position
+    from this tokenizer, so they hold for either."""
     tok = load_tokenizer(str(GPT2_RANKS))
     docs = [header(["play", "ball", "red"], ["Dialogue"]) + STORY_A + " The ball was red and they play ball.",
             STORY_B, header(["shell"]) + STORY_C]
@@ -198,10 +201,11 @@ def test_training_windows_hold_their_story_header(stream):
     assert y[0, len(head):].tolist() == tokens[later[0] + 1:later[0] + 1 + block - len(head)].tolist()
     assert x[1].tolist() == tokens[:block].tolist() and y[1].tolist() == tokens[1:block + 1].tolist()
     assert (w == 1).all()
-    # a story without a header: a plain window
+    # a story without a header: a plain window, to the end of the stream (the last start get_batch can draw)
     plain = n + 1 + 4
-    x, y, _ = windows(tokens, np.array([plain]), block)
-    assert x[0].tolist() == tokens[plain:plain + block].tolist() and (y[0] != -1).all()
+    rest = len(tokens) - 1 - plain
+    x, y, _ = windows(tokens, np.array([plain]), rest)
+    assert x[0].tolist() == tokens[plain:-1].tolist() and y[0].tolist() == tokens[plain + 1:].tolist()
 
 
 def test_training_windows_weigh_the_asked_for_words_in_the_story(stream):
@@ -210,21 +214,69 @@ def test_training_windows_weigh_the_asked_for_words_in_the_story(stream):
     block = len(tokens) - 1
     x, y, w = windows(tokens, np.array([0]), block)  # every document in one natural window
 
+    def asked_ids(words):
+        return [tok.encode(" " + f)[0] for word in words for f in (word, word.capitalize())]
+
     def expected(words, start, header_end, end):
         """Weights of the targets y[0, start:end] (target j is stream token j + 1): 4 where it starts an asked-for
         word (" word" or " Word") after the header, else 1."""
-        asked = [tok.encode(" " + f)[0] for word in words for f in (word, word.capitalize())]
         story = np.arange(start, end) + 1 >= header_end
-        return np.where(story & np.isin(y[0, start:end], asked), 4.0, 1.0)
+        return np.where(story & np.isin(y[0, start:end], asked_ids(words)), 4.0, 1.0)
+
+    def starts_of_asked(words, text):
+        """How many words of `text` start with a token that starts an asked-for word: each word as GPT-2's
+        pattern (and the stand-in's) cuts it, a letter run with the space before it, is tokenized on its own.
+        Every use of the word itself is one; so is a longer word whose first token is the word's (" played" is
+        " play" + "ed" in a small vocabulary, one token of its own in GPT-2's)."""
+        return sum(tok.encode(piece)[0] in asked_ids(words) for piece in re.findall(r" ?[A-Za-z]+", text))
 
     second = len(tok.encode(docs[0])) + 1
     third = second + len(tok.encode(docs[1])) + 1
+    story = docs[0][docs[0].index("Story:\n") + len("Story:\n"):]
     first = expected(["play", "ball", "red"], 0, len(tok.encode(header(["play", "ball", "red"], ["Dialogue"]))),
                      second)
-    assert (w[0, :second] == first).all() and (first == 4.0).sum() == 7  # the story's uses, not the header's
+    assert (w[0, :second] == first).all()
+    # the story's uses, not the header's: its 7 uses of the words themselves (red 2, ball 3, play 2), and any longer
+    # word that starts with one of their tokens
+    assert (first == 4.0).sum() == starts_of_asked(["play", "ball", "red"], story) >= 7
     assert (w[0, second:third] == 1.0).all()  # no header, nothing asked
     last = expected(["shell"], third, third + len(tok.encode(header(["shell"]))), block)
-    assert (w[0, third:] == last).all() and (last == 4.0).sum() == 1
+    assert (w[0, third:] == last).all() and (last == 4.0).sum() == starts_of_asked(["shell"], STORY_C) >= 1
+
+
+class CountingTokenizer:
+    """A tokenizer that counts the texts it encodes (TrainingWindows needs eot_token, encode and decode)."""
+
+    def __init__(self, tok):
+        self.tok, self.eot_token, self.encoded = tok, tok.eot_token, 0
+
+    def encode(self, text):
+        self.encoded += 1
+        return self.tok.encode(text)
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+
+def test_training_windows_read_a_long_header_once(stream):
+    tok = CountingTokenizer(stream[0])
+    many = [f"word{i}" for i in range(1000)]  # far more than any story is asked to use
+    docs = [header(many) + STORY_A + " word1 and word999.", header(["sun"]) + STORY_B]
+    tokens = np.array(sum((tok.tok.encode(d) + [tok.eot_token] for d in docs), []), dtype=np.uint16)
+    windows = TrainingWindows(tokens, tok, word_weight=4.0)
+    story = len(tok.tok.encode(header(many) + STORY_A)) - 1  # targets from " word1" on, into the second story
+    block = 16
+    tok.encoded = 0
+    windows(tokens, np.array([story]), block)
+    once = tok.encoded
+    for _ in range(5):  # more batches of more windows over the same two documents encode nothing more
+        windows(tokens, np.array([story, story + 1, story + 2]), block)
+    assert tok.encoded == once
+    # and the one reading is bounded: only the first MAX_WORDS words are weighed, two forms of each
+    assert once <= 2 * (TrainingWindows.MAX_WORDS + 1)
+    x, y, w = windows(tokens, np.array([story]), block)
+    first_word = tok.tok.encode(" word1")[0]
+    assert (w[y == first_word] == 4.0).all() and (w == 4.0).any()
 
 
 def test_header_chars_finds_a_prompt_header():
@@ -232,3 +284,12 @@ def test_header_chars_finds_a_prompt_header():
     assert header_chars(text + "Once") == len(text) and header_chars(text) == len(text)
     assert header_chars("Once upon a time") == 0 and header_chars("Once.\nStory:\nA") == 0
     assert header_chars("Story:\nA dog") == len("Story:\n")
+    assert header_chars("Words: dog\nOnce upon a time") == 0  # no "Story:" line after the fields
+
+
+def test_header_chars_when_a_field_ends_in_story():
+    # header folds each field into one line, so a field that ends in "Story:" ends its own line, not the header
+    for fields in ((["dog", "Story:"], None, None), (["dog"], ["Dialogue"], "The end of the Story:"),
+                   (None, None, "Story:\nStory:")):
+        text = header(*fields)
+        assert header_chars(text + "Once upon a time") == len(text), text

@@ -142,3 +142,11 @@ def test_a_copy_of_the_whole_hub_repository_reads_its_data_shards(tmp_path, caps
     for name in ("TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt", "TinyStories-train.txt",
                  "TinyStories-valid.txt", "TinyStories_all_data.tar.gz"):
         assert name in out.split("not read:")[1], out
+
+
+def test_training_a_bpe_vocabulary_prints_nothing(capfd):
+    """The tokenizers library's progress display printed a blank line per stage when its output was not a terminal;
+    prepare.py says what it trains in one line of its own instead."""
+    tok = prepare.train_bpe(["Once upon a time there was a cat.", "The cat sat on a mat."] * 50, 300)
+    assert tok.vocab_size > 256
+    assert capfd.readouterr() == ("", "")

@@ -198,3 +198,47 @@ def test_elapsed_time_continues_across_a_resume(sample_data, tmp_path):
     rows = read_log(tmp_path / "o")
     elapsed = [float(rows[it]["elapsed_s"]) for it in (0, 10, 20, 30, 40)]
     assert elapsed == sorted(elapsed)  # the clock of the run, not of each process: it never goes back
+
+
+@pytest.mark.slow  # prepare.py and train.py as subprocesses
+def test_resuming_on_other_data_starts_a_new_best(two_steps, tiny_data, tmp_path):
+    from conftest import GPT2_RANKS
+    other = tmp_path / "other"  # other stories, in the same vocabulary as the run's data
+    run_script("prepare.py", f"--dataset={tiny_data.parent}", f"--tokenizer={GPT2_RANKS}", f"--data_dir={other}",
+               "--num_proc=1")
+    out = tmp_path / "o"
+    shutil.copytree(two_steps, out)
+    proc = run_script("train.py", *FAST, f"--data_dir={other}", f"--out_dir={out}", "--max_iters=4",
+                      "--eval_interval=2", "--init_from=resume")
+    assert "the data differs from the checkpoint's" in proc.stdout and "starts a new best" in proc.stdout
+    # the first evaluation on the new data is the best so far, whatever its loss against the old data's
+    assert load_checkpoint(out / "best_model_params.pt")["iter_num"] == 4
+    # resuming on the same data keeps the best it had
+    proc = run_script("train.py", *FAST, f"--data_dir={other}", f"--out_dir={out}", "--max_iters=6",
+                      "--eval_interval=2", "--init_from=resume")
+    assert "the data differs" not in proc.stdout
+
+
+def test_notes_before_a_run_name_settings_without_effect_and_many_passes():
+    said = []
+    cfg = SimpleNamespace(instruct_word_weight=2.0, data_dir="data/x", max_iters=1000, gradient_accumulation_steps=1,
+                          batch_size=8)
+    meta = {"splits": {"train": {"tokens": 64_000}}}
+    plumbing.say_notes(cfg, meta, 32, said.append)  # 1000 x 8 x 32 = 256,000 tokens: 4 passes
+    assert len(said) == 2 and "instruct_word_weight=2 has no effect" in said[0]
+    assert "4.0 passes over the 64,000 training tokens" in said[1] and "--max_iters=250" in said[1]
+    said.clear()
+    plumbing.say_notes(SimpleNamespace(**{**vars(cfg), "instruct_word_weight": 1.0, "max_iters": 400}), meta, 32,
+                       said.append)  # 1.6 passes, the default weight: nothing to say
+    assert said == []
+
+
+@pytest.mark.parametrize("setting", ["out_dir", "data_dir"])
+def test_an_empty_folder_setting_is_refused_before_anything_is_written(setting):
+    import runpy
+    from configurator import settings_block
+    scope = runpy.run_path(str(ROOT / "train.py"))
+    cfg = SimpleNamespace(**{k: scope[k] for k in settings_block(ROOT / "train.py")})
+    setattr(cfg, setting, "")
+    with pytest.raises(UserError, match=f"{setting} is empty: name a folder"):
+        plumbing.check_settings(cfg)
