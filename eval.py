@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from checkpoint import load_model, quantize_int8
+from fast import speed_up
 from configurator import UserError, autocast, check_values, configure, resolve_device, read_text, run
 from files import GiB, MiB, check_input_file, write_text_atomic
 from instruct import CHECKABLE, header, load_instructions, score, summarize, words
@@ -657,6 +658,7 @@ def main():
     n_params = model.num_params()  # counted before quantization, whose int8 weights are not parameters
     if quantize:
         model = quantize_int8(model)
+    model = speed_up(model)  # the fast path (fast.py): the loss without all the logits in memory at once
     ctx = autocast(device_type, precision)
     result = {"kind": _REPORT_KIND, "version": 1, "checkpoint": ckpt_path, "settings": config,
               "model": {"iter_num": ckpt.get("iter_num"), "params": n_params,
@@ -808,12 +810,12 @@ def measure_stories(model, tok, dev, ctx, prepared, meta, words_note, ckpt=None)
         key = os.environ.get(judge_key_env) if judge_key_env else None
         print(f"judge: grading {num_samples} stories with {judge_model} at {judge_url}", file=sys.stderr)
 
-        def judge_log(done, total):
+        def judge_log(done, total):  # progress, on a terminal only (as progress_printer's)
             if done % 10 == 0 and done < total:
                 print(f"judge: {done} of {total} graded", file=sys.stderr, flush=True)
 
         out["judge"] = judge_samples(samples, judge_url, judge_model, key, judge_timeout, judge_temperature,
-                                     log=judge_log)
+                                     log=judge_log if sys.stderr.isatty() else None)
     return out
 
 

@@ -1,6 +1,6 @@
 """The fast path: model.py's GPT turned, in place, into one that computes the same numbers faster or in less memory.
 
-    model = speed_up(model)   # train.py and bench.py: one line, like torch.compile
+    model = speed_up(model)   # train.py, eval.py and bench.py: one line, like torch.compile
 
 model.py is the reference a learner reads. Each class below is a subclass of one of its modules that keeps that
 module's parameters, buffers and state dict and overrides one method; speed_up gives every module of a model the

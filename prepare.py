@@ -412,7 +412,7 @@ def choose_column(splits, requested, source, files=None):
             raise UserError(f"column {column!r} of the {name} split{where} holds {held} values, not text; "
                             f"choose another with --text_column=NAME")
         if mixed or ds.data.column(column).null_count:
-            bad = first_non_text(ds, column, files[name] if files else None)
+            bad = first_non_text(ds, column, files[name] if files else None, f"the {name} split of {source}")
             place, value = bad or (f"the {name} split of {source}", "mixed JSON values")
             raise UserError(f"{place}: the {column!r} value is {value}, not text; fix or remove that row, or "
                             f"choose another column with --text_column=NAME")
@@ -458,12 +458,13 @@ def _file_rows(path, column):
                 yield f"{path} line {number}", row.get(column) if isinstance(row, dict) else None
 
 
-def first_non_text(ds, column, files=None):
+def first_non_text(ds, column, files=None, label="the split"):
     """The first row of the Dataset `ds` whose `column` is not text (a number, a list, null, missing).
 
     Args:
         ds: a split. column: its text column. files: the local files it was read from, in order (each is read
-            again here, row by row: this runs only when something is wrong); None: look in `ds` itself.
+            again here, row by row: this runs only when something is wrong); None: look in `ds` itself, and
+            name the row "LABEL, row N" (label: the split, e.g. "the train split of roneneldan/TinyStories").
     Returns:
         (place, description) such as ("data/train.jsonl line 3", "int 5"), or None when every row holds text.
     """
@@ -477,7 +478,7 @@ def first_non_text(ds, column, files=None):
         for value in batch[column]:
             n += 1
             if not isinstance(value, str):
-                return f"row {n}", _describe(value)
+                return f"{label}, row {n}", _describe(value)
     return None
 
 

@@ -158,34 +158,66 @@ def special_file(kind, tmp):
     return str(fifo)
 
 
-# (case, kind of file, script, arguments with {file}, fragment naming what it is): both kinds where the red team
-# found them, one for the files whose reading was checked before (and checks the same way now)
+# (case, kind of file, script, arguments with {file}, fragment naming what it is): where the red team found them
 SPECIAL = [
     *[(f"prompt-{kind}", kind, "sample.py", ["--start=FILE:{file}", "--device=cpu"],
        "(the prompt file of --start=FILE:)") for kind in ("dev_zero", "fifo")],
     *[(f"instruct-{kind}", kind, "eval.py", ["--instruct={file}", "--device=cpu"], "(the --instruct file)")
       for kind in ("dev_zero", "fifo")],
-    ("text-fifo", "fifo", "eval.py", ["--text={file}", "--device=cpu"], "(the --text file)"),
-    ("compare-fifo", "fifo", "eval.py", ["--compare={file}"], "(the report)"),
-    ("dataset-dev_zero", "dev_zero", "prepare.py", ["--dataset={file}", f"--tokenizer={GPT2_RANKS}",
-                                                    "--data_dir={tmp}/d"], "(--dataset)"),
-    ("tokenizer-fifo", "fifo", "prepare.py", [f"--dataset={GPT2_RANKS}", "--tokenizer={file}", "--data_dir={tmp}/d"],
-     "(the tokenizer file)"),
 ]
 
 
 @pytest.mark.slow  # starts scripts as subprocesses
 @pytest.mark.parametrize("case,kind,script,args,fragment", SPECIAL, ids=[c[0] for c in SPECIAL])
-def test_a_device_or_fifo_named_as_a_file_is_refused_before_it_is_read(case, kind, script, args, fragment, tmp_path,
-                                                                        hf_home):
+def test_a_device_or_fifo_named_as_a_file_is_refused_before_it_is_read(case, kind, script, args, fragment, tmp_path):
     path = special_file(kind, tmp_path)
     before = sorted(tmp_path.iterdir())
     # reading /dev/zero would fill the memory and opening the FIFO would block: the deadline fails such a run
-    proc = run_script(script, *[a.format(file=path, tmp=tmp_path) for a in args], check=False, timeout=120,
-                      env={"HF_HOME": str(hf_home)})
+    proc = run_script(script, *[a.format(file=path) for a in args], check=False, timeout=120)
     what = "a character device" if kind == "dev_zero" else "a FIFO (named pipe)"
     assert_user_error(proc, f"{path} {fragment} is {what}, not a regular file")
     assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo"])
+def test_every_file_a_user_names_goes_through_the_one_check(kind, tmp_path):
+    """The other files the scripts read, in-process: each is refused by files.check_input_file before it is
+    opened (a FIFO would block these calls, /dev/zero fill the memory)."""
+    import eval as ev
+    import prepare
+    from tokenizer import load_tokenizer
+    import threading
+    path = special_file(kind, tmp_path)
+    what = "a character device" if kind == "dev_zero" else "a FIFO (named pipe)"
+
+    def refusal(call):
+        """The UserError that call() raises, run in a thread with a deadline: one that opens the FIFO blocks, one
+        that reads /dev/zero fills the memory, and the test fails on either instead of hanging."""
+        errors = []
+
+        def target():
+            try:
+                call()
+            except UserError as e:
+                errors.append(e)
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        thread.join(60)
+        if thread.is_alive() and kind == "fifo":
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # let a blocked open go
+        assert not thread.is_alive(), f"{call} did not return: it read or opened {path}"
+        assert errors, f"{call} raised no UserError"
+        return str(errors[0])
+
+    for call, fragment in ((lambda: ev.text_documents(path), "(the --text file)"),
+                           (lambda: ev.check_text_file(path), "(the --text file)"),
+                           (lambda: ev.compare_reports([path]), "(the report)"),
+                           (lambda: prepare.is_local(path), "(--dataset)"),
+                           (lambda: prepare.check_text(path, "the train split"), "(the train split)"),
+                           (lambda: prepare.check_parquet(path, "train"), "(the train split)"),
+                           (lambda: load_tokenizer(path), "(the tokenizer file)")):
+        assert f"{path} {fragment} is {what}, not a regular file" in refusal(call)
 
 
 def test_files_are_checked_for_kind_and_size_before_they_are_read(tmp_path):

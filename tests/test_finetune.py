@@ -97,7 +97,7 @@ def test_fine_tuning_refusals(base, my_text, tmp_path):
                     tmp_path / "other.pt")
     before = sorted(tmp_path.rglob("*"))
     cases = [
-        ([f"--init_from={tmp_path}/other.pt"], ["cannot fine-tune", "trained with another tokenizer (other)",
+        ([f"--init_from={tmp_path}/other.pt"], ["cannot fine-tune", "another tokenizer (other (fingerprint ",
                                                 f"prepare.py --tokenizer={tmp_path}/other.pt"]),
         ([f"--init_from={tmp_path}/nope.pt"], ["nope.pt' is not 'scratch', 'resume' or a checkpoint file"]),
         ([f"--init_from={base}"], [f"e.g. {base}/best_model_params.pt"]),

@@ -126,6 +126,10 @@ def test_text_column_choice(capsys):
     with pytest.raises(UserError, match=r"no column 'text' in its train split \(columns: body, n, tags\)"):
         choose_column({"train": several}, "text", "src")
     assert choose_column({"train": archive}, "summary", "src") == "summary"  # asked for: taken as it is
+    hub = datasets.Dataset.from_dict({"text": ["a", None, "c"]})  # no local files: the row of the split
+    with pytest.raises(UserError, match=r"^the train split of src, row 2: the 'text' value is missing \(null\), "
+                                        r"not text"):
+        choose_column({"train": hub}, "text", "src")
     two = datasets.Dataset.from_dict({"title": ["t"], "body": ["b"]})
     with pytest.raises(UserError, match=r"no column 'text' in its train split \(columns: title, body\)"):
         choose_column({"train": two}, "text", "src")
@@ -295,10 +299,10 @@ BOM = b"\xef\xbb\xbf"  # what Windows editors write first in a UTF-8 file
 
 @pytest.mark.parametrize("name,content", [
     ("train.txt", b"Once upon a time.\n\nThe end."),
-    ("train.txt.gz", gzip.compress(BOM + b"Once upon a time.\n<|endoftext|>\nThe end.\n")),
+    ("train.txt.gz", gzip.compress(BOM + b"Once upon a time.\n<|endoftext|>\nThe end.\n", mtime=0)),
     ("train.jsonl", b'{"text": "Once upon a time."}\n{"text": "The end."}\n'),
     ("train.json", b'[{"text": "Once upon a time."}, {"text": "The end."}]'),
-])
+], ids=["txt", "txt.gz", "jsonl", "json"])
 def test_a_byte_order_mark_is_not_story_text(tmp_path, cache, name, content):
     path = tmp_path / name
     path.write_bytes(content if name.endswith(".gz") else BOM + content)

@@ -59,9 +59,6 @@ def quick_notebooks(notebook_work, monkeypatch, hf_home):
     """The environment of a notebook run in the tests: quick mode, a private NOTEBOOK_WORK and HF_HOME, plots without
     a display, and no notebook path from an outer Jupyter."""
     if not os.environ.get("CI"):
-        if not HAVE_SHARED_SAMPLE:  # the notebooks read ../shared themselves, not the tests' own corpus
-            pytest.skip(f"needs the TinyStories sample at {SAMPLE_DIR} (the notebooks would prepare or download "
-                        f"data)")
         pytest.importorskip("nbclient", reason="pip install -r requirements-dev.txt")
     monkeypatch.setenv("NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("NOTEBOOK_WORK", str(notebook_work))
@@ -73,6 +70,8 @@ def quick_notebooks(notebook_work, monkeypatch, hf_home):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, quick_notebooks, monkeypatch, tmp_path):
+    if not HAVE_SHARED_SAMPLE and not os.environ.get("CI"):  # the notebooks read ../shared, not the tests' corpus
+        pytest.skip(f"needs the TinyStories sample at {SAMPLE_DIR} (the notebooks would prepare or download data)")
     from nbclient.exceptions import CellExecutionError
 
     path = ROOT / "notebooks" / f"{name}.ipynb"
