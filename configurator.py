@@ -102,23 +102,36 @@ SETTINGS_RULE = "# " + "-" * 20  # a settings block starts and ends with a comme
 
 def settings_block(path):
     """The names a script's settings block assigns, in order: the top-level assignments between the first two
-    comment lines of dashes (SETTINGS_RULE) of the source file at `path`. Raises RuntimeError (a bug in the
-    script, not the user's mistake) when the file has no such block."""
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
-    rules = [n for n, line in enumerate(source.splitlines(), 1) if line.startswith(SETTINGS_RULE)][:2]
+    comment lines of dashes (SETTINGS_RULE) of the source file at `path`, which come before its first function or
+    class. Raises RuntimeError (a bug in the script, not the user's mistake) when the file cannot be read, has no
+    such block, or holds a statement in it that is not `name = value`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except OSError as e:
+        raise RuntimeError(f"cannot read the settings block of {path}: {e}") from None
+    body = ast.parse(source).body
+    first_def = min([n.lineno for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef))], default=math.inf)
+    rules = [n for n, line in enumerate(source.splitlines(), 1) if line.startswith(SETTINGS_RULE) and n < first_def]
     if len(rules) < 2:
-        raise RuntimeError(f"{path} has no settings block (two lines starting with {SETTINGS_RULE!r})")
-    return [node.targets[0].id for node in ast.parse(source).body
-            if isinstance(node, ast.Assign) and rules[0] < node.lineno < rules[1]
-            and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)]
+        raise RuntimeError(f"{path} has no settings block (two lines starting with {SETTINGS_RULE!r} before its "
+                           f"first function)")
+    block = [node for node in body if rules[0] < node.lineno < rules[1]]
+    odd = [node.lineno for node in block if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                                                 and isinstance(node.targets[0], ast.Name))]
+    if odd:
+        raise RuntimeError(f"{path} line {odd[0]}: a settings block holds only `name = value` lines")
+    return [node.targets[0].id for node in block]
 
 
 def _configurable(defaults):
-    """A script's settings and their defaults: the names of its settings block (a script's globals, which hold
-    `__file__`), or every entry of a plain dict of settings."""
-    if "__file__" not in defaults:
+    """A script's settings and their defaults: the names of its settings block when `defaults` is a module's
+    globals (they hold `__name__`), or every entry of a plain dict of settings. Raises RuntimeError for globals
+    without the `__file__` the block is read from (a script run by exec)."""
+    if "__name__" not in defaults:
         return dict(defaults)
+    if "__file__" not in defaults:
+        raise RuntimeError("configure(globals()) reads the settings block from the script's file: run it as a file")
     return {k: defaults[k] for k in settings_block(defaults["__file__"])}
 
 

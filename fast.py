@@ -1,6 +1,7 @@
 """The fast path: model.py's GPT turned, in place, into one that computes the same numbers faster or in less memory.
 
-    model = speed_up(model)   # train.py, eval.py and bench.py: one line, like torch.compile
+    model = speed_up(model)   # train.py, eval.py, sample.py, serve.py and bench.py: one line, like torch.compile
+                              # (but in place: the same model object comes back, its modules' classes changed)
 
 model.py is the reference a learner reads. Each class below is a subclass of one of its modules that keeps that
 module's parameters, buffers and state dict and overrides one method; speed_up gives every module of a model the
@@ -36,12 +37,12 @@ def training_on_cpu(x):
 
 class FastGPT(GPT):
     """GPT whose loss comes from chunked_cross_entropy: the same loss and gradients, without holding the logits.
-    GPT.loss's contract, except that the logits returned with the loss are None. A head that is not an nn.Linear
-    (checkpoint.quantize_int8's) takes the reference path."""
+    GPT.logits_and_loss's contract, except that the logits returned with the loss are None. A head that is not an
+    nn.Linear (checkpoint.quantize_int8's) takes the reference path."""
 
-    def loss(self, x, targets, loss_weights=None):
+    def logits_and_loss(self, x, targets, loss_weights=None):
         if not isinstance(self.lm_head, nn.Linear):
-            return super().loss(x, targets, loss_weights)
+            return super().logits_and_loss(x, targets, loss_weights)
         B, T, C = x.shape
         weights = None if loss_weights is None else loss_weights.reshape(-1)
         return None, chunked_cross_entropy(x.reshape(B * T, C), self.lm_head.weight, targets.reshape(-1), weights)
@@ -66,8 +67,8 @@ class FastAttention(CausalSelfAttention):
         if not (hasattr(self, "q_norm") and rope is not None and training_on_cpu(q)):
             return super().queries_keys(q, k, rope)
         # rope's tables lose their head axis, (T, 1, head_dim // 2) -> (T, head_dim // 2); out in float32
-        return (fused.norm_rope(t, norm.weight, rope[0][:, 0], rope[1][:, 0], norm.eps)
-                for t, norm in ((q, self.q_norm), (k, self.k_norm)))
+        return tuple(fused.norm_rope(t, norm.weight, rope[0][:, 0], rope[1][:, 0], norm.eps)
+                     for t, norm in ((q, self.q_norm), (k, self.k_norm)))
 
     def attend(self, q, k, v, causal):
         """CausalSelfAttention.attend, answering in v's dtype (the autocast dtype, also when norm_rope made q and k

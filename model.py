@@ -1,6 +1,7 @@
 """A GPT-2-style decoder-only transformer written on PyTorch primitives: the network, its KV cache for
-generation, and sampling. This is the reference: the math and nothing else. fast.py turns it into a model with the
-same weights that trains faster or in less memory (train.py calls it in one line); optim.py holds the optimizers.
+generation, and sampling. This is the reference: the math, on PyTorch's own operations. fast.py turns it into one
+with the same weights that runs faster or in less memory (train.py calls it in one line); optim.py holds the
+optimizers.
 
 Architecture (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"; the transformer of
 Vaswani et al. 2017 with LayerNorm moved before each sub-block):
@@ -158,6 +159,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))
+        if cache is not None and T > 1 and cache.pos > 0:
+            raise ValueError("a cache holding positions can only be extended one token at a time")
         q, k = self.queries_keys(q, k, rope)
         v = v.transpose(1, 2)
         if cache is not None:
@@ -165,8 +168,6 @@ class CausalSelfAttention(nn.Module):
         # With a cache, one query row looks at every cached key: no mask is needed. A first pass over a
         # prompt (cache empty) is the ordinary causal case.
         causal = cache is None or cache.pos == 0
-        if cache is not None and T > 1 and cache.pos > 0:
-            raise ValueError("a cache holding positions can only be extended one token at a time")
         y = self.attend(q, k, v, causal).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -295,7 +296,7 @@ class GPT(nn.Module):
                 sum(w * nll) / sum(w) (train.py weighs the words an instruction asked for: docs/instruct.md).
         Returns:
             (logits, loss): with targets, logits (B, T, vocab_size) and the loss, a scalar in nats per token (see
-            `loss`); without targets, logits (B, 1, vocab_size) for the last position only and loss None.
+            `logits_and_loss`); without targets, logits (B, 1, vocab_size) for the last position only and loss None.
         Raises:
             ValueError: the sequence is longer than block_size.
         """
@@ -317,9 +318,9 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
-        return self.loss(x, targets, loss_weights)
+        return self.logits_and_loss(x, targets, loss_weights)
 
-    def loss(self, x, targets, loss_weights=None):
+    def logits_and_loss(self, x, targets, loss_weights=None):
         """The head and the cross-entropy of every position: x (B, T, n_embd) final hidden states, targets (B, T)
         int64 (-1: ignored), loss_weights None or (B, T) float. Returns (logits (B, T, vocab_size), loss): the mean
         negative log-likelihood of the targets in nats per token, or with weights sum(w * nll) / sum(w) over the
@@ -425,7 +426,7 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, vocab_limit=None, g
     """Draw one token id per row from logits (B, V) -> (B,) int64. See GPT.generate_stream for the arguments,
     which the caller checks once (check_sampling), not at every token. A temperature too small for the scaled
     logits to be finite samples greedily (its limit), as temperature 0 does."""
-    logits = logits.float()
+    logits = logits.float().nan_to_num(nan=-float("inf"))  # an overflowed (float16) logit: never drawn
     if vocab_limit is not None and vocab_limit < logits.size(-1):
         logits = logits.clone()
         logits[:, vocab_limit:] = -float("inf")

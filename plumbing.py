@@ -4,8 +4,8 @@ starts from (resume or fine-tune), the locks on out_dir and data_dir, the batche
 checkpoints, non-finite steps, Ctrl-C, and the end of a run.
 
 train.py calls it in a few lines: `setup` (checks, processes, data, the starting checkpoint, out_dir's lock),
-`restore` (a resumed run's states), `Batches`, `Log`, `Checkpoints`, `StepGuard`, and `finish`. Every function
-reads the settings from `cfg`, train.py's settings as attributes (setup's `Setup.cfg`).
+`restore` (a resumed run's states), `Batches`, `Log`, `Checkpoints`, `StepGuard`, and `finish`. The settings are
+train.py's, as attributes of `cfg` (setup's `Setup.cfg`; the classes reach it through the Setup `s` they hold).
 Each raises UserError (one line, exit code 2) for a mistake of the user's, before anything is lost.
 """
 
@@ -708,7 +708,7 @@ def data_changed(ckpt, cfg, meta):
     another data_dir. Its best validation loss then measured other text and means nothing here."""
     if "validation" in ckpt:
         return ckpt["validation"] != meta["splits"]["validation"]
-    return ckpt["config"].get("data_dir") != cfg.data_dir
+    return os.path.realpath(str(ckpt["config"].get("data_dir"))) != os.path.realpath(cfg.data_dir)
 
 
 def died_before_checkpoint(out_dir):

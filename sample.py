@@ -19,6 +19,7 @@ import torch
 from checkpoint import load_model, quantize_int8
 from configurator import (DTYPES, UserError, available_memory, check_values, configure, read_text, resolve_device,
                           run)
+from fast import speed_up
 from instruct import header_tokens, instructed_prompt
 from model import SAMPLING_DEFAULTS, KVCache, check_sampling
 from tokenizer import StreamDecoder
@@ -91,6 +92,7 @@ def main():
         model = quantize_int8(model)
     else:  # weights stored in the sampling precision: each new token reads half the bytes of float32 weights
         model = model.to(DTYPES[precision])
+    model = speed_up(model)  # the fast path (fast.py): on a CPU, attention in float32, which is faster there
     ids = tok.encode_prompt(prompt)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
     generator = torch.Generator(device=dev).manual_seed(seed)

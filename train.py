@@ -155,6 +155,8 @@ def main():
     # the checks (settings, data, the checkpoint to start from), the device and processes, out_dir's lock
     s = plumbing.setup(config)
     device, ctx = s.device, s.ctx
+    # from here on, Ctrl-C or SIGTERM finishes the current step and saves; it also skips non-finite steps
+    guard = plumbing.StepGuard(s)
 
     # the model, its optimizer, and (for float16) the loss scaler
     torch.manual_seed(seed)
@@ -168,14 +170,16 @@ def main():
     scaler = torch.amp.GradScaler(s.device_type, enabled=s.precision == "float16" and s.device_type == "cuda")
     elapsed = plumbing.restore(s, model, opt, scaler)  # resuming: the optimizer's and generators' states
     batches, log = plumbing.Batches(s, get_batch), plumbing.Log(s, elapsed)
-    checkpoints, guard = plumbing.Checkpoints(s, model, opt, scaler), plumbing.StepGuard(s)
+    checkpoints = plumbing.Checkpoints(s, model, opt, scaler)
 
-    raw_model = model
-    model = speed_up(model)  # the fast path for this device (fast.py): the same weights, the same numbers
+    model = speed_up(model)  # the fast path for this device (fast.py), in place: the same weights, the same numbers
+    raw_model = model  # the module itself, for the checks and the final evaluation: compile and DDP wrap it
     if compile:
         model = torch.compile(model)
     if s.ddp:
-        model = DDP(model, device_ids=[plumbing.local_rank()] if s.device_type == "cuda" else None)
+        # the buffers (rotary's angles) are constants: no broadcast, which evaluation on some ranks only would break
+        model = DDP(model, device_ids=[plumbing.local_rank()] if s.device_type == "cuda" else None,
+                    broadcast_buffers=False)
 
     iter_num, best_val_loss = s.iter_num, s.best_val_loss
     x, y, w = batches.train(iter_num, s.first)  # w (loss weights): None, except for instructed data

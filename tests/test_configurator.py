@@ -154,3 +154,13 @@ def test_a_torchrun_peer_that_died_is_one_line_naming_the_resume(monkeypatch, ca
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     with pytest.raises(RuntimeError, match="Connection reset"):  # outside torchrun it is not ours to explain
         run(main)
+
+
+def test_a_settings_block_holds_only_plain_assignments(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT.replace("device = \"auto\"  # where to run", "device: str = \"auto\""))
+    with pytest.raises(RuntimeError, match="line 6: a settings block holds only `name = value` lines"):
+        settings_block(script)
+    script.write_text("def main():\n    pass\n" + SCRIPT)  # rules after the first function are not a block
+    with pytest.raises(RuntimeError, match="has no settings block"):
+        settings_block(script)
