@@ -21,7 +21,7 @@ FILE_EXTENSIONS = {"py", "md", "ipynb", "bin", "json", "jsonl", "csv", "txt", "p
 # names the docs give as examples of a mistake: they must stay missing
 EXAMPLES = {"config/nope.py", "bad.py"}
 
-# `model.GPT.loss`, `fast.speed_up(model)`; not `torch.compile`, `x.model.eval`, `data/sample.txt`
+# `model.GPT.logits_and_loss`, `fast.speed_up(model)`; not `torch.compile`, `x.model.eval`, `data/sample.txt`
 REF = re.compile(rf"(?<![\w./-])({'|'.join(MODULES)})\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?")
 FOLDER_PATH = re.compile(r"(?<![\w./-])((?:tests|config|docs|dev|notebooks|assets)/[\w.-]*\w)")
 BARE_FILE = re.compile(r"(?<![\w./-])([\w-]+\.(?:py|md|ipynb))(?![\w-])")
@@ -167,7 +167,7 @@ def test_wrong_references_are_caught_and_others_are_not():
                                          "notebooks/none.ipynb", "nope.py"]
     right = ("`torch.compile` `meta.json` `train.bin` `log.csv` `model.py` `eval.py --compare=a.json`\n"
              "`configurator.resolve_device(device, dtype)` `fast.speed_up` `plumbing.StepGuard.step_is_sound`\n"
-             "`model.GPT.loss` `fast.FastGPT.generate` `plumbing.Setup.cfg` `model.SAMPLING_DEFAULTS` `x.model.nope`\n"
+             "`model.GPT.logits_and_loss` `fast.FastGPT.generate` `plumbing.Setup.cfg` `model.SAMPLING_DEFAULTS` `x.model.nope`\n"
              "```\npython -c 'import model; model.nothing'\n```\n"
              "[recipe](recipe.md), tests/test_fast.py, `tinystories_cpu.py`, `config/nope.py`, `SCRIPT.py`, a/x.md\n")
     assert wrong_names(right) == []
