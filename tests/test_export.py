@@ -158,6 +158,15 @@ def test_refuses_to_overwrite_without_force(tmp_path, monkeypatch):
         export._check_destination(str(tmp_path), str(tmp_path / "out" / "best_model_params.pt"))
     (dest / export.MARKER).write_text("{}")  # an earlier export elsewhere: --force may replace it
     export._check_destination(str(dest), str(tmp_path / "out" / "best_model_params.pt"))
+    os.remove(dest / export.MARKER)
+    # constants are not settings: no command line redirects the marker --force looks for, or changes the model
+    run_dir = tmp_path / "out"
+    (run_dir / "log.csv").write_text("iter\n")
+    for flag in ("--MARKER=log.csv", f"--MARKER={run_dir / 'log.csv'}", "--NORM_EPS=0.5", "--ROPE_THETA=7"):
+        proc = run_script("export.py", f"--out_dir={run_dir}", f"--export_dir={run_dir}", "--force", flag,
+                          check=False, env=OFFLINE)
+        assert_user_error(proc, f"unknown key '{flag[2:].split('=')[0]}'")
+        assert sorted(os.listdir(run_dir)) == ["best_model_params.pt", "log.csv"]  # the run folder is intact
 
 
 MODERN = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
