@@ -167,7 +167,8 @@ def test_wrong_references_are_caught_and_others_are_not():
                                          "notebooks/none.ipynb", "nope.py"]
     right = ("`torch.compile` `meta.json` `train.bin` `log.csv` `model.py` `eval.py --compare=a.json`\n"
              "`configurator.resolve_device(device, dtype)` `fast.speed_up` `plumbing.StepGuard.step_is_sound`\n"
-             "`model.GPT.logits_and_loss` `fast.FastGPT.generate` `plumbing.Setup.cfg` `model.SAMPLING_DEFAULTS` `x.model.nope`\n"
+             "`model.GPT.logits_and_loss` `fast.FastGPT.generate` `plumbing.Setup.cfg` `model.SAMPLING_DEFAULTS`\n"
+             "`x.model.nope`\n"
              "```\npython -c 'import model; model.nothing'\n```\n"
              "[recipe](recipe.md), tests/test_fast.py, `tinystories_cpu.py`, `config/nope.py`, `SCRIPT.py`, a/x.md\n")
     assert wrong_names(right) == []
