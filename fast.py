@@ -15,6 +15,10 @@ fast class of its own class. A checkpoint written by a fast model loads into the
   - FastAttention.attend: attention in float32 (PyTorch's CPU kernel is slower in bfloat16), with dropout written
     out so that its mask comes from `dropout` below;
   - FastDropout: a mask from 16 random bits per element instead of one random number per element.
+- CheckpointedBlock, with speed_up(model, gradient_checkpointing=True): each block's activations are recomputed
+  in the backward pass instead of kept (torch.utils.checkpoint, non-reentrant; Chen et al. 2016, "Training Deep
+  Nets with Sublinear Memory Cost"): the memory of one block's activations instead of all of them, for one more
+  forward pass of the blocks. The random state is restored for the recomputation, so dropout draws the same masks.
 Evaluation and generation (no gradients) and other devices take the reference code where a class says so.
 tests/test_fast.py checks each piece, and a whole training run, against the reference. Measured: dev/speed-log.md.
 """
@@ -27,7 +31,9 @@ from torch.nn import functional as F
 
 import fused
 from chunked_loss import chunked_cross_entropy
-from model import GPT, CausalSelfAttention, RMSNorm
+from torch.utils.checkpoint import checkpoint
+
+from model import GPT, Block, CausalSelfAttention, RMSNorm
 
 
 def training_on_cpu(x):
@@ -115,16 +121,27 @@ class FastDropout(nn.Dropout):
         return dropout(x, self.p)
 
 
+class CheckpointedBlock(Block):
+    """Block whose activations, in training, are recomputed in the backward pass instead of kept (see the module
+    docstring). The same outputs and gradients as Block."""
+
+    def forward(self, x, cache=None, layer=0, rope=None):
+        if cache is not None or not torch.is_grad_enabled():
+            return super().forward(x, cache, layer, rope)
+        return checkpoint(super().forward, x, None, layer, rope, use_reentrant=False)
+
+
 FAST_CLASSES = {GPT: FastGPT, RMSNorm: FastRMSNorm, CausalSelfAttention: FastAttention, nn.Dropout: FastDropout}
 
 
-def speed_up(model):
-    """Give every module of `model` (a model.GPT) the fast class of its class (FAST_CLASSES), in place: the same
-    parameters, buffers and state dict, the same numbers up to rounding. Returns the model. Call it before
-    torch.compile and DistributedDataParallel wrap the model; moving it to another device afterwards is fine (each
-    fast class looks at its input's device)."""
+def speed_up(model, gradient_checkpointing=False):
+    """Give every module of `model` (a model.GPT) the fast class of its class (FAST_CLASSES, and CheckpointedBlock
+    for the blocks with gradient_checkpointing), in place: the same parameters, buffers and state dict, the same
+    numbers up to rounding. Returns the model. Call it before torch.compile and DistributedDataParallel wrap the
+    model; moving it to another device afterwards is fine (each fast class looks at its input's device)."""
+    classes = {**FAST_CLASSES, **({Block: CheckpointedBlock} if gradient_checkpointing else {})}
     for module in model.modules():
-        fast = FAST_CLASSES.get(type(module))
+        fast = classes.get(type(module))
         if fast is not None:
             module.__class__ = fast
     return model

@@ -85,6 +85,7 @@ decay_frac = 0.2                # wsd: the fraction of lr_decay_iters spent deca
 device = "auto"                 # auto, cpu, mps, cuda, cuda:N
 dtype = "auto"                  # auto, float32, bfloat16, float16 (autocast precision)
 compile = False                 # torch.compile the model
+gradient_checkpointing = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
 seed = 1337                     # seeds the weights, the batches and dropout
 # data prepared with --instruct (docs/instruct.md)
 instruct_word_weight = 1.0      # the loss weight of story tokens that start a word the story's header asked for
@@ -172,7 +173,8 @@ def main():
     batches, log = plumbing.Batches(s, get_batch), plumbing.Log(s, elapsed)
     checkpoints = plumbing.Checkpoints(s, model, opt, scaler)
 
-    model = speed_up(model)  # the fast path for this device (fast.py), in place: the same weights, the same numbers
+    # the fast path for this device (fast.py), in place: the same weights, the same numbers
+    model = speed_up(model, gradient_checkpointing)
     raw_model = model  # the module itself, for the checks and the final evaluation: compile and DDP wrap it
     if compile:
         model = torch.compile(model)

@@ -24,3 +24,16 @@ def test_every_config_has_its_own_out_dir():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_no_config_pins_a_device(path):
     assert "device" not in assignments(path)  # train.py's device=auto picks CUDA, else mps, else the CPU
+
+
+@pytest.mark.parametrize("name, low, high", [("tinystories_70m", 60e6, 80e6), ("tinystories_110m", 100e6, 120e6)])
+def test_the_large_configs_build_models_of_their_stated_sizes(name, low, high):
+    from dataclasses import fields
+
+    from checkpoint import count_params
+    from model import GPTConfig, padded_vocab_size
+    settings = assignments(ROOT / "config" / f"{name}.py")
+    shape = {f.name: settings[f.name] for f in fields(GPTConfig) if f.name in settings}
+    config = GPTConfig(**{**shape, "vocab_size": padded_vocab_size(settings["vocab_size"])})  # as train.py pads it
+    assert low <= count_params(config) <= high
+    assert settings["optimizer"] == "muon" and config.qk_norm and config.pos_embedding == "rope"  # the modern recipe

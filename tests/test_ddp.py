@@ -56,7 +56,8 @@ def test_two_processes_match_one_and_resume(sample_data, tmp_path):
     first = torchrun(2, *args, f"--out_dir={two}", "--max_iters=2")
     assert first.stdout.count("iter 2: train loss") == 1  # only rank 0 prints
     assert "2 processes x 1 micro-steps" in first.stdout
-    torchrun(2, *args, f"--out_dir={two}", "--max_iters=4", "--init_from=resume")
+    # and its second half recomputes the blocks in backward (gradient checkpointing): the same numbers, so the same bits
+    torchrun(2, *args, f"--out_dir={two}", "--max_iters=4", "--init_from=resume", "--gradient_checkpointing=True")
 
     a, b = read_log(one), read_log(two)
     assert [r[0] for r in a] == [r[0] for r in b] == [0, 1, 2, 3, 4]

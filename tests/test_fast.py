@@ -213,3 +213,29 @@ def test_written_out_attention_with_dropout_is_scaled_dot_product_attention():
     torch.manual_seed(0)
     assert not torch.allclose(attn.attend(q, k, v, True), F.scaled_dot_product_attention(q, k, v, is_causal=True),
                               atol=1e-3)
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "modern"])
+def test_gradient_checkpointing_recomputes_the_blocks_and_changes_no_number(recipe):
+    # float32 and bfloat16 autocast, with dropout: the recomputation restores the random state, so the masks, the
+    # loss and every gradient are the same bits as without it
+    args = dict(vocab_size=96, block_size=16, n_layer=3, n_head=2, n_embd=32, dropout=0.1)
+    if recipe == "modern":
+        args.update(MODERN)
+    torch.manual_seed(0)
+    reference = GPT(GPTConfig(**args))
+    x, y = torch.randint(0, 96, (2, 4, 16), generator=torch.Generator().manual_seed(0))
+    for precision in (torch.float32, torch.bfloat16):
+        results = []
+        for checkpointing in (False, True):
+            model = speed_up(copy.deepcopy(reference), gradient_checkpointing=checkpointing)
+            calls = []
+            model.transformer.h[0].attn.register_forward_pre_hook(lambda *args: calls.append(1))
+            torch.manual_seed(1)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == torch.bfloat16):
+                _, loss = model(x, y)
+            loss.backward()
+            results.append((loss, [p.grad for p in model.parameters()], len(calls)))
+        (loss, grads, calls), (loss_c, grads_c, calls_c) = results
+        assert (calls, calls_c) == (1, 2)  # with checkpointing, the block's forward runs again in backward
+        assert torch.equal(loss, loss_c) and all(torch.equal(a, b) for a, b in zip(grads, grads_c))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from train import get_batch, get_lr
-from conftest import read_log, run_script
+from conftest import TINY, read_log, run_script
 
 
 def test_lr_schedule_warmup_cosine_floor():
@@ -48,3 +48,17 @@ def test_max_iters_alone_ends_the_decay_with_the_run(sample_data, tmp_path):
     assert "warming up over the first 4 instead" in proc.stdout
     lr = {it: float(row["lr"]) for it, row in read_log(tmp_path / "p").items()}
     assert lr[40] == 2e-4
+
+
+@pytest.mark.slow  # train.py as a subprocess
+def test_gradient_checkpointing_trains_to_the_same_losses(sample_data, tmp_path):
+    # the modern recipe with dropout (the recomputation must draw the same masks) and the fast CPU path, in bfloat16
+    args = [*TINY, f"--data_dir={sample_data}", "--max_iters=4", "--eval_interval=2", "--dtype=bfloat16",
+            "--dropout=0.1", "--pos_embedding=rope", "--norm=rmsnorm", "--mlp=swiglu", "--qk_norm=True",
+            "--optimizer=muon"]
+    run_script("train.py", *args, f"--out_dir={tmp_path}/plain")
+    run_script("train.py", *args, f"--out_dir={tmp_path}/checkpointed", "--gradient_checkpointing=True")
+    plain, checkpointed = read_log(tmp_path / "plain"), read_log(tmp_path / "checkpointed")
+    assert plain.keys() == checkpointed.keys() == {0, 2, 4}
+    assert all(plain[i]["train_loss"] == checkpointed[i]["train_loss"] and
+               plain[i]["val_loss"] == checkpointed[i]["val_loss"] for i in plain)
