@@ -1,18 +1,22 @@
-"""Export a trained model as a Hugging Face `transformers` model folder: GPT-2, Llama or Qwen3.
+"""Export a trained model as a Hugging Face `transformers` model folder (GPT-2, Llama or Qwen3), or as a GGUF file
+that llama.cpp runs (and so Ollama and LM Studio, which run llama.cpp's files).
 
     python export.py --out_dir=out --export_dir=hf_model
     python export.py --out_dir=out --checkpoint=ckpt.pt --export_dir=hf_model --force
+    python export.py --out_dir=out --export_dir=gguf_model --format=gguf [--gguf_dtype=float16|q8_0]
 
 Loads out_dir/checkpoint (train.py's best_model_params.pt by default) and writes export_dir with
-config.json, generation_config.json, model.safetensors (float32), tokenizer.json and tokenizer_config.json.
+config.json, generation_config.json, model.safetensors (float32), tokenizer.json and tokenizer_config.json; or,
+with --format=gguf, with model.gguf (weights, tokenizer and settings in one file) and an Ollama Modelfile.
 The model's recipe (model.GPTConfig's switches) decides the architecture, and the folder loads without this
 repository:
 
-    GPT-2's recipe (learned positions, LayerNorm, GELU)                 -> GPT2LMHeadModel
-    pos_embedding=rope, norm=rmsnorm, mlp=swiglu, bias=False           -> LlamaForCausalLM
-    the same with qk_norm=True                                          -> Qwen3ForCausalLM
+    GPT-2's recipe (learned positions, LayerNorm, GELU)                 -> GPT2LMHeadModel    (llama.cpp: gpt2)
+    pos_embedding=rope, norm=rmsnorm, mlp=swiglu, bias=False           -> LlamaForCausalLM   (llama.cpp: llama)
+    the same with qk_norm=True                                          -> Qwen3ForCausalLM   (llama.cpp: qwen3)
 
-Every other combination (e.g. relu2, or rope with LayerNorm) has no transformers class and is refused.
+Every other combination (e.g. relu2, or rope with LayerNorm) has no transformers class nor llama.cpp architecture
+and is refused.
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
     model = AutoModelForCausalLM.from_pretrained("hf_model")
@@ -26,6 +30,10 @@ generation_config.json's suppress_tokens, so generation never produces them (lik
 Like GPT-2, the exported model reads at most block_size tokens (n_positions); sample.py slides a window past it.
 Llama and Qwen3 use the same rotary convention as model.apply_rope (rope_theta 10000, channel i paired with
 i + head_size/2), so their weights need no permutation; max_position_embeddings is block_size, the length trained on.
+In GGUF: llama.cpp's gpt2 has GPT-2's tanh GELU (the logits differ by a few thousandths); its llama pairs
+rotary channels 2i and 2i+1, so the rows of the query and key weights are reordered (interleave_rope); its qwen3
+pairs them as we do. The tokenizer goes in as llama.cpp's "gpt2" BPE with GPT-2's pre-tokenizer, which gives this
+project's token ids; <|endoftext|> is bos and eos, and nothing is added to prompts. docs/export.md has the rest.
 The export_dir is built in a temporary folder beside it (.NAME.tmp.*) and renamed into place when complete. An
 existing, non-empty export_dir is only replaced with --force, and only if export.py wrote it (it holds a
 .tinystories-export file): --force never deletes a training run or any other folder. The next export to the same
@@ -35,6 +43,7 @@ on the disk is checked before anything is written.
 """
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -50,8 +59,10 @@ from tokenizer import EOT, parse_ranks
 # -----------------------------------------------------------------------------
 out_dir = "out"                         # directory that holds the checkpoint
 checkpoint = "best_model_params.pt"     # file name inside out_dir
-export_dir = "hf_model"                 # the Hugging Face model folder to write
+export_dir = "hf_model"                 # the folder to write (the Hugging Face model, or model.gguf and Modelfile)
 force = False                           # replace an existing, non-empty export_dir
+format = "hf"                           # "hf": a Hugging Face transformers folder; "gguf": a GGUF file for llama.cpp
+gguf_dtype = "float32"                  # --format=gguf: the matrices as "float32", "float16" or "q8_0" (8-bit)
 # -----------------------------------------------------------------------------
 
 # Our nn.Linear weights are (out, in); GPT-2's Conv1D layers hold (in, out).
@@ -87,8 +98,13 @@ ARCHITECTURES = {
 }
 
 
-def architecture(model_args):
-    """The transformers class that computes the same function as a model with these GPTConfig fields.
+# The same recipes in llama.cpp (GGUF's general.architecture): transformers class -> llama.cpp architecture.
+GGUF_ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
+
+
+def architecture(model_args, runner="transformers"):
+    """The transformers class that computes the same function as a model with these GPTConfig fields (for
+    runner="llama.cpp", look its llama.cpp architecture up in GGUF_ARCHITECTURES: the recipes are the same).
     Raises UserError for a recipe with none, naming the nearest one that exports and the switches to change."""
     args = {**asdict(GPTConfig()), **model_args}  # a partial dict: the other fields at their defaults
     diffs = {name: {k: v for k, v in need.items() if args[k] != v} for name, need in ARCHITECTURES.items()}
@@ -96,8 +112,13 @@ def architecture(model_args):
         if not diff:
             return name
     nearest = min(diffs, key=lambda name: len(diffs[name]))
+    fix = " ".join(f"--{k}={v}" for k, v in diffs[nearest].items())
+    if runner == "llama.cpp":
+        have = ", ".join(f"{k}={args[k]}" for k in diffs[nearest])
+        raise UserError(f"llama.cpp has no architecture that runs this model's recipe ({have}); the nearest it runs is "
+                        f"{GGUF_ARCHITECTURES[nearest]}, trained with {fix}")
     raise UserError(f"no transformers class computes this model's recipe; the nearest that exports is {nearest}, "
-                    f"trained with " + " ".join(f"--{k}={v}" for k, v in diffs[nearest].items()))
+                    f"trained with {fix}")
 
 
 def llama_state_dict(model):
@@ -281,6 +302,219 @@ def tokenizer_files(tok, block_size):
     return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
 
 
+# --- GGUF: one file that llama.cpp (and Ollama, LM Studio, which run llama.cpp's files) loads -------------------
+# --gguf_dtype -> (general.file_type, the type of the matrices). Vectors (norm gains, biases) and GPT-2's position
+# table stay float32, and a matrix whose rows do not split into Q8_0's blocks of 32 becomes float16, as llama.cpp's
+# convert_hf_to_gguf.py writes them.
+GGUF_DTYPES = {"float32": ("ALL_F32", "F32"), "float16": ("MOSTLY_F16", "F16"), "q8_0": ("MOSTLY_Q8_0", "Q8_0")}
+
+
+def _needs_gguf():
+    try:
+        import gguf
+    except ImportError as e:  # optional: only --format=gguf writes GGUF (requirements-dev.txt has it)
+        why = "" if e.name == "gguf" else f" (it is there, but importing it failed: {e})"
+        raise UserError(f"export.py --format=gguf needs the gguf package: pip install gguf{why}") from None
+    return gguf
+
+
+def interleave_rope(w, n_head):
+    """Rows of a query or key projection (n_head * head_dim, in), reordered from our rotary layout (channel i
+    paired with i + head_dim/2: model.apply_rope, "rotate half", llama.cpp's NEOX) to the interleaved one of
+    llama.cpp's "llama" architecture (channel 2i paired with 2i+1, its rope type NORM): row h*d + 2i + s is our
+    row h*d + s*d/2 + i. The same permutation of both queries and keys leaves their dot products, and so the
+    model's function, unchanged (LlamaModel.permute in llama.cpp's convert_hf_to_gguf.py does this too)."""
+    d = w.shape[0] // n_head
+    return w.reshape(n_head, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_positions(config):
+    """The rows of the position table in a gpt2 GGUF file, and its context_length: block_size rounded up to a
+    multiple of 256. llama.cpp rounds every context up to a multiple of 256 tokens and aborts when a position
+    passes the table (GGML_ASSERT(i01 >= 0 && i01 < ne01)), so a model with block_size 128 would stop
+    `llama-completion -n 200` half-way. The added rows copy the last trained position: what comes after
+    block_size tokens is text the model was never trained to continue (sample.py slides a window instead)."""
+    return math.ceil(config.block_size / 256) * 256
+
+
+def gguf_tensors(model, arch):
+    """The weights of our GPT under llama.cpp's tensor names for `arch` ("gpt2", "llama" or "qwen3";
+    gguf.TENSOR_NAMES), as {name: contiguous float32 CPU tensor} in nn.Linear's (out, in) layout, which is GGUF's
+    (ggml lists the dimensions the other way round).
+
+    gpt2: c_attn stays one attn_qkv matrix; a bias=False model gets zero biases (llama.cpp's gpt2 needs them); the
+    position table has gguf_positions rows.
+    llama and qwen3: c_attn is split into attn_q, attn_k and attn_v, SwiGLU's c_fc into ffn_gate (its first half
+    of rows) and ffn_up; for llama the rows of attn_q and attn_k are interleaved (interleave_rope). The head is
+    left out when it is tied: llama.cpp then uses token_embd as the output matrix."""
+    gguf = _needs_gguf()
+    cfg = model.config
+    sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+
+    def name(tensor, i=None, kind="weight"):
+        return gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, tensor)].format(bid=i) + "." + kind
+
+    out = {name("TOKEN_EMBD"): sd.pop("transformer.wte.weight")}
+    head = sd.pop("lm_head.weight")
+    if not cfg.tie_embeddings:
+        out[name("OUTPUT")] = head
+
+    def move(ours, theirs, i=None):  # a weight (and for gpt2 its bias) under its GGUF name
+        weight = sd.pop(ours + ".weight")
+        out[name(theirs, i)] = weight
+        if arch == "gpt2":  # bias=False: the same function with a zero bias
+            out[name(theirs, i, "bias")] = sd.pop(ours + ".bias", torch.zeros(weight.shape[0]))
+
+    move("transformer.ln_f", "OUTPUT_NORM")
+    if arch == "gpt2":  # the position table, padded with copies of its last row (gguf_positions)
+        wpe = sd.pop("transformer.wpe.weight")
+        out[name("POS_EMBD")] = torch.cat([wpe, wpe[-1:].expand(gguf_positions(cfg) - cfg.block_size, -1)])
+        parts = {"ln_1": "ATTN_NORM", "attn.c_attn": "ATTN_QKV", "attn.c_proj": "ATTN_OUT", "ln_2": "FFN_NORM",
+                 "mlp.c_fc": "FFN_UP", "mlp.c_proj": "FFN_DOWN"}
+    else:
+        parts = {"ln_1": "ATTN_NORM", "attn.c_proj": "ATTN_OUT", "ln_2": "FFN_NORM", "mlp.c_proj": "FFN_DOWN",
+                 **({"attn.q_norm": "ATTN_Q_NORM", "attn.k_norm": "ATTN_K_NORM"} if cfg.qk_norm else {})}
+    for i in range(cfg.n_layer):
+        for ours, theirs in parts.items():
+            move(f"transformer.h.{i}.{ours}", theirs, i)
+        if arch != "gpt2":
+            q, k, v = sd.pop(f"transformer.h.{i}.attn.c_attn.weight").chunk(3)
+            if arch == "llama":
+                q, k = interleave_rope(q, cfg.n_head), interleave_rope(k, cfg.n_head)
+            gate, up = sd.pop(f"transformer.h.{i}.mlp.c_fc.weight").chunk(2)
+            out.update({name("ATTN_Q", i): q, name("ATTN_K", i): k, name("ATTN_V", i): v,
+                        name("FFN_GATE", i): gate, name("FFN_UP", i): up})
+    assert not sd, f"weights without a GGUF name: {sorted(sd)}"  # a bug, not a user error
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def gguf_vocab(tok, n_rows):
+    """llama.cpp's description of `tok` (tokenizer.Tokenizer) for a model of `n_rows` embedding rows: (tokens, token
+    types, merges). The tokens and merges are those of the Hugging Face tokenizer.json that tokenizer_files writes
+    (GPT-2's ranks converted by tiktoken_to_tokenizer_json, or a trained vocabulary's own file), in GPT-2's byte
+    alphabet ("Ġthe"); llama.cpp's "gpt2" tokenizer model applies the merges in their order after splitting the
+    text with GPT-2's pattern (tokenizer.ggml.pre "gpt-2"), which is what tiktoken and `tokenizers` do here.
+    <|endoftext|> is a control token; the padding rows past the vocabulary are unused tokens "[PAD<id>]".
+    Raises UserError for a tokenizer.json that does something else (a normalizer, another pre-tokenizer, ...)."""
+    gguf = _needs_gguf()
+    spec = tok.spec
+    data = json.loads(tiktoken_to_tokenizer_json(spec) if spec["kind"] == "tiktoken" else spec["json"])
+    model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
+    if (model.get("type") != "BPE" or data.get("normalizer") or pre.get("type") != "ByteLevel"
+            or pre.get("add_prefix_space") or not pre.get("use_regex", True) or model.get("dropout")
+            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
+            or model.get("byte_fallback") or model.get("ignore_merges")):
+        raise UserError(f"tokenizer {spec['name']} is not a plain byte-level BPE with GPT-2's pre-tokenizer (no "
+                        f"normalizer, no prefix space), the only kind llama.cpp reproduces from a GGUF file")
+    texts = {i: t for t, i in model["vocab"].items()}
+    special = set()
+    for added in data.get("added_tokens", []):
+        texts[added["id"]] = added["content"]
+        if added.get("special"):
+            special.add(added["id"])
+    tokens, types = [], []
+    for i in range(n_rows):
+        if i < tok.vocab_size:
+            tokens.append(texts[i])
+            types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return tokens, types, merges
+
+
+def gguf_writer(model, tok, arch, dtype, name="tinystories"):
+    """A gguf.GGUFWriter holding the whole GGUF file of `model` (our GPT) with tokenizer `tok` as llama.cpp
+    architecture `arch` (gpt2, llama or qwen3), matrices in `dtype` (a GGUF_DTYPES key), ready for write_gguf.
+
+    Metadata: the shape ({arch}.context_length = block_size, for gpt2 gguf_positions; embedding_length,
+    block_count, feed_forward_length, attention.head_count and head_count_kv, vocab_size), model.NORM_EPS
+    (layer_norm_epsilon for gpt2, layer_norm_rms_epsilon otherwise), model.ROPE_THETA and the head size as
+    rope.freq_base and rope.dimension_count, the tokenizer (gguf_vocab) with <|endoftext|> as bos and eos and no
+    token added to prompts (sample.py adds none), and sample.py's defaults (model.SAMPLING_DEFAULTS) as
+    general.sampling.*, which llama.cpp's tools use unless told otherwise (min_p 0: sample.py has no such cut)."""
+    gguf = _needs_gguf()
+    file_type, qtype = GGUF_DTYPES[dtype]
+    cfg = model.config
+    writer = gguf.GGUFWriter(None, arch)
+    writer.add_name(name)
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(gguf_positions(cfg) if arch == "gpt2" else cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_feed_forward_length(4 * cfg.n_embd if arch == "gpt2" else swiglu_hidden(cfg.n_embd))
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_head)
+    writer.add_vocab_size(cfg.vocab_size)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(NORM_EPS)
+    else:
+        writer.add_layer_norm_rms_eps(NORM_EPS)
+        writer.add_rope_freq_base(ROPE_THETA)
+        writer.add_rope_dimension_count(cfg.n_embd // cfg.n_head)
+    tokens, types, merges = gguf_vocab(tok, cfg.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tok.eot_token)
+    writer.add_eos_token_id(tok.eot_token)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    writer.add_float32("general.sampling.temp", SAMPLING_DEFAULTS["temperature"])  # by name: older gguf lacks them
+    writer.add_float32("general.sampling.top_p", SAMPLING_DEFAULTS["top_p"])
+    writer.add_int32("general.sampling.top_k", SAMPLING_DEFAULTS["top_k"])
+    writer.add_float32("general.sampling.min_p", 0.0)
+    for tensor_name, t in gguf_tensors(model, arch).items():
+        data = t.numpy()
+        keep_f32 = data.ndim < 2 or not tensor_name.endswith(".weight") or tensor_name.startswith("position_embd.")
+        kind = gguf.GGMLQuantizationType.F32 if keep_f32 else getattr(gguf.GGMLQuantizationType, qtype)
+        try:
+            data = gguf.quants.quantize(data, kind)
+        except gguf.QuantError:  # rows of a length Q8_0 cannot cut into blocks of 32
+            kind = gguf.GGMLQuantizationType.F16
+            data = gguf.quants.quantize(data, kind)
+        writer.add_tensor(tensor_name, data, raw_dtype=kind)
+    return writer
+
+
+def gguf_bytes(writer):
+    """About the size of the file that `writer` (gguf_writer) writes: its tensors plus its metadata."""
+    tensors = sum(info.nbytes for shard in writer.tensors for info in shard.values())
+    return tensors + sum(len(str(v.value)) for kv in writer.kv_data for v in kv.values())
+
+
+def write_gguf(writer, path):
+    """Write the file that `writer` (gguf_writer) holds to `path`. Raises OSError (e.g. a full disk)."""
+    try:
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+
+
+def ollama_modelfile(model_file, eot, block_size):
+    """The text of an Ollama Modelfile for the GGUF file `model_file` (a name beside it): the prompt as it is (no
+    chat template), stop at <|endoftext|> (`eot`, its text), sample.py's defaults (model.SAMPLING_DEFAULTS; top_k 0
+    and repeat_penalty 1: no cut and no penalty), and a context of block_size tokens, the length trained on."""
+    d = SAMPLING_DEFAULTS
+    return (f"# ollama create tinystories -f Modelfile && ollama run tinystories \"Once upon a time\"\n"
+            f"FROM ./{model_file}\n"
+            f'TEMPLATE "{{{{ .Prompt }}}}"\n'
+            f'PARAMETER stop "{eot}"\n'
+            f"PARAMETER temperature {d['temperature']}\n"
+            f"PARAMETER top_p {d['top_p']}\n"
+            f"PARAMETER top_k {d['top_k']}\n"
+            f"PARAMETER min_p 0\n"
+            f"PARAMETER repeat_penalty 1\n"
+            f"PARAMETER num_ctx {block_size}\n"
+            f"PARAMETER num_predict {d['max_new_tokens']}\n")
+
+
 MARKER = ".tinystories-export"  # written into every export folder: --force replaces only folders that hold it
 
 
@@ -384,10 +618,18 @@ def _replace_dir(tmp, path):
 
 def main():
     configure(globals(), doc=__doc__)
-    try:
-        from safetensors.torch import save_file
-    except ImportError:  # optional: only export.py writes safetensors (requirements-dev.txt has it)
-        raise UserError("export.py needs safetensors: pip install safetensors") from None
+    if format not in ("hf", "gguf"):
+        raise UserError(f"--format={format!r} is not one of 'hf' (a Hugging Face transformers folder) and 'gguf' "
+                        f"(a GGUF file for llama.cpp, Ollama and LM Studio)")
+    if format == "gguf" and gguf_dtype not in GGUF_DTYPES:
+        raise UserError(f"--gguf_dtype={gguf_dtype!r} is not one of {', '.join(map(repr, GGUF_DTYPES))}")
+    if format == "gguf":
+        _needs_gguf()
+    else:
+        try:
+            from safetensors.torch import save_file
+        except ImportError:  # optional: only export.py writes safetensors (requirements-dev.txt has it)
+            raise UserError("export.py needs safetensors: pip install safetensors") from None
     ckpt_path = os.path.join(out_dir, checkpoint)
     dest = os.path.normpath(export_dir)
     cleaned = clean_leftovers(dest)
@@ -400,17 +642,36 @@ def main():
         raise UserError(f"{ckpt_path} is inconsistent: its tokenizer has {tok.vocab_size} ids but the model only "
                         f"{args['vocab_size']} embedding rows")
 
-    arch = architecture(args)
-    if arch == "GPT2LMHeadModel":
-        config, state = gpt2_config(args, tok.eot_token), gpt2_state_dict(model)
+    arch = architecture(args, "llama.cpp" if format == "gguf" else "transformers")
+    if format == "gguf":  # model.gguf and an Ollama Modelfile
+        arch = GGUF_ARCHITECTURES[arch]
+        writer = gguf_writer(model, tok, arch, gguf_dtype)
+        weights_name, weights_size = "model.gguf", gguf_bytes(writer)
+        files = {"Modelfile": ollama_modelfile(weights_name, EOT, args["block_size"])}
+
+        def write_weights(path):
+            write_gguf(writer, path)
     else:
-        config, state = llama_config(args, tok.eot_token, arch), llama_state_dict(model)
-    files = tokenizer_files(tok, args["block_size"])
-    files["config.json"] = json.dumps(config, indent=2) + "\n"
-    files["generation_config.json"] = json.dumps(
-        generation_config(tok.eot_token, tok.vocab_size, args["vocab_size"]), indent=2) + "\n"
+        if arch == "GPT2LMHeadModel":
+            config, state = gpt2_config(args, tok.eot_token), gpt2_state_dict(model)
+        else:
+            config, state = llama_config(args, tok.eot_token, arch), llama_state_dict(model)
+        files = tokenizer_files(tok, args["block_size"])
+        files["config.json"] = json.dumps(config, indent=2) + "\n"
+        files["generation_config.json"] = json.dumps(
+            generation_config(tok.eot_token, tok.vocab_size, args["vocab_size"]), indent=2) + "\n"
+        weights_name = "model.safetensors"
+        weights_size = sum(t.numel() * t.element_size() for t in state.values())
+
+        def write_weights(path):
+            try:
+                save_file(state, path, metadata={"format": "pt"})
+            except OSError:
+                raise
+            except Exception as e:  # safetensors' own error type wraps the OS error (a full disk, ...)
+                raise OSError(str(e).splitlines()[0]) from None
     parent = os.path.dirname(os.path.abspath(dest))
-    need = sum(t.numel() * t.element_size() for t in state.values()) + sum(len(t.encode()) for t in files.values())
+    need = weights_size + sum(len(t.encode()) for t in files.values())
     try:
         os.makedirs(parent, exist_ok=True)
         free = shutil.disk_usage(parent).free
@@ -425,13 +686,8 @@ def main():
     umask = os.umask(0)
     os.umask(umask)
     try:
-        weights = os.path.join(tmp, "model.safetensors")
-        try:
-            save_file(state, weights, metadata={"format": "pt"})
-        except OSError:
-            raise
-        except Exception as e:  # safetensors' own error type wraps the OS error (a full disk, ...)
-            raise OSError(str(e).splitlines()[0]) from None
+        weights = os.path.join(tmp, weights_name)
+        write_weights(weights)
         for name, text in {**files, MARKER: json.dumps({"checkpoint": ckpt_path}) + "\n"}.items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:  # tmp is new and ours alone (mkdtemp)
                 f.write(text)
@@ -443,10 +699,15 @@ def main():
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
-    print(f"exported {ckpt_path} as {arch} ({model.num_params() / 1e6:.2f}M parameters, tokenizer {tok.spec['name']}) "
-          f"to {dest}/: {', '.join(sorted(['model.safetensors', *files]))}")
-    print(f'load it with transformers.AutoModelForCausalLM.from_pretrained("{dest}") and '
-          f'AutoTokenizer.from_pretrained("{dest}")')
+    print(f"exported {ckpt_path} as {arch} ({model.num_params() / 1e6:.2f}M parameters, tokenizer {tok.spec['name']}"
+          f"{f', {gguf_dtype}' if format == 'gguf' else ''}) to {dest}/: {', '.join(sorted([weights_name, *files]))}")
+    if format == "gguf":
+        print(f'run it with llama.cpp: llama-completion -m {os.path.join(dest, weights_name)} -no-cnv '
+              f'-p "Once upon a time" -n 200; or with Ollama: ollama create tinystories -f '
+              f'{os.path.join(dest, "Modelfile")} && ollama run tinystories')
+    else:
+        print(f'load it with transformers.AutoModelForCausalLM.from_pretrained("{dest}") and '
+              f'AutoTokenizer.from_pretrained("{dest}")')
 
 
 if __name__ == "__main__":
