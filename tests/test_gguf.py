@@ -260,16 +260,34 @@ def test_llama_cpp_computes_our_logits(exported, monkeypatch):
 @needs_llama_cpp
 def test_llama_cpp_continues_a_prompt_greedily_with_our_tokens(exported):
     llm, ours, tok = exported["llm"], exported["ours"], exported["tok"]
-    prompt = tok.encode("Once upon a time")
+    prompt, mine = clear_greedy_prompt(llm, ours, tok)
     theirs = list(itertools.islice(llm.generate(prompt, temp=0.0, reset=True), 32))  # its greedy sampler, cached
-    mine = ours.generate(torch.tensor([prompt]), 32, temperature=0, vocab_limit=tok.vocab_size)[0, len(prompt):]
-    assert theirs == mine.tolist()
-    assert len(set(theirs)) >= 8  # not a degenerate path (one token over and over)
-    # and not by chance: at every step the best token leads the second by more than the two models differ
-    path = prompt + theirs[:-1]
-    logits = our_logits(ours, path)[len(prompt) - 1:]
-    top2 = logits.topk(2, dim=-1).values
-    assert (top2[:, 0] - top2[:, 1]).min() > 2 * (llama_logits(llm, path)[len(prompt) - 1:] - logits).abs().max()
+    assert theirs == mine
+
+
+# Greedy decoding of two implementations can only agree where the model's choice is clear: a random model may
+# have two tokens within rounding of each other somewhere on its path (seen with the stand-in vocabulary, which a
+# clone without ../shared uses). So the prompt is the first of these whose whole path is clear.
+PROMPTS = ["Once upon a time", "One day", "Lily and Tom", "The little dog", "She was happy", "They played", "Ben",
+           "In the park", "The sun", "Mom said"]
+
+
+def clear_greedy_prompt(llm, ours, tok):
+    """The first prompt of PROMPTS (as ids) whose greedy 32-token path under our model (returned with it) is not
+    degenerate and, at every step, has its best token ahead of the second by more than twice the largest
+    difference between our logits and llama.cpp's on that path: there the two must choose the same tokens."""
+    for text in PROMPTS:
+        prompt = tok.encode(text)
+        mine = ours.generate(torch.tensor([prompt]), 32, temperature=0, vocab_limit=tok.vocab_size)
+        mine = mine[0, len(prompt):].tolist()
+        path = prompt + mine[:-1]
+        logits = our_logits(ours, path)[len(prompt) - 1:, :tok.vocab_size]
+        top2 = logits.topk(2, dim=-1).values
+        difference = (llama_logits(llm, path)[len(prompt) - 1:, :tok.vocab_size] - logits).abs().max()
+        if len(set(mine)) >= 8 and (top2[:, 0] - top2[:, 1]).min() > 2 * difference:
+            return prompt, mine
+    pytest.fail(f"none of {len(PROMPTS)} prompts gives a greedy path whose choices are clear: the two models "
+                f"differ by more than the model's own margins")
 
 
 @pytest.mark.slow
