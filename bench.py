@@ -21,6 +21,10 @@
    FLOPs per token = 6 N + 12 n_layer n_embd block_size, with N the
    non-embedding parameters plus the LM head (Kaplan et al. 2020, with the attention term of Chowdhery et al.
    2022, app. B).
+   recipes: the cost of a training step under the GPT-2 recipe and the modern one at the same shape
+   (config/tinystories_1m_bpe.py and tinystories_1m_modern.py, each with its own optimizer), alternating in one
+   process: ms per step and the modern step's cost as a multiple of GPT-2's, the factor that turns one recipe's
+   step count into the other's for the same CPU time.
 3. sample: new tokens/s for 200 new tokens at batch 1 and batch 8, with the KV cache and with full re-forward;
    on CPU also float32 and int8 (dynamic quantization) at batch 1.
 4. prepare: MB/s of text and tokens/s of prepare.py on a corpus made by repeating the shared TinyStories sample's
@@ -55,7 +59,7 @@ from plumbing import keep_freed_memory
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
-only = "matmul,train,sample,prepare"    # which parts to run
+only = "matmul,train,recipes,sample,prepare"  # which parts to run
 model_config = "config/tinystories_30m.py"  # model shape and batch of the train and sample parts
 vocab_size = 50257                      # used when the config does not pin one (GPT-2's)
 batch_size = 0                          # 0: the config's micro-batch
@@ -278,6 +282,57 @@ def bench_nanogpt(args, batch, dev):
             "command": " ".join(cmd[1:])}
 
 
+# The GPT-2 recipe and the modern one at the same shape (4 x 128, BPE 4,096 ids, 16 x 128 tokens per step)
+RECIPE_CONFIGS = ("config/tinystories_1m_bpe.py", "config/tinystories_1m_modern.py")
+
+
+def bench_recipes(dev, precision):
+    """The cost of a training step under each recipe: train.py's step (the fast path, autocast in `precision`,
+    clipping, the config's optimizer at its learning rates) for each config of RECIPE_CONFIGS, timed in this process
+    in alternation, `steps` rounds after `warmup`, so that a machine whose speed moves slows both alike.
+    Returns {config: {"recipe", "ms_per_step" (median), "cost" (its median over the first config's)}}."""
+    import runpy
+
+    from configurator import settings_block
+    here = os.path.dirname(os.path.abspath(__file__))
+    train_py = os.path.join(here, "train.py")
+    defaults = runpy.run_path(train_py)  # train.py's settings, which a config file overrides
+    defaults = {k: defaults[k] for k in settings_block(train_py)}
+    device_type = dev.split(":")[0]
+    if device_type == "cpu":
+        keep_freed_memory()
+    ctx = autocast(device_type, precision)
+    steps_of = {}
+    for path in RECIPE_CONFIGS:
+        s = {**defaults, **{k: v for k, v in runpy.run_path(os.path.join(here, path)).items() if k in defaults}}
+        args = {f.name: s[f.name] for f in fields(GPTConfig) if f.name in s}
+        args["vocab_size"] = padded_vocab_size(s["vocab_size"] or vocab_size)
+        torch.manual_seed(0)
+        model = speed_up(GPT(GPTConfig(**args)).to(dev))
+        opt = configure_optimizer(model, s["weight_decay"], s["learning_rate"], (s["beta1"], s["beta2"]),
+                                  device_type, s["optimizer"], s["muon_lr"], s["muon_momentum"])
+        x, y = torch.randint(0, args["vocab_size"], (2, s["batch_size"], s["block_size"]), device=dev)
+
+        def step(model=model, opt=opt, x=x, y=y, clip=s["grad_clip"]):
+            with ctx:
+                _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        steps_of[path] = step, recipe(args)
+    for _ in range(warmup):
+        for step, _ in steps_of.values():
+            step()
+    times = {path: [] for path in steps_of}
+    for _ in range(steps):
+        for path, (step, _) in steps_of.items():
+            times[path].append(timed(step, dev, 1, 0))
+    first = statistics.median(times[RECIPE_CONFIGS[0]])
+    return {path: {"recipe": steps_of[path][1], "ms_per_step": statistics.median(t) * 1e3,
+                   "cost": statistics.median(t) / first} for path, t in times.items()}
+
+
 def bench_sample(dev, device_type, precision):
     """New tokens/s for `sample_tokens` tokens at batch 1 and 8, with and without the KV cache, with the weights
     in `precision` as sample.py runs them; on CPU also batch 1 with the cache in float32 and with int8 dynamic
@@ -408,9 +463,9 @@ def bench_prepare():
 def main():
     config = configure(globals(), doc=__doc__)
     parts = set(only.split(","))
-    if parts - {"matmul", "train", "sample", "prepare"}:
-        raise UserError(f"only: unknown parts {sorted(parts - {'matmul', 'train', 'sample', 'prepare'})}; "
-                        f"choose from matmul,train,sample,prepare")
+    known = {"matmul", "train", "recipes", "sample", "prepare"}
+    if parts - known:
+        raise UserError(f"only: unknown parts {sorted(parts - known)}; choose from matmul,train,recipes,sample,prepare")
     if nanogpt_dir and not os.path.isfile(os.path.join(nanogpt_dir, "train.py")):
         raise UserError(f"nanogpt_dir={nanogpt_dir!r} has no train.py: pass the folder of a nanoGPT checkout "
                         f"(git clone https://github.com/karpathy/nanoGPT), or leave it empty")
@@ -442,6 +497,11 @@ def main():
             print(f"  nanoGPT train.py, float32 eager: {m['tokens_per_s']:,.0f} tokens/s, "
                   f"peak {m['peak_memory_gb']:.2f} GB "
                   f"({nanogpt_dir}/train.py {m['command'].split(' ', 1)[1]})")
+    if "recipes" in parts:
+        r = results["recipes"] = bench_recipes(dev, precision)
+        print(f"recipes: train.py's step of each config in {precision}, alternating in one process, median of {steps}:")
+        for path, m in r.items():
+            print(f"  {path:32s} {m['ms_per_step']:8.1f} ms/step  {m['cost']:.2f}x  ({m['recipe']})")
     if "sample" in parts:
         r = results["sample"] = bench_sample(dev, device_type, precision)
         print(f"sample {sample_tokens} new tokens (tokens/s, {precision}): batch 1 cache {r['batch1_cache']:,.0f}, "

@@ -24,6 +24,10 @@ def test_bench_runs_at_tiny_sizes(tmp_path):
     assert "nanogpt" not in r["train"]  # no --nanogpt_dir
     assert r["train"]["baseline"]["speedup"] == 1.0 and r["train"]["autocast"]["dtype"] == "bfloat16"
     assert 0 < r["train"]["train.py"]["mfu"] and r["train"]["train.py"]["peak_memory_gb"] > 0
+    bpe, modern = (r["recipes"][f"config/tinystories_1m_{name}.py"] for name in ("bpe", "modern"))
+    assert bpe["recipe"] == "GPT-2" and "qk_norm=True" in modern["recipe"]
+    assert bpe["cost"] == 1.0 and modern["cost"] == pytest.approx(modern["ms_per_step"] / bpe["ms_per_step"])
+    assert "recipes: train.py's step of each config" in proc.stdout
     assert r["sample"]["batch1_cache"] > 0 and r["sample"]["batch8_reforward"] > 0
     assert r["sample"]["batch1_cache_int8"] > 0 and r["sample"]["batch1_cache_float32"] > 0
     assert r["prepare"]["10x"]["mb"] > 5 * r["prepare"]["1x"]["mb"] > 0  # 10 copies of train, one validation
