@@ -39,15 +39,14 @@ from tokenizer import Tokenizer, bits_per_byte, tokenizer_from_meta
 
 @dataclass
 class Setup:
-    """What `setup` decided, for train.py's loop. cfg: the settings (attributes); config: the same as a dict (saved
-    in checkpoints); device ("cuda:0", "cpu", ...), device_type, precision ("bfloat16", ...) and ctx (autocast);
+    """What `setup` decided, for train.py's loop. cfg: the settings as attributes (vars(cfg), a dict, is what
+    checkpoints save); device ("cuda:0", "cpu", ...), device_type, precision ("bfloat16", ...) and ctx (autocast);
     ddp, rank, world_size; micro_steps (this process's share of gradient_accumulation_steps) and first (its first
     micro-batch); meta (meta.json) and tok of the data; block_size; model_args (GPTConfig fields: the settings, a
     fine-tuned checkpoint's shape, the data's vocabulary padded); ckpt (the starting checkpoint, or None); iter_num
     and best_val_loss where the run starts, resumed_at (that iteration when resuming: it was evaluated before the
     stop); warmup_iters and lr_decay_iters for get_lr (schedule_span); say: print on rank 0, nothing elsewhere."""
     cfg: SimpleNamespace
-    config: dict
     device: str
     device_type: str
     precision: str
@@ -111,9 +110,12 @@ def setup(config):
     micro_steps = cfg.gradient_accumulation_steps // world_size
     # micro-batch m of an optimizer step is run by process m // micro_steps: together the processes draw exactly
     # the batches one process with the same gradient_accumulation_steps would
-    return Setup(cfg, config, device, device_type, precision, autocast(device_type, precision), ddp, rank,
-                 world_size, micro_steps, rank * micro_steps, meta, tok, block_size, model_args, ckpt, iter_num,
-                 best_val_loss, iter_num if resume else None, warmup_iters, lr_decay_iters, say)
+    return Setup(cfg=cfg, device=device, device_type=device_type, precision=precision,
+                 ctx=autocast(device_type, precision), ddp=ddp, rank=rank, world_size=world_size,
+                 micro_steps=micro_steps, first=rank * micro_steps, meta=meta, tok=tok, block_size=block_size,
+                 model_args=model_args, ckpt=ckpt, iter_num=iter_num, best_val_loss=best_val_loss,
+                 resumed_at=iter_num if resume else None, warmup_iters=warmup_iters,
+                 lr_decay_iters=lr_decay_iters, say=say)
 
 
 def say_notes(cfg, meta, block_size, say):
@@ -369,7 +371,7 @@ class Checkpoints:
     def _save(self, name, iter_num, **extra):
         if self.s.rank == 0:
             save_checkpoint(os.path.join(self.s.cfg.out_dir, name), self.model, self.s.model_args,
-                            self.s.tok.spec, self.s.config, bool(self.s.meta.get("instruct")), iter_num,
+                            self.s.tok.spec, vars(self.s.cfg), bool(self.s.meta.get("instruct")), iter_num,
                             validation=self.s.meta["splits"]["validation"], **extra)
 
     def best(self, iter_num, val_loss):

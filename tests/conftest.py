@@ -260,6 +260,40 @@ def tiny_checkpoint(tok, **changes):
     return ckpt
 
 
+def save_random_model(out_dir, tok, seed=0, **args):
+    """Save a GPT of GPTConfig fields `args` over `tok` (vocab_size: tok's, padded to 64) as out_dir/
+    best_model_params.pt, the way train.py saves it, with every parameter (norm gains and biases too) moved away
+    from its init, so that an export that misplaces, transposes or permutes a tensor changes the logits.
+    Returns the model (eval mode)."""
+    import math
+
+    import torch
+    from files import save_torch
+    from model import GPT, GPTConfig
+    args = {"vocab_size": math.ceil(tok.vocab_size / 64) * 64, "n_layer": 2, "n_head": 2, "dropout": 0.0, **args}
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**args))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_torch({"model": model.state_dict(), "model_args": args, "tokenizer": tok.spec, "config": {},
+                "iter_num": 0}, out_dir / "best_model_params.pt")
+    return model.eval()
+
+
+def chromium():
+    """(playwright.sync_api, the path of Debian's chromium) for a browser test, or a skip naming what to install
+    (under CI=true a skip fails). Playwright's own browser download is not used."""
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="needs Playwright: pip install -r requirements-dev.txt")
+    path = shutil.which("chromium")
+    if not path:
+        pytest.skip("needs a Chromium browser on PATH as `chromium`: apt-get install chromium (Debian, Ubuntu), "
+                    "or link your Chromium there; Playwright's own download is not used")
+    return sync_api, path
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A data directory prepared from STORIES with a 300-id BPE vocabulary."""

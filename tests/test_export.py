@@ -3,18 +3,15 @@ from here, computes the same logits, tokenizes text to the same ids, and generat
 folders; leftovers of killed exports are cleaned; a folder it cannot write, a full disk and a missing safetensors
 are one line each."""
 import json
-import math
 import os
 import sys
 
 import pytest
 import torch
-from conftest import GPT2_RANKS, SAMPLE, assert_user_error, run_script
+from conftest import GPT2_RANKS, SAMPLE, assert_user_error, run_script, save_random_model
 from conftest import tiny_checkpoint as untrained_checkpoint  # tiny_checkpoint here is this file's own
 
 from configurator import UserError
-from files import save_torch
-from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
 from prepare import train_bpe
 
@@ -39,20 +36,9 @@ def offline():
 
 
 def tiny_checkpoint(out_dir, tok, bias, **switches):
-    """A 2-layer GPT over `tok` with every parameter (norm gains and biases too) randomised, so that a
-    misplaced or untransposed tensor changes the logits; saved as train.py saves best_model_params.pt.
+    """A 2-layer, 32-wide GPT over `tok` saved in out_dir (conftest.save_random_model: every parameter randomised).
     `switches`: GPTConfig's recipe fields (pos_embedding, norm, mlp, qk_norm, tie_embeddings)."""
-    args = {"vocab_size": math.ceil(tok.vocab_size / 64) * 64, "block_size": 32, "n_layer": 2, "n_head": 2,
-            "n_embd": 32, "dropout": 0.0, "bias": bias, **switches}
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**args))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_torch({"model": model.state_dict(), "model_args": args, "tokenizer": tok.spec, "config": {},
-                     "iter_num": 0}, out_dir / "best_model_params.pt")
-    return model.eval()
+    return save_random_model(out_dir, tok, block_size=32, n_embd=32, bias=bias, **switches)
 
 
 @pytest.fixture(scope="module", params=["gpt2-bias", "bpe-nobias"])

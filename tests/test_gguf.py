@@ -28,7 +28,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GPT2_RANKS, SAMPLE, assert_user_error, run_script
+from conftest import GPT2_RANKS, SAMPLE, assert_user_error, run_script, save_random_model
 
 from configurator import UserError
 from files import save_torch
@@ -79,20 +79,10 @@ def ggml_gelu(x, approximate="none"):
 
 def make_checkpoint(out_dir, tok, arch, tie, seed=0):
     """A 2-layer GPT of `arch`'s recipe over `tok`, n_embd 96 (rows that split into Q8_0's blocks of 32, SwiGLU's
-    hidden width 256), block_size 64, every parameter (norm gains and biases too) moved away from its init, so that
-    a misplaced, untransposed or unpermuted tensor changes the logits; saved as train.py saves it.
+    hidden width 256), block_size 64, saved with every parameter randomised (conftest.save_random_model).
     Returns the model (eval mode)."""
-    args = {"vocab_size": math.ceil(tok.vocab_size / 64) * 64, "block_size": 64, "n_layer": 2, "n_head": 2,
-            "n_embd": 96, "dropout": 0.0, "bias": arch == "gpt2", **RECIPES[arch], "tie_embeddings": tie}
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**args))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_torch({"model": model.state_dict(), "model_args": args, "tokenizer": tok.spec, "config": {},
-                "iter_num": 0}, out_dir / "best_model_params.pt")
-    return model.eval()
+    return save_random_model(out_dir, tok, seed, block_size=64, n_embd=96,
+                             **{"bias": arch == "gpt2", **RECIPES[arch], "tie_embeddings": tie})
 
 
 def cpu_has_amx():

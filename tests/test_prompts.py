@@ -4,7 +4,6 @@ it."""
 import json
 import re
 import runpy
-import shutil
 import socket
 import threading
 
@@ -15,7 +14,7 @@ from configurator import configure
 from errors import UserError
 from instruct import header, instructed_prompt
 from model import SAMPLING_DEFAULTS
-from conftest import ROOT
+from conftest import ROOT, chromium
 
 SAMPLING = ["temperature", "top_k", "top_p", "max_new_tokens"]
 
@@ -116,14 +115,9 @@ def test_the_served_page_carries_the_sampling_defaults(page_server):
 
 @pytest.mark.slow  # starts a browser
 def test_the_page_fields_start_at_the_sampling_defaults_in_chromium(page_server):
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="needs Playwright: pip install -r requirements-dev.txt")
-    chromium = shutil.which("chromium")
-    if not chromium:
-        pytest.skip("needs a Chromium browser on PATH as `chromium`: apt-get install chromium (Debian, Ubuntu), "
-                    "or link your Chromium there; Playwright's own download is not used")
+    sync_api, browser_path = chromium()
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
         page = browser.new_page()
         page.goto(f"http://127.0.0.1:{page_server.server_address[1]}")
         values = {name: page.input_value(f"#{name}") for name in SAMPLING}

@@ -8,7 +8,6 @@ also saves its screenshot there, and `SERVE_OUT_DIR=dir1,dir2` serves trained mo
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from eval import continuations
 from model import GPT, GPTConfig
 from prepare import train_bpe
 from tokenizer import load_tokenizer
-from conftest import GPT2_RANKS, ROOT, SAMPLE, run_script
+from conftest import GPT2_RANKS, ROOT, SAMPLE, chromium, run_script
 
 pytestmark = pytest.mark.slow  # every test here starts sample.py or serve.py as a subprocess
 
@@ -195,15 +194,10 @@ def test_raw_bytes_in_the_url_get_400(server):
 
 
 def test_the_page_streams_stories_in_chromium(server, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="needs Playwright: pip install -r requirements-dev.txt")
-    chromium = shutil.which("chromium")
-    if not chromium:
-        pytest.skip("needs a Chromium browser on PATH as `chromium`: apt-get install chromium (Debian, Ubuntu), "
-                    "or link your Chromium there; Playwright's own download is not used")
+    sync_api, browser_path = chromium()
     sync_playwright = sync_api.sync_playwright
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1000, "height": 480})
         page.goto(server)
         assert page.locator(".story").count() == len(os.environ.get("SERVE_OUT_DIR", "a,b").split(","))
