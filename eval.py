@@ -56,7 +56,8 @@ from checkpoint import load_model, quantize_int8
 from fast import speed_up
 from configurator import UserError, autocast, check_values, configure, resolve_device, read_text, run
 from files import GiB, MiB, check_input_file, write_text_atomic
-from instruct import CHECKABLE, header, load_instructions, score, summarize, words
+from instruct import (CHECKABLE, ENDING_WEIGHT, REWARD_PARTS, WORDS_WEIGHT, header, load_instructions, longest_repeat,
+                      score, summarize, words)
 from judge import CRITERIA, judge_samples
 from model import SAMPLING_DEFAULTS, check_sampling
 from prepare import read_meta, text_documents as prepared_documents
@@ -251,19 +252,6 @@ def distinct_n(word_lists, n):
     return len(set(grams)) / len(grams) if grams else None
 
 
-def longest_repeat(ws):
-    """Length of the longest n-gram that occurs at two or more positions of the word list `ws` (occurrences may
-    overlap: "a a a" repeats "a a"); 0 when no word repeats. Returns int."""
-    def repeats(n):
-        grams = [tuple(ws[i:i + n]) for i in range(len(ws) - n + 1)]
-        return len(set(grams)) < len(grams)
-    lo, hi = 0, max(0, len(ws) - 1)  # a repeat at n implies one at n - 1: binary search the largest n
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if repeats(mid) else (lo, mid - 1)
-    return lo
-
-
 def text_metrics(texts, vocab=None):
     """Word-level metrics of generated texts (see `words`).
 
@@ -382,14 +370,28 @@ def read_instructions(path, n):
 
 
 def instructed_samples(model, tok, dev, ctx, ckpt):
-    """One story per instruction of the --instruct file (up to num_samples), each written after its header
-    (instruct.header). Headers of the same length in tokens are sampled as one batch (a few batches in all, not
-    one per story), in order of length, from one torch.Generator seeded with `seed`: reproducible on one device.
-    Returns (samples, scores): samples as generate_samples's, plus the instruction and its score (instruct.score)."""
+    """One story per instruction of the --instruct file (up to num_samples), written and scored by
+    `instructed_stories` with this run's sampling settings. Returns (samples, scores) as instructed_stories."""
     rows = read_instructions(instruct, num_samples)
     if not ckpt.get("instruct"):
         print("note: this model was not trained with instructions (its data was prepared without --instruct); "
               "it gets the same headers, but has never learned to follow them", file=sys.stderr)
+    return instructed_stories(model, tok, rows, dev, ctx, seed, max_new_tokens, temperature, top_k, top_p)
+
+
+def instructed_stories(model, tok, rows, dev, ctx, seed, max_new_tokens, temperature, top_k, top_p):
+    """One story per instruction, each written after its header (instruct.header) and scored (instruct.score,
+    which holds the reward rl.py trains on). Headers of the same length in tokens are sampled as one batch (a few
+    batches in all, not one per story), in order of length, from one torch.Generator seeded with `seed`:
+    reproducible on one device. eval.py --instruct and rl.py's evaluations use it.
+
+    Args:
+        rows: instructions as instruct.load_instructions gives them (dicts with words, features, summary).
+        the rest: as generate_samples.
+    Returns:
+        (samples, scores): samples as generate_samples's (prompt, text, tokens, ended) plus the instruction and
+        its score; scores, the list of those scores (instruct.summarize takes it).
+    """
     prompts = [header(r["words"], r["features"], r["summary"]) for r in rows]
     encoded = tok.encode_batch(prompts)
     generator = torch.Generator(device=dev).manual_seed(seed)
@@ -410,7 +412,7 @@ def instructed_samples(model, tok, dev, ctx, ckpt):
         model.train(was_training)
     scores = []
     for s, r in zip(samples, rows):
-        scores.append(score(r["words"], r["features"], s["text"]))
+        scores.append(score(r["words"], r["features"], s["text"], s["ended"]))
         s.update({"instruction": r, "score": scores[-1]})
     return samples, scores
 
@@ -428,6 +430,10 @@ def instruct_rows(results):
                                     f"{_fmt(ins.get('words_required'), 'd', 'instruct.words_required')})"),
             ("uses per used word",  # None in older reports too
              _fmt(ins.get("uses_per_used_word"), ".2f", "instruct.uses_per_used_word"))]
+    r = _section(ins, "reward", "instruct.reward")  # missing in older reports
+    parts = {k: _fmt(r.get(k), ".3f", f"instruct.reward.{k}") for k in REWARD_PARTS}
+    rows.append(("reward (rl.py's)", "{reward} = {w} x ({words} - {overuse}) + {e} x {ending} - {loop}".format(
+        **parts, w=f"{WORDS_WEIGHT:g}", e=f"{ENDING_WEIGHT:g}")))
     for name in CHECKABLE:
         f = _section(ins, name, f"instruct.{name}")
         field = f"instruct.{name}."

@@ -305,6 +305,19 @@ def words(s):
     typographic apostrophe (U+2019) read as '. Returns a list of str. (eval.py's story metrics count these too.)"""
     return _WORD.findall(s.lower().replace("\u2019", "'"))
 
+def longest_repeat(ws):
+    """Length of the longest n-gram that occurs at two or more positions of the word list `ws` (occurrences may
+    overlap: "a a a" repeats "a a"); 0 when no word repeats. Returns int."""
+    def repeats(n):
+        grams = [tuple(ws[i:i + n]) for i in range(len(ws) - n + 1)]
+        return len(set(grams)) < len(grams)
+    lo, hi = 0, max(0, len(ws) - 1)  # a repeat at n implies one at n - 1: binary search the largest n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if repeats(mid) else (lo, mid - 1)
+    return lo
+
+
 # Irregular forms TinyStories' verbs, nouns and adjectives take most often; regular ones are derived in `forms`.
 IRREGULAR = {
     "be": "am is are was were been being", "begin": "began begun", "bite": "bit bitten", "blow": "blew blown",
@@ -362,13 +375,21 @@ def uses(word, text):
 
 def count_uses(word, text):
     """How many times `text` uses `word`, as `uses` counts a use. Returns int."""
-    tokens = words(text)
+    return len(use_offsets(word, text))
+
+
+def use_offsets(word, text):
+    """Where `text` uses `word` (see `uses`): the character offset in `text` of each use's first word, in order.
+    Returns a list of int."""
+    lowered = text.lower().replace("\u2019", "'")
+    found = [(m.group(), m.start()) for m in _WORD.finditer(lowered)]
     parts = word.lower().split()
-    if not parts:
-        return 0
-    last = forms(parts[-1])
-    return sum(tokens[i:i + len(parts) - 1] == parts[:-1] and tokens[i + len(parts) - 1] in last
-               for i in range(len(tokens) - len(parts) + 1))
+    if not parts or len(lowered) != len(text):  # a character whose lowercase is longer: offsets of the lowercase
+        found = [(w, round(at * len(text) / max(1, len(lowered)))) for w, at in found] if parts else []
+    last = forms(parts[-1]) if parts else set()
+    n = len(parts)
+    return [found[i][1] for i in range(len(found) - n + 1)
+            if [w for w, _ in found[i:i + n - 1]] == parts[:-1] and found[i + n - 1][0] in last]
 
 
 def has_feature(name, text):
@@ -377,20 +398,85 @@ def has_feature(name, text):
     return None if test is None else test(text)
 
 
-def score(words, features, text):
+# ------------------------------------------------------------------------------------------------------------------
+# The reward rl.py trains on and eval.py --instruct reports: did the story do what was asked, the way TinyStories'
+# own stories do? The limits come from the stand-in's 880 training stories scored against their own instructions
+# (docs/instruct.md): a required word is used once in 66% of them, twice in 18%, three times or more in 16% (1.8
+# uses per used word); the longest repeated phrase is at most 6 words in 90% of them; 95% are 80 words or longer.
+
+NATURAL_USES = 2      # uses of a required word that cost nothing; each of the next OVERUSE_SPAN costs 1/OVERUSE_SPAN
+OVERUSE_SPAN = 3      # of the word's worth, so a word said 5 times or more is worth nothing: stuffing earns nothing
+NATURAL_REPEAT = 6    # words of the longest repeated phrase that cost nothing; each further word costs 1 / LOOP_SPAN
+LOOP_SPAN = 6         # so a phrase of 12 words or more said twice costs a whole point: a loop
+MIN_WORDS = 80        # an ending counts after this many words: "Tom was happy. The end." is not a story
+WORDS_WEIGHT = 3.0    # the worth of using every required word: the request, so the largest part
+ENDING_WEIGHT = 0.5   # the worth of an ending
+
+
+def reward(required, text, ended):
+    """The reward of one story written for its instructions: what rl.py maximises and eval.py --instruct reports.
+
+        reward = WORDS_WEIGHT * (words - overuse) + ENDING_WEIGHT * ending - loop
+
+    Args:
+        required: the required words (list of str; may be empty); text: the story, without <|endoftext|>;
+        ended: bool, whether the model ended it (produced <|endoftext|> before the token limit).
+    Returns:
+        dict of floats: reward, and its parts
+        - words: the share of the required words the story uses (`uses`), in [0, 1] (0 when none is required);
+        - overuse: the mean over required words of min(1, max(0, uses - NATURAL_USES) / OVERUSE_SPAN), in [0, 1];
+        - ending: 1.0 when the story ended after at least MIN_WORDS words, else 0.0;
+        - loop: min(1, max(0, longest repeated phrase in words - NATURAL_REPEAT) / LOOP_SPAN), in [0, 1].
+    A story that uses all its words as TinyStories' own stories do and ends gets WORDS_WEIGHT + ENDING_WEIGHT; a
+    word said 3 times is worth 2/3 of one said once or twice, and one said 5 times or more nothing, as if left out.
+    The limits are TinyStories' habits (above).
+    """
+    return reward_events(required, text, ended)[0]
+
+
+def reward_events(required, text, ended):
+    """`reward`, and where in the text each part of it is earned, for rl.py to credit the tokens that earned it.
+
+    Returns:
+        (reward's dict, events): events a list of (character offset in text, value) whose values add up to the
+        reward: +WORDS_WEIGHT / len(required) at each required word's first use, -WORDS_WEIGHT / (OVERUSE_SPAN *
+        len(required)) at each of its uses after the first NATURAL_USES (at most OVERUSE_SPAN of them), and
+        the ending's and the loop's at len(text), the end.
+    """
+    n, events = len(required), []
+    for word in required:
+        at = use_offsets(word, text)
+        events += [(a, WORDS_WEIGHT / n) for a in at[:1]]
+        events += [(a, -WORDS_WEIGHT / (OVERUSE_SPAN * n)) for a in at[NATURAL_USES:NATURAL_USES + OVERUSE_SPAN]]
+    counts = [count_uses(w, text) for w in required]
+    ws = words(text)
+    parts = {"words": sum(c > 0 for c in counts) / n if n else 0.0,
+             "overuse": sum(min(1.0, max(0, c - NATURAL_USES) / OVERUSE_SPAN) for c in counts) / n if n else 0.0,
+             "ending": float(bool(ended) and len(ws) >= MIN_WORDS),
+             "loop": min(1.0, max(0, longest_repeat(ws) - NATURAL_REPEAT) / LOOP_SPAN)}
+    events += [(len(text), ENDING_WEIGHT * parts["ending"] - parts["loop"])]
+    total = WORDS_WEIGHT * (parts["words"] - parts["overuse"]) + ENDING_WEIGHT * parts["ending"] - parts["loop"]
+    return {"reward": total, **parts}, events
+
+
+REWARD_PARTS = ("reward", "words", "overuse", "ending", "loop")  # reward's keys, in log.csv's and reports' order
+
+
+def score(words, features, text, ended):
     """How one story followed its instructions.
 
     Args:
-        words: the required words (list of str); features: the features asked for (list of str); text: the story.
+        words: the required words (list of str); features: the features asked for (list of str); text: the story;
+        ended: whether the model ended it (see `reward`).
     Returns:
         dict: used (list of bool, one per word: `uses`), count (list of int: `count_uses`), features (dict
         name -> True/False for every CHECKABLE feature: does the text show it), asked (list of the CHECKABLE
-        features asked for).
+        features asked for), reward (`reward`'s dict).
     """
     counts = [count_uses(w, text) for w in words]
     return {"used": [c > 0 for c in counts], "count": counts,
             "features": {name: test(text) for name, test in CHECKABLE.items()},
-            "asked": [f for f in features if f in CHECKABLE]}
+            "asked": [f for f in features if f in CHECKABLE], "reward": reward(words, text, ended)}
 
 
 def summarize(scores):
@@ -401,13 +487,15 @@ def summarize(scores):
         required), uses_per_used_word (how many times a story that uses a required word uses it, on average;
         TinyStories' own stories: about 2; None when none was used), and per CHECKABLE feature a dict with asked
         and not_asked (story counts) and present_when_asked, present_when_not_asked (shares of those stories whose
-        text shows it; None when there are none).
+        text shows it; None when there are none), and reward: the mean of each of `reward`'s parts (None when
+        there are no stories).
     """
     required = sum(len(s["used"]) for s in scores)
     used = sum(sum(s["used"]) for s in scores)
     counts = [c for s in scores for c in s["count"] if c]
     out = {"words_required": required, "words_used": used, "word_share": used / required if required else None,
-           "uses_per_used_word": sum(counts) / len(counts) if counts else None}
+           "uses_per_used_word": sum(counts) / len(counts) if counts else None,
+           "reward": {k: sum(s["reward"][k] for s in scores) / len(scores) for k in REWARD_PARTS} if scores else None}
     for name in CHECKABLE:
         asked = [s["features"][name] for s in scores if name in s["asked"]]
         other = [s["features"][name] for s in scores if name not in s["asked"]]

@@ -486,10 +486,11 @@ def finish(s, iter_num, model, checkpoints, log, guard, best_val_loss):
 
 
 def resume_command():
-    """The command line that continues this run: the same arguments with --init_from=resume."""
+    """The command line that continues this run (train.py's or rl.py's): the same arguments with
+    --init_from=resume."""
     args = " ".join(shlex.quote(a) for a in sys.argv[1:] if not a.startswith("--init_from="))
     launcher = f"torchrun --nproc_per_node={os.environ['WORLD_SIZE']}" if "RANK" in os.environ else "python"
-    return f"{launcher} train.py {args} --init_from=resume"
+    return f"{launcher} {os.path.basename(sys.argv[0])} {args} --init_from=resume"
 
 
 def plot_losses(log_path, png_path):
@@ -649,6 +650,10 @@ def load_start_checkpoint(cfg, say):
                         f"first evaluation after iteration 0), so there is nothing to resume; start it again with "
                         f"the same command without --init_from=resume")
     ckpt = load_checkpoint(resume_path if cfg.init_from == "resume" else cfg.init_from)
+    if cfg.init_from == "resume" and "rl" in ckpt:
+        raise UserError(f"{resume_path} was written by rl.py: continue that run with `python rl.py "
+                        f"--out_dir={cfg.out_dir} --init_from=resume`, or train its model further with train.py "
+                        f"from --init_from={os.path.join(cfg.out_dir, 'best_model_params.pt')} into another out_dir")
     # the shape settings the checkpoint decides (those changed since a resumed run started: check_resume refuses)
     shape = {k: v for k, v in ckpt["model_args"].items() if hasattr(cfg, k) and k not in ("vocab_size", "dropout")
              and (cfg.init_from != "resume" or ckpt["config"].get(k) == getattr(cfg, k))}

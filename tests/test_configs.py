@@ -3,6 +3,7 @@ import ast
 
 import pytest
 
+from configurator import settings_block
 from conftest import ROOT
 
 CONFIGS = sorted((ROOT / "config").glob("*.py"))
@@ -12,6 +13,17 @@ def assignments(path):
     """The names a config file assigns, with their values (configs are plain `name = literal` lines)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)}
+
+
+TRAIN_SETTINGS, RL_SETTINGS = (set(settings_block(ROOT / script)) for script in ("train.py", "rl.py"))
+TRAIN_CONFIGS = [path for path in CONFIGS if set(assignments(path)) <= TRAIN_SETTINGS]  # the rest are rl.py's
+
+
+def test_every_config_is_for_train_or_rl():
+    for path in CONFIGS:
+        names = set(assignments(path))
+        assert names <= TRAIN_SETTINGS or names <= RL_SETTINGS, f"{path.name}: {names - TRAIN_SETTINGS}"
+    assert [p.name for p in CONFIGS if p not in TRAIN_CONFIGS] == ["tinystories_1m_rl.py"]
 
 
 def test_every_config_has_its_own_out_dir():

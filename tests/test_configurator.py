@@ -5,7 +5,7 @@ import pytest
 from configurator import UserError, configure, run, settings_block
 from conftest import ROOT, run_script
 
-SCRIPTS = ["train.py", "sample.py", "eval.py", "prepare.py", "serve.py", "export.py", "bench.py"]
+SCRIPTS = ["train.py", "sample.py", "eval.py", "prepare.py", "serve.py", "export.py", "bench.py", "rl.py"]
 
 
 def defaults():

@@ -11,8 +11,8 @@ import sample
 import serve
 from conftest import TINY, assert_user_error, run_script
 from conftest import GPT2_RANKS
-from instruct import (TrainingWindows, document_headers, forms, has_feature, header, header_chars, load_instructions,
-                      score, summarize, uses)
+from instruct import (REWARD_PARTS, TrainingWindows, document_headers, forms, has_feature, header, header_chars,
+                      load_instructions, reward, score, summarize, uses)
 from tokenizer import load_tokenizer, tokenizer_from_meta
 
 STORY_A = 'Tom had a red ball. He said, "Let us play!" They played all day.'
@@ -118,8 +118,12 @@ def test_eval_instruct_report(instruct_run, tmp_path):
     assert ins["Dialogue"]["asked"] == 1 and ins["Dialogue"]["not_asked"] == 1
     assert [s["prompt"] for s in result["samples"]] == [header(["play", "ball", "red"], ["Dialogue"],
                                                               "Tom plays with a ball."), "Story:\n"]
+    # the reward rl.py trains on, each part the mean of instruct.reward over the stories
+    expected = [reward(s["instruction"]["words"], s["text"], s["ended"]) for s in result["samples"]]
+    assert ins["reward"] == {k: sum(e[k] for e in expected) / 2 for k in REWARD_PARTS}
     md = report.with_suffix(".md").read_text()
     assert "required words used" in md and "| # | words (**used**) |" in md
+    assert "reward (rl.py's)" in md
     # a malformed instruction in the file: one line naming the file and the row, before the model is loaded
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([ROWS[0], {"story": "x", "instruction": {"words": [1, 2]}}]))
@@ -144,9 +148,9 @@ def test_features_and_summary_of_scores():
     assert has_feature("Dialogue", 'He said, "Hi!"') and has_feature("Dialogue", "\u201cHello,\u201d she said.")
     assert not has_feature("Dialogue", 'A "" pair of quotes, or none.')
     assert has_feature("BadEnding", "anything") is None  # not checkable from the text
-    scores = [score(["dog", "run"], ["Dialogue"], 'The dog ran. "Woof!"'),
-              score(["cat", "big"], ["Dialogue", "BadEnding"], "A big dog."),
-              score(["sun"], [], 'The sun said "hi". Suns shine; sunny days.')]  # "sunny" is another word
+    scores = [score(["dog", "run"], ["Dialogue"], 'The dog ran. "Woof!"', True),
+              score(["cat", "big"], ["Dialogue", "BadEnding"], "A big dog.", False),
+              score(["sun"], [], 'The sun said "hi". Suns shine; sunny days.', True)]  # "sunny" is another word
     assert scores[1]["asked"] == ["Dialogue"] and scores[2]["count"] == [2] and scores[0]["count"] == [1, 1]
     total = summarize(scores)
     assert (total["words_required"], total["words_used"]) == (5, 4) and total["word_share"] == 4 / 5

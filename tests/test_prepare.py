@@ -11,7 +11,7 @@ import pytest
 import prepare
 from configurator import UserError
 from conftest import GPT2_RANKS, ROOT, SAMPLE, TINY, assert_user_error, run_script
-from test_configs import CONFIGS, assignments
+from test_configs import TRAIN_CONFIGS, assignments
 
 
 @pytest.mark.slow  # prepare.py as a subprocess
@@ -43,7 +43,8 @@ def test_summary_is_the_settings_that_apply_and_a_small_split_is_named(tmp_path,
 
 @pytest.mark.slow
 def test_smallest_batch_is_the_smallest_configs():
-    batches = [assignments(path).get("batch_size", 32) * assignments(path).get("block_size", 256) for path in CONFIGS]
+    batches = [assignments(path).get("batch_size", 32) * assignments(path).get("block_size", 256)
+               for path in TRAIN_CONFIGS]
     assert prepare._SMALLEST_BATCH == min(batches)
 
 
