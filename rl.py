@@ -385,20 +385,19 @@ def main():
         opt.load_state_dict(ckpt["optimizer"])
         iter_num, best_reward, elapsed = ckpt["iter_num"], ckpt["best_reward"], ckpt["elapsed_s"]
         print(f"resuming from iteration {iter_num} (best held-out reward {best_reward:.4f})")
-    if resume:
         changed = [f"{k} {ckpt['rl'].get(k)!r} -> {v!r}" for k, v in config.items()
                    if k != "init_from" and ckpt["rl"].get(k) != v]
         if changed:
             print("settings changed since the checkpoint: " + ", ".join(changed))
     # what every checkpoint of the run keeps of the model it started from; "config" stays the instructed model's
     # training settings (eval.py finds its data there), and "rl" holds this run's
-    kept = {k: ckpt[k] for k in ("model_args", "tokenizer", "config", "validation") if k in ckpt}
+    model_args, tokenizer_spec, train_config = ckpt["model_args"], ckpt["tokenizer"], ckpt["config"]
+    kept = {"validation": ckpt["validation"]} if "validation" in ckpt else {}  # the size of its validation split
     ckpt = None  # its memory
 
     def save(name, **extra):
-        save_checkpoint(os.path.join(out_dir, name), model, kept["model_args"], kept["tokenizer"], kept["config"],
-                        True, iter_num, rl=config, **({"validation": kept["validation"]} if "validation" in kept
-                                                       else {}), **extra)
+        save_checkpoint(os.path.join(out_dir, name), model, model_args, tokenizer_spec, train_config, True, iter_num,
+                        rl=config, **kept, **extra)
 
     def save_run():
         save("ckpt.pt", optimizer=opt.state_dict(), start_model=start_model.state_dict(), best_reward=best_reward,

@@ -15,7 +15,8 @@ import rl
 from checkpoint import load_checkpoint
 from conftest import ROOT, STORIES, assert_user_error, read_log, run_script
 from files import save_torch
-from instruct import ENDING_WEIGHT, REWARD_PARTS, WORDS_WEIGHT, header, longest_repeat, reward, reward_events, words
+from instruct import (ENDING_WEIGHT, NATURAL_USES, OVERUSE_SPAN, REWARD_PARTS, WORDS_WEIGHT, header, longest_repeat,
+                      reward, reward_events, words)
 from model import GPT, GPTConfig
 from prepare import train_bpe
 from tokenizer import tokenizer_from_meta
@@ -43,11 +44,14 @@ def test_reward_of_a_natural_story_and_its_parts():
 
 
 def test_reward_overuse_and_loops():
-    # each use beyond the second costs a third of the word's use, up to all of it from the fifth use on
-    for uses, overuse in ((1, 0.0), (2, 0.0), (3, 1 / 3), (4, 2 / 3), (5, 1.0), (9, 1.0)):
+    # each use beyond NATURAL_USES costs 1 / OVERUSE_SPAN of the word's worth, up to all of it
+    for uses in range(1, 12):
         text = " ".join(f"The dog number {i} ran." for i in range(uses))
-        assert reward(["dog"], text, False)["overuse"] == pytest.approx(overuse), uses
-    stuffed = NATURAL.replace("ball", "dog ball dog dog")  # "dog" 5 times: worth no more than not using it
+        expected = min(1.0, max(0, uses - NATURAL_USES) / OVERUSE_SPAN)
+        assert reward(["dog"], text, False)["overuse"] == pytest.approx(expected), uses
+    assert reward(["dog"], "The dog ran. " * (NATURAL_USES + 1), False)["overuse"] > 0
+    # "dog" said NATURAL_USES + OVERUSE_SPAN times: worth no more than not using it
+    stuffed = NATURAL.replace("ball", "ball" + ", dog" * OVERUSE_SPAN)
     r = reward(["dog", "ball", "happy"], stuffed, True)
     assert r["words"] == 1.0 and r["overuse"] == pytest.approx(1 / 3)
     missing = reward(["kite", "ball", "happy"], NATURAL, True)
