@@ -7,8 +7,8 @@
 #   python rl.py config/tinystories_1m_rl.py --init_from=o-ins/best_model_params.pt \
 #                --instructions=INSTRUCT/train.json --out_dir=o-rl
 out_dir = "out-1m-rl"
-# 4 instructions x 8 stories per step: measured against 8 x 8 at the same learning rate, twice the steps in the same
-# time moved the words and the repetition further (docs/instruct.md)
+# 4 instructions x 8 stories per step (about 5 s on 2 cores): in the same time, twice the steps of 8 x 8; a run of
+# 8 x 8 had 58% of its held-out words and 3.4 uses per used word after 40 steps, this one 62% and 2.7 after 75
 batch_size = 4
 group_size = 8
 learning_rate = 5e-4
