@@ -380,14 +380,14 @@ def count_uses(word, text):
 
 def use_offsets(word, text):
     """Where `text` uses `word` (see `uses`): the character offset in `text` of each use's first word, in order.
-    Returns a list of int."""
-    lowered = text.lower().replace("\u2019", "'")
-    found = [(m.group(), m.start()) for m in _WORD.finditer(lowered)]
+    Returns a list of int (offsets are scaled to `text` where lowercasing changed its length, e.g. for U+0130)."""
     parts = word.lower().split()
-    if not parts or len(lowered) != len(text):  # a character whose lowercase is longer: offsets of the lowercase
-        found = [(w, round(at * len(text) / max(1, len(lowered)))) for w, at in found] if parts else []
-    last = forms(parts[-1]) if parts else set()
-    n = len(parts)
+    if not parts:
+        return []
+    lowered = text.lower().replace("\u2019", "'")
+    scale = len(text) / max(1, len(lowered))
+    found = [(m.group(), round(m.start() * scale)) for m in _WORD.finditer(lowered)]
+    n, last = len(parts), forms(parts[-1])
     return [found[i][1] for i in range(len(found) - n + 1)
             if [w for w, _ in found[i:i + n - 1]] == parts[:-1] and found[i + n - 1][0] in last]
 
@@ -444,11 +444,11 @@ def reward_events(required, text, ended):
         the ending's and the loop's at len(text), the end.
     """
     n, events = len(required), []
-    for word in required:
-        at = use_offsets(word, text)
+    offsets = [use_offsets(word, text) for word in required]
+    for at in offsets:
         events += [(a, WORDS_WEIGHT / n) for a in at[:1]]
         events += [(a, -WORDS_WEIGHT / (OVERUSE_SPAN * n)) for a in at[NATURAL_USES:NATURAL_USES + OVERUSE_SPAN]]
-    counts = [count_uses(w, text) for w in required]
+    counts = [len(at) for at in offsets]
     ws = words(text)
     parts = {"words": sum(c > 0 for c in counts) / n if n else 0.0,
              "overuse": sum(min(1.0, max(0, c - NATURAL_USES) / OVERUSE_SPAN) for c in counts) / n if n else 0.0,

@@ -415,10 +415,14 @@ class StepGuard:
     itself). The first SIGINT (Ctrl-C) or SIGTERM asks the run to stop after the current step and save; a second
     one stops at once (KeyboardInterrupt; files being written are left as they were before). Under DDP the
     processes first sum their losses and stop flags (one all-reduce), so they all take the same decisions.
+    train.py and rl.py use it. Args: max_nonfinite_steps, out_dir (for the message), ddp and world_size (the
+    processes), say (print on rank 0).
     Attributes: loss (the step's mean loss, 0-d tensor), stopping (a stop was requested), skipped (steps)."""
 
-    def __init__(self, s):
-        self.s, self.requested, self.stopping, self.loss = s, False, False, None
+    def __init__(self, max_nonfinite_steps, out_dir, ddp=False, world_size=1, say=print):
+        self.max_nonfinite_steps, self.out_dir, self.ddp, self.world_size, self.say = (
+            max_nonfinite_steps, out_dir, ddp, world_size, say)
+        self.requested, self.stopping, self.loss = False, False, None
         self.skipped = self.in_a_row = 0
         signal.signal(signal.SIGINT, self.on_signal)
         signal.signal(signal.SIGTERM, self.on_signal)
@@ -430,25 +434,27 @@ class StepGuard:
         print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
               f"(press Ctrl-C again to stop at once)", flush=True)
 
-    def step_is_sound(self, iter_num, loss_sum, grad_norm, scaler):
+    def step_is_sound(self, iter_num, loss_sum, grad_norm, scaler=None):
         """Whether to apply the step whose micro-batch losses add up to loss_sum (0-d tensor) and whose gradient
-        norm is grad_norm; also notes a stop request. Raises UserError after too many unsound steps in a row."""
+        norm is grad_norm; also notes a stop request. scaler: the float16 GradScaler, or None without one.
+        Raises UserError after too many unsound steps in a row."""
         status = torch.stack([loss_sum.float(), torch.tensor(float(self.requested), device=loss_sum.device)])
-        if self.s.ddp:
+        if self.ddp:
             dist.all_reduce(status)
-        self.loss = status[0] / self.s.world_size
-        finite = torch.isfinite(self.loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())
+        self.loss = status[0] / self.world_size
+        scaling = scaler is not None and scaler.is_enabled()
+        finite = torch.isfinite(self.loss) & (torch.isfinite(grad_norm) | scaling)
         finite, self.stopping = (bool(v) for v in torch.stack([finite, status[1] > 0]).tolist())  # the host sync
         if finite:
             self.in_a_row = 0
             return True
         self.skipped += 1
         self.in_a_row += 1
-        self.s.say(f"iter {iter_num}: loss or gradient is not finite; step skipped ({self.skipped} so far)")
-        if self.in_a_row >= self.s.cfg.max_nonfinite_steps:
+        self.say(f"iter {iter_num}: loss or gradient is not finite; step skipped ({self.skipped} so far)")
+        if self.in_a_row >= self.max_nonfinite_steps:
             raise UserError(f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient "
                             f"(iteration {iter_num}): lower learning_rate, keep grad_clip on, and with float16 try "
-                            f"--dtype=bfloat16; {self.s.cfg.out_dir} keeps the last good checkpoint")
+                            f"--dtype=bfloat16; {self.out_dir} keeps the last good checkpoint")
         return False
 
 
@@ -509,6 +515,13 @@ def plot_losses(log_path, png_path):
         ax.set_ylabel(label)
         ax.legend()
         ax.grid(alpha=0.3)
+    save_figure(fig, png_path)
+
+
+def save_figure(fig, png_path):
+    """Lay out a matplotlib figure, write it to png_path as a PNG (100 dpi) through files.atomic_file (whole or
+    not at all, never through a link), and close it. loss.png (plot_losses) and rl.py's rl.png."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     with atomic_file(png_path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)

@@ -49,7 +49,6 @@ import math
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -58,9 +57,9 @@ from tqdm import tqdm
 
 import plumbing
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from configurator import UserError, autocast, configure, resolve_device, run
+from configurator import UserError, autocast, check_values, configure, resolve_device, run
 from eval import instructed_stories, read_instructions
-from files import append_line, atomic_file, lock_dir, write_text_atomic
+from files import append_line, lock_dir, write_text_atomic
 from instruct import REWARD_PARTS, header, reward_events, summarize
 from model import SAMPLING_DEFAULTS, check_sampling
 from tokenizer import Tokenizer
@@ -93,6 +92,7 @@ dtype = "auto"                  # auto, float32, bfloat16, float16 (autocast pre
 seed = 1337                     # seeds the instructions and the stories of each iteration, and the evaluations
 # -----------------------------------------------------------------------------
 
+MAX_NONFINITE_STEPS = 8  # iterations in a row with a non-finite loss or gradient before the run stops
 LOG_COLUMNS = ["iter", *REWARD_PARTS, "kl", "story_tokens", *(f"eval_{k}" for k in REWARD_PARTS), "eval_word_share",
                "eval_uses_per_used_word", "lr", "elapsed_s"]
 
@@ -247,17 +247,10 @@ def check_settings():
         raise UserError(f"temperature={temperature}: the stories of a group must differ for any of them to be better "
                         f"than the others; use a temperature above 0 ({SAMPLING_DEFAULTS['temperature']})")
     check_sampling(temperature, 0, top_p, max_new_tokens)
-    for name, value, least in (("batch_size", batch_size, 1), ("eval_rows", eval_rows, 1),
-                               ("eval_interval", eval_interval, 1), ("max_iters", max_iters, 0),
-                               ("warmup_iters", warmup_iters, 0)):
-        if value < least:
-            raise UserError(f"{name} must be at least {least}, got {value}")
-    for name, value in (("learning_rate", learning_rate), ("kl_coef", kl_coef), ("weight_decay", weight_decay),
-                        ("grad_clip", grad_clip)):
-        if not (math.isfinite(value) and value >= 0):
-            raise UserError(f"{name} must be a finite number >= 0, got {value}")
-    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-        raise UserError(f"beta1 and beta2 must be in [0, 1), got {beta1} and {beta2}")
+    check_values(globals(), {**dict.fromkeys(("batch_size", "eval_rows", "eval_interval"), "count"),
+                             **dict.fromkeys(("max_iters", "warmup_iters"), "count0"), "learning_rate": "rate",
+                             **dict.fromkeys(("kl_coef", "weight_decay", "grad_clip"), "rate0"),
+                             **dict.fromkeys(("beta1", "beta2"), "fraction"), "seed": "seed"})
 
 
 def load_start():
@@ -318,7 +311,8 @@ def start_log(path, iter_num, resume):
 
 
 def append_log(path, row):
-    """Append one row (a dict over LOG_COLUMNS; missing values are left blank) to log.csv."""
+    """Append one row (a dict over LOG_COLUMNS; missing values are left blank) to log.csv, never through a link.
+    Raises UserError if it cannot be written."""
     line = io.StringIO()
     csv.writer(line).writerow(["" if row.get(k) is None else
                                (row[k] if isinstance(row[k], int) else f"{row[k]:.5g}") for k in LOG_COLUMNS])
@@ -354,10 +348,7 @@ def plot_log(log_path, png_path):
         ax.set_xlabel("iteration")
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_file(png_path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    plumbing.save_figure(fig, png_path)
 
 
 def main():
@@ -406,9 +397,7 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "log.csv")
     start_log(log_path, iter_num, resume)
-    guard = plumbing.StepGuard(SimpleNamespace(ddp=False, world_size=1, say=print,
-                                               cfg=SimpleNamespace(max_nonfinite_steps=8, out_dir=out_dir)))
-    no_scaler = torch.amp.GradScaler(device_type, enabled=False)
+    guard = plumbing.StepGuard(MAX_NONFINITE_STEPS, out_dir)
     t_start = time.time() - elapsed
     bar = tqdm(total=max_iters, initial=iter_num, desc="rl", unit="iter", dynamic_ncols=True,
                disable=not sys.stderr.isatty())  # on a terminal only; the evaluations are printed anyway
@@ -445,7 +434,7 @@ def main():
         batches = write_stories(model, tok, rows, generator, ctx)
         means, kl, story_tokens, loss = policy_step(model, start_model, tok, rows, batches, ctx)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-        if guard.step_is_sound(iter_num, loss, grad_norm, no_scaler):
+        if guard.step_is_sound(iter_num, loss, grad_norm):
             opt.step()
         opt.zero_grad(set_to_none=True)
         row.update(means, kl=kl, story_tokens=story_tokens, lr=lr, elapsed_s=time.time() - t_start)

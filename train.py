@@ -157,7 +157,7 @@ def main():
     s = plumbing.setup(config)
     device, ctx = s.device, s.ctx
     # from here on, Ctrl-C or SIGTERM finishes the current step and saves; it also skips non-finite steps
-    guard = plumbing.StepGuard(s)
+    guard = plumbing.StepGuard(max_nonfinite_steps, out_dir, s.ddp, s.world_size, s.say)
 
     # the model, its optimizer, and (for float16) the loss scaler
     torch.manual_seed(seed)
